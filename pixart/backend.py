@@ -66,6 +66,11 @@ def dtype(name: str):
     return DTYPES[name]
 
 
+def chunk(x, chunks: int, axis: int = -1):
+    """Split into equal parts; `mint.chunk` has no CPU kernel in graph mode, equal-size `ops.split` does."""
+    return ops.split(x, x.shape[axis] // chunks, axis)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Torch is imported lazily and only by `read_torch`, which only `tools/convert.py`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -167,10 +168,231 @@ def load_into(cell, state: dict[str, np.ndarray], what: str = "model", strict: b
 
 
 def describe_mismatch(what, missing, unexpected, mismatched, limit: int = 8) -> str:
-    def part(title, items):
+    def part(title, items, group=True):
         if not items:
             return ""
-        more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
-        return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+        shown = _group_layers(items) if group else items
+        more = f" ... (+{len(shown) - limit} more)" if len(shown) > limit else ""
+        return f"\n  {title} ({len(items)}): " + ", ".join(shown[:limit]) + more
     return (f"checkpoint does not fit the {what}" + part("missing keys", missing)
-            + part("unexpected keys", unexpected) + part("shape mismatches", mismatched))
+            + part("unexpected keys", unexpected) + part("shape mismatches", mismatched, group=False))
+
+
+def _group_layers(keys: list[str]) -> list[str]:
+    """'blocks.2.x', ..., 'blocks.27.x' -> 'blocks.{2..27}.x', so a depth mismatch reads at a glance."""
+    import re
+    groups: dict[str, list[int]] = {}
+    order = []
+    for k in keys:
+        m = re.match(r"^(.*?\.)(\d+)(\..*)$", k)
+        pattern = f"{m.group(1)}#{m.group(3)}" if m else k
+        if pattern not in groups:
+            groups[pattern] = []
+            order.append(pattern)
+        if m:
+            groups[pattern].append(int(m.group(2)))
+    out = []
+    for p in order:
+        idx = sorted(groups[p])
+        if not idx:
+            out.append(p)
+            continue
+        ranged = str(idx[0]) if len(idx) == 1 else (f"{{{idx[0]}..{idx[-1]}}}" if idx == list(range(idx[0], idx[-1] + 1))
+                                                    else "{" + ",".join(map(str, idx)) + "}")
+        out.append(p.replace("#", ranged))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PixArt transformer: diffusers names -> original names (the names our model uses)
+# ----------------------------------------------------------------------------------------------------------------
+_DIFFUSERS_RENAMES = [  # (diffusers prefix, original prefix); block index N is carried over
+    ("pos_embed.proj.", "x_embedder.proj."),
+    ("caption_projection.linear_1.", "y_embedder.y_proj.fc1."),
+    ("caption_projection.linear_2.", "y_embedder.y_proj.fc2."),
+    ("caption_projection.y_embedding", "y_embedder.y_embedding"),
+    ("adaln_single.emb.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+    ("adaln_single.emb.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+    ("adaln_single.emb.resolution_embedder.linear_1.", "csize_embedder.mlp.0."),
+    ("adaln_single.emb.resolution_embedder.linear_2.", "csize_embedder.mlp.2."),
+    ("adaln_single.emb.aspect_ratio_embedder.linear_1.", "ar_embedder.mlp.0."),
+    ("adaln_single.emb.aspect_ratio_embedder.linear_2.", "ar_embedder.mlp.2."),
+    ("adaln_single.linear.", "t_block.1."),
+    ("proj_out.", "final_layer.linear."),
+    ("scale_shift_table", "final_layer.scale_shift_table"),
+]
+_DIFFUSERS_BLOCK_RENAMES = [  # inside transformer_blocks.N -> blocks.N
+    ("scale_shift_table", "scale_shift_table"),
+    ("attn1.to_out.0.", "attn.proj."),
+    ("attn1.q_norm.", "attn.q_norm."),
+    ("attn1.k_norm.", "attn.k_norm."),
+    ("ff.net.0.proj.", "mlp.fc1."),
+    ("ff.net.2.", "mlp.fc2."),
+    ("attn2.to_q.", "cross_attn.q_linear."),
+    ("attn2.to_out.0.", "cross_attn.proj."),
+]
+_FUSED = [("attn1.", ("to_q", "to_k", "to_v"), "attn.qkv"), ("attn2.", ("to_k", "to_v"), "cross_attn.kv_linear")]
+RECOMPUTED_BUFFERS = ("pos_embed", "pos_embed.pos_embed")  # sin-cos tables the model computes per input size
+
+
+def is_diffusers_transformer(state: dict) -> bool:
+    return any(k.startswith("transformer_blocks.") for k in state)
+
+
+def diffusers_to_original(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Rename a diffusers `PixArtTransformer2DModel` state dict to the original PixArt names, fusing the split
+    q/k/v projections back into `attn.qkv` and `cross_attn.kv_linear`. Returns (state, keys it could not map)."""
+    out, unmapped = {}, []
+    src = dict(state)
+    for key in [k for k in src if k.startswith("transformer_blocks.")]:
+        if key not in src:
+            continue
+        _, n, rest = key.split(".", 2)
+        for prefix, parts, target in _FUSED:
+            if rest.startswith(prefix) and rest[len(prefix):].split(".")[0] in parts:
+                suffix = rest.split(".")[-1]  # weight / bias
+                names = [f"transformer_blocks.{n}.{prefix}{p}.{suffix}" for p in parts]
+                if all(nm in src for nm in names):
+                    out[f"blocks.{n}.{target}.{suffix}"] = np.concatenate([src.pop(nm) for nm in names], 0)
+                break
+        else:
+            for a, b in _DIFFUSERS_BLOCK_RENAMES:
+                if rest.startswith(a):
+                    out[f"blocks.{n}.{b}{rest[len(a):]}"] = src.pop(key)
+                    break
+    for key in list(src):
+        if key.startswith("transformer_blocks."):
+            unmapped.append(key)
+            continue
+        if key in RECOMPUTED_BUFFERS:
+            src.pop(key)
+            continue
+        for a, b in _DIFFUSERS_RENAMES:
+            if key.startswith(a):
+                out[b + key[len(a):]] = src.pop(key)
+                break
+        else:
+            unmapped.append(key)
+    return out, unmapped
+
+
+def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | None = None):
+    """Read a PixArtConfig off original-named weights (and a diffusers config.json, when there is one)."""
+    from pixart.models.pixart import PixArtConfig
+    if "x_embedder.proj.weight" not in state:
+        raise CheckpointError("not a PixArt transformer checkpoint: no x_embedder.proj.weight "
+                              f"(found keys like {', '.join(list(state)[:5])})")
+    proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    hidden, patch = proj.shape[0], proj.shape[-1]
+    kv_layers = sorted(int(k.split(".")[1]) for k in state if k.endswith("attn.sr.weight"))
+    sr = state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1] if kv_layers else 1
+    fields = dict(
+        patch_size=patch, in_channels=proj.shape[1], hidden_size=hidden, depth=depth,
+        num_heads=max(1, hidden // 72),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if depth else 4.0,
+        pred_sigma=state["final_layer.linear.weight"].shape[0] == patch * patch * proj.shape[1] * 2,
+        caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1],
+        micro_condition="csize_embedder.mlp.0.weight" in state,
+        qk_norm="blocks.0.attn.q_norm.weight" in state,
+        kv_compress_config={"sampling": "conv" if kv_layers else None, "scale_factor": sr,
+                            "kv_compress_layer": kv_layers})
+    # unknown until the weights say: the caption length (y_embedding) and the training size (pos_embed / config)
+    fields["model_max_length"] = state["y_embedder.y_embedding"].shape[0] if "y_embedder.y_embedding" in state else None
+    fields["input_size"] = None
+    if diffusers_config:
+        c = diffusers_config
+        fields["num_heads"] = c.get("num_attention_heads", fields["num_heads"])
+        fields["input_size"] = c.get("sample_size", 128)
+        fields["pe_interpolation"] = float(c.get("interpolation_scale") or max(fields["input_size"] // 64, 1))
+    elif "pos_embed" in state:  # the original's fixed buffer (1, T, D) tells the training resolution
+        fields["input_size"] = int(round(state["pos_embed"].shape[1] ** 0.5)) * patch
+    return PixArtConfig(**fields)
+
+
+def match_preset(cfg, known=("model_max_length", "input_size")) -> tuple[str | None, list[str]]:
+    """The public checkpoint whose architecture `cfg` has (None if none does), and otherwise the differences from
+    the closest one. Fields in `known` are compared only when the weights said them (see infer_pixart_config)."""
+    from pixart.models.pixart import PRESETS, preset_config
+    fields = ["hidden_size", "depth", "patch_size", "caption_channels", "micro_condition", "qk_norm",
+              "kv_layers"] + [f for f in known if getattr(cfg, f) is not None]
+    best, best_diff = None, None
+    for name in PRESETS:
+        ref = preset_config(name)
+        diff = [f"{f}={_field(cfg, f)!r} (preset {_field(ref, f)!r})" for f in fields
+                if _field(cfg, f) != _field(ref, f)]
+        if best_diff is None or len(diff) < len(best_diff):
+            best, best_diff = name, diff
+    return (best if not best_diff else None), ([] if not best_diff else [f"closest: {best}"] + best_diff)
+
+
+def _field(cfg, name):
+    if name == "kv_layers":
+        kv = cfg.kv_compress_config or {}
+        return (tuple(kv.get("kv_compress_layer") or ()), kv.get("sampling") if kv.get("kv_compress_layer") else None)
+    return getattr(cfg, name)
+
+
+def convert_pixart(source, input_size: int | None = None):
+    """Load any PixArt transformer checkpoint (original .pth / .safetensors / .ckpt, or a diffusers folder or
+    file) as (original-named state, PixArtConfig). Buffers the model recomputes (`pos_embed`) are dropped."""
+    source = Path(source)
+    dconfig = None
+    if source.is_dir() and (source / "config.json").exists():
+        dconfig = read_config(source)
+    elif source.is_dir() and (source / "transformer" / "config.json").exists():  # a whole pipeline folder
+        source = source / "transformer"
+        dconfig = read_config(source)
+    state = read_state_dict(source)
+    if is_diffusers_transformer(state):
+        state, unmapped = diffusers_to_original(state)
+        if unmapped:
+            raise CheckpointError(describe_mismatch("PixArt transformer (diffusers names)", [], unmapped, []))
+    cfg = infer_pixart_config(state, dconfig)
+    if input_size:
+        cfg.input_size = input_size
+    for key in RECOMPUTED_BUFFERS:
+        state.pop(key, None)
+    return state, cfg
+
+
+def fill_null_caption(state, cfg, model_max_length: int | None = None, log=print):
+    """diffusers checkpoints do not carry the null caption `y_embedding` (only training's caption dropout and the
+    optional `uncond=y_embedding` sampling use it). Fill it as training from scratch initialises it, seeded."""
+    if "y_embedder.y_embedding" in state:
+        return
+    cfg.model_max_length = model_max_length or cfg.model_max_length or 120
+    rng = np.random.default_rng(0)
+    c = cfg.caption_channels
+    state["y_embedder.y_embedding"] = (rng.standard_normal((cfg.model_max_length, c)) / c ** 0.5).astype(np.float32)
+    log(f"note: the source has no y_embedder.y_embedding (diffusers drops it); initialised a fresh one with "
+        f"{cfg.model_max_length} tokens")
+
+
+def convert_pixart_file(source, target, preset: str | None = None, input_size: int | None = None,
+                        model_max_length: int | None = None, log=print):
+    """`tools/convert.py`: convert, check against the model the weights describe, write `target` atomically."""
+    from pixart.models.pixart import PixArt, preset_config
+    state, cfg = convert_pixart(source, input_size)
+    name, diff = match_preset(cfg)
+    if model_max_length is None and (preset or name):
+        model_max_length = preset_config(preset or name).model_max_length
+    fill_null_caption(state, cfg, model_max_length, log)
+    if preset is not None:
+        ref = preset_config(preset)
+        model = PixArt(ref)
+        load_into(model, state, what=f"preset {preset}" + (f" (the file looks like {name})" if name else
+                                                            f" ({'; '.join(diff)})"))
+    else:
+        model = PixArt(dataclasses.replace(cfg, input_size=cfg.input_size or 32))
+        load_into(model, state, what="PixArt model inferred from the file")
+    log(f"matches preset: {name}" if name else "no public preset matches exactly; " + "; ".join(diff))
+    log(f"config: depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} input_size={cfg.input_size} "
+        f"micro_condition={cfg.micro_condition} kv_compress={cfg.kv_compress_config['kv_compress_layer'] or 'no'} "
+        f"qk_norm={cfg.qk_norm} tokens={cfg.model_max_length}")
+    if not str(target).endswith(".ckpt"):
+        raise CheckpointError(f"target must end in .ckpt, got {target}")
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    write_ckpt(state, target)
+    log(f"wrote {len(state)} tensors to {target}")
+    return name, cfg
