@@ -14,7 +14,7 @@ import math
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
-from mindspore.common.initializer import HeUniform, Uniform, initializer
+from mindspore.common.initializer import HeUniform, Normal, Uniform, initializer
 
 _STATE = {"flash_attention": None}  # None: on where the device has it (Ascend)
 
@@ -66,6 +66,15 @@ def dtype(name: str):
     return DTYPES[name]
 
 
+def cast_parameters(net, name: str):
+    """Store every parameter of `net` in dtype `name` ('fp32' / 'fp16' / 'bf16'); returns `net`."""
+    target = dtype(name)
+    for p in net.get_parameters():
+        if p.dtype != target:
+            p.set_dtype(target)  # set_data would cast the new data back to the old dtype
+    return net
+
+
 def chunk(x, chunks: int, axis: int = -1):
     """Split into equal parts; `mint.chunk` has no CPU kernel in graph mode, equal-size `ops.split` does."""
     return ops.split(x, x.shape[axis] // chunks, axis)
@@ -74,9 +83,29 @@ def chunk(x, chunks: int, axis: int = -1):
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
-def Linear(in_features: int, out_features: int, bias: bool = True) -> nn.Cell:
-    """A dense layer with `weight` (out, in) and `bias`, the PyTorch layout; mint's kernel exists everywhere."""
-    return mint.nn.Linear(in_features, out_features, bias=bias)
+class Linear(nn.Cell):
+    """y = x W^T + b with PyTorch's names and layout (`weight` (out, in), `bias`).
+
+    On CPU a transposed-B MatMul on a 2-D view is ~8x faster in PyNative than mint's Linear kernel (measured at
+    64x4096 @ 4096x4096: 0.15 s vs 1.2 s) and as fast in graph mode; Ascend uses mint's fused kernel.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), (out_features, in_features)), name="weight")
+        self.bias = Parameter(initializer(Uniform(bound), (out_features,)), name="bias") if bias else None
+        self.use_mint = on_ascend()
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        if self.use_mint:
+            return mint.nn.functional.linear(x, self.weight, self.bias)
+        y = self.matmul(x.reshape(-1, self.in_features), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
 
 class LayerNorm(nn.Cell):
@@ -147,8 +176,7 @@ class Embedding(nn.Cell):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        self.weight = Parameter(Tensor(np.random.normal(0, 1, (num_embeddings, embedding_dim)).astype(np.float32)),
-                                name="weight")
+        self.weight = Parameter(initializer(Normal(1.0), (num_embeddings, embedding_dim)), name="weight")
         self.use_mint = on_ascend()
 
     def construct(self, ids):

@@ -1,0 +1,366 @@
+"""T5 v1.1 text encoder (encoder stack only), loadable from HuggingFace folders by parameter name, plus its tokenizer.
+
+Parameter names equal HF's (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q.weight`, ...). Precision
+follows HF's fp16 recipe for T5 (`_keep_in_fp32_modules = ["wo"]`): weights may be fp16, but the residual stream,
+RMS norms, softmax, the gated activation and the `wo` projection run in fp32, so the FFN cannot overflow.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import initializer
+from mindspore.nn.utils import no_init_parameters
+
+from .. import backend
+from ..backend import GELU, Embedding, Linear
+from ..checkpoints import _ST_DTYPES, CheckpointError, describe_mismatch, read_config, read_state_dict
+
+_ACTIVATIONS = {"relu": None, "gelu": "none", "gelu_new": "tanh"}  # HF activation name -> GELU approximation
+_FP16_SAFE = 64504.0  # HF clamps overflowed fp16 activations to finfo(fp16).max - 1000
+_MASKED = float(np.finfo(np.float32).min)  # HF's additive mask value for padded keys
+
+
+@dataclass
+class T5Config:
+    """The fields of an HF T5 config.json the encoder needs; defaults are HF's, so absent keys mean the same."""
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # T5 v1.1 (PixArt's t5-v1_1-xxl): "gated-gelu"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        cfg.activation  # validate now, not at build time
+        return cfg
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        """HF's rule: 'gated-gelu' means the tanh GELU ('gelu_new'); otherwise the part after 'gated-'."""
+        act = "gelu_new" if self.feed_forward_proj == "gated-gelu" else self.feed_forward_proj.split("-")[-1]
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unsupported T5 feed_forward_proj {self.feed_forward_proj!r} "
+                             f"(supported: relu, gelu, gelu_new, with or without 'gated-')")
+        return act
+
+
+def relative_position_buckets(n: int, num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+    """T5's bidirectional bucket of (key - query) for an (n, n) grid, int32; float32 logs like HF so edges match."""
+    rel = np.arange(n)[None, :] - np.arange(n)[:, None]
+    half = num_buckets // 2
+    exact = half // 2
+    bucket = (rel > 0).astype(np.int64) * half
+    rel = np.abs(rel)
+    scaled = np.log(np.maximum(rel, 1).astype(np.float32) / np.float32(exact)) / np.float32(
+        math.log(max_distance / exact)) * np.float32(half - exact)
+    large = np.minimum(exact + scaled.astype(np.int64), half - 1)
+    return (bucket + np.where(rel < exact, rel, large)).astype(np.int32)
+
+
+def _finite_fp16(x):
+    """HF's fp16 guard: overflowed half-precision activations become +-(max - 1000) instead of inf."""
+    if x.dtype == ms.float16:
+        x = ops.clamp(x, -_FP16_SAFE, _FP16_SAFE)
+    return x
+
+
+class T5LayerNorm(nn.Cell):
+    """RMS norm: no mean subtraction, no bias, statistics in fp32; output in the weight's dtype (as HF)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+
+    def construct(self, x):
+        x = x.astype(ms.float32)
+        x = x * ops.rsqrt(x.pow(2).mean(-1, keep_dims=True) + self.eps)
+        return self.weight * x.astype(self.weight.dtype)
+
+
+class T5Attention(nn.Cell):
+    """Multi-head self-attention without the 1/sqrt(d) scale; the position bias (and padding mask) come in `bias`."""
+
+    def __init__(self, cfg: T5Config, has_relative_bias: bool = False, max_positions: int = 512):
+        super().__init__()
+        self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = Linear(cfg.d_model, inner, bias=False)
+        self.k = Linear(cfg.d_model, inner, bias=False)
+        self.v = Linear(cfg.d_model, inner, bias=False)
+        self.o = Linear(inner, cfg.d_model, bias=False)
+        if has_relative_bias:
+            self.max_positions = max_positions
+            self.relative_attention_bias = Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+            self.buckets = Tensor(relative_position_buckets(max_positions, cfg.relative_attention_num_buckets,
+                                                            cfg.relative_attention_max_distance))  # (P, P)
+
+    def compute_bias(self, n: int):
+        """(1, heads, n, n) fp32 relative position bias; only block 0 owns the table."""
+        if n > self.max_positions:
+            raise ValueError(f"sequence of {n} tokens exceeds the encoder's max_positions={self.max_positions}")
+        bias = self.relative_attention_bias(self.buckets[:n, :n])  # (n, n, H)
+        return bias.astype(ms.float32).transpose(2, 0, 1).expand_dims(0)
+
+    def construct(self, x, bias):
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.heads, self.d_kv).transpose(0, 2, 1, 3)  # (B, H, N, d)
+        k = self.k(x).reshape(b, n, self.heads, self.d_kv).transpose(0, 2, 3, 1)  # (B, H, d, N)
+        v = self.v(x).reshape(b, n, self.heads, self.d_kv).transpose(0, 2, 1, 3)  # (B, H, N, d)
+        scores = mint.matmul(q, k).astype(ms.float32) + bias  # (B, H, N, N)
+        probs = mint.softmax(scores, -1).astype(v.dtype)
+        out = mint.matmul(probs, v).transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.d_kv)
+        return _finite_fp16(self.o(out))
+
+
+class T5LayerSelfAttention(nn.Cell):
+    """Pre-norm self-attention sublayer with residual."""
+
+    def __init__(self, cfg: T5Config, has_relative_bias: bool = False, max_positions: int = 512):
+        super().__init__()
+        self.SelfAttention = T5Attention(cfg, has_relative_bias, max_positions)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def construct(self, x, bias):  # x: (B, N, D) fp32 residual stream
+        return x + self.SelfAttention(self.layer_norm(x), bias).astype(x.dtype)
+
+
+class T5DenseActDense(nn.Cell):
+    """T5 FFN: wo(act(wi_0 x) * wi_1 x) when gated (v1.1), wo(act(wi x)) otherwise; activation and wo in fp32."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.gated = cfg.gated
+        if self.gated:
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:
+            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)  # only its weight is used, in fp32
+        self.matmul_t = ops.MatMul(transpose_b=True)  # x @ W.T, 2-D; in PyNative on CPU far faster than mint's linear
+        act = cfg.activation
+        self.act = nn.ReLU() if act == "relu" else GELU(_ACTIVATIONS[act])
+
+    def construct(self, x):  # x: (B, N, D) in the weights' dtype
+        if self.gated:
+            gate, up = _finite_fp16(self.wi_0(x)).astype(ms.float32), _finite_fp16(self.wi_1(x)).astype(ms.float32)
+            h = self.act(gate) * up  # (B, N, F) fp32
+        else:
+            h = self.act(_finite_fp16(self.wi(x)).astype(ms.float32))
+        wo = self.wo.weight
+        if wo.dtype != ms.float32:
+            wo = wo.astype(ms.float32)
+        b, n, f = h.shape
+        return self.matmul_t(h.reshape(b * n, f), wo).reshape(b, n, -1)  # (B, N, D) fp32
+
+
+class T5LayerFF(nn.Cell):
+    """Pre-norm feed-forward sublayer with residual."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5DenseActDense(cfg)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def construct(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class T5Block(nn.Cell):
+    """One encoder block: `layer.0` self-attention, `layer.1` feed-forward (HF's layout)."""
+
+    def __init__(self, cfg: T5Config, has_relative_bias: bool = False, max_positions: int = 512):
+        super().__init__()
+        self.layer = nn.CellList([T5LayerSelfAttention(cfg, has_relative_bias, max_positions), T5LayerFF(cfg)])
+
+    def construct(self, x, bias):
+        return self.layer[1](self.layer[0](x, bias))
+
+
+class T5Stack(nn.Cell):
+    """The encoder blocks and final norm; block 0's relative position bias is shared by every block."""
+
+    def __init__(self, cfg: T5Config, max_positions: int = 512):
+        super().__init__()
+        self.block = nn.CellList([T5Block(cfg, i == 0, max_positions) for i in range(cfg.num_layers)])
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def construct(self, x, attention_mask=None):  # x: (B, N, D) fp32, attention_mask: (B, N) 1 = token, 0 = pad
+        b, n, _ = x.shape
+        bias = self.block[0].layer[0].SelfAttention.compute_bias(n)  # (1, H, N, N)
+        if attention_mask is not None:  # HF: additive finfo.min on padded keys
+            pad = 1.0 - attention_mask.astype(ms.float32).reshape(b, 1, 1, n)
+            bias = bias + pad * _MASKED  # (B, H, N, N)
+        for blk in self.block:
+            x = blk(x, bias)
+        return self.final_layer_norm(x)
+
+
+class T5EncoderModel(nn.Cell):
+    """T5 encoder: token ids (B, N) + mask (B, N) -> last_hidden_state (B, N, d_model)."""
+
+    def __init__(self, cfg: T5Config, max_positions: int = 512):
+        super().__init__()
+        self.config = cfg
+        self.shared = Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg, max_positions)
+
+    def construct(self, input_ids, attention_mask=None):
+        x = self.shared(input_ids).astype(ms.float32)  # (B, N, D): T5 does not scale its embeddings
+        return self.encoder(x, attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def _safetensors_entries(path: Path) -> dict:
+    """{name: (shape, read)} for one .safetensors file; `read()` reads that one tensor (bf16 widened to fp32)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: weight file missing (listed in the folder's index?)")
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        except (struct.error, ValueError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+
+    def reader(info):
+        def read():
+            start, end = info["data_offsets"]
+            dt = np.uint16 if info["dtype"] == "BF16" else _ST_DTYPES.get(info["dtype"])
+            if dt is None:
+                raise CheckpointError(f"{path}: unsupported dtype {info['dtype']}")
+            with open(path, "rb") as f:
+                f.seek(8 + n + start)
+                arr = np.fromfile(f, dt, (end - start) // np.dtype(dt).itemsize)
+            if info["dtype"] == "BF16":
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            return arr.reshape(info["shape"])
+        return read
+
+    return {name: (tuple(info["shape"]), reader(info)) for name, info in header.items()}
+
+
+def _weight_entries(folder: Path) -> dict:
+    """{name: (shape, read)} for an HF folder: safetensors are read lazily one tensor at a time, others eagerly."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        entries = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            entries.update(_safetensors_entries(folder / shard))
+        return entries
+    if (folder / "model.safetensors").exists():
+        return _safetensors_entries(folder / "model.safetensors")
+    state = read_state_dict(folder)  # .bin: needs everything in memory once
+    return {k: (tuple(v.shape), lambda k=k: state.pop(k)) for k, v in state.items()}
+
+
+def load_t5(folder, dtype: str = "fp32", max_positions: int = 512) -> T5EncoderModel:
+    """Build the T5 encoder from an HF folder (config.json + weights); decoder/lm_head weights are ignored.
+
+    Weights are converted to `dtype` one tensor at a time, and the Cell is built without allocating random
+    weights, so peak memory stays near the size of the model in `dtype`.
+    """
+    target = backend.dtype(dtype)  # refuses bf16 on CPU before reading anything
+    folder = Path(folder)
+    cfg = T5Config.from_dict(read_config(folder))
+    entries = {k: v for k, v in _weight_entries(folder).items() if not k.startswith(("decoder.", "lm_head."))}
+    tied = entries.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; either may be stored
+    if tied is not None and "shared.weight" not in entries:
+        entries["shared.weight"] = tied
+    with no_init_parameters():
+        model = T5EncoderModel(cfg, max_positions)
+    params = {p.name: p for p in model.get_parameters()}
+    missing = [k for k in params if k not in entries]
+    unexpected = [k for k in entries if k not in params]
+    mismatched = [f"{k}: checkpoint {entries[k][0]} vs model {tuple(p.shape)}"
+                  for k, p in params.items() if k in entries and entries[k][0] != tuple(p.shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{folder}: " + describe_mismatch("T5 encoder", missing, unexpected, mismatched))
+    np_dtype = np.float16 if target == ms.float16 else np.float32  # numpy has no bf16: widen, cast per tensor
+    for name, p in params.items():
+        arr = entries[name][1]().astype(np_dtype, copy=False)
+        p.set_dtype(target)
+        p.set_data(Tensor(arr).astype(target) if target == ms.bfloat16 else Tensor(arr))
+        del arr
+    model.set_train(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+def load_tokenizer(folder):
+    """The T5 tokenizer of an HF folder (spiece.model and/or tokenizer.json), through transformers."""
+    folder = Path(folder)
+    if not ((folder / "spiece.model").exists() or (folder / "tokenizer.json").exists()):
+        raise CheckpointError(f"{folder}: no T5 tokenizer here (expected spiece.model or tokenizer.json)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def encode_prompts(tokenizer, prompts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """PixArt's tokenization: (input_ids, attention_mask), int32 (B, max_length), eos appended, padded/truncated."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+_CORPUS = """
+a photo of an astronaut riding a horse on the moon. a small white cat sitting on a red chair in a sunny garden.
+an oil painting of a quiet city street at night with bright lights and rain. a cozy wooden cabin in snowy mountains.
+a bowl of fresh fruit on a kitchen table, soft morning light. a portrait of an old man with a grey beard and a hat.
+a futuristic car driving through a neon city, digital art. a golden retriever puppy playing with a blue ball on grass.
+a watercolor landscape of green hills, a river and tall trees under a cloudy sky. a cup of hot coffee next to a book.
+the quick brown fox jumps over the lazy dog. a lighthouse on a rocky coast during a storm with huge waves.
+a beautiful woman wearing a long dress walking on the beach at sunset. a robot reading a newspaper in a cafe.
+an ancient castle on a hill surrounded by fog, fantasy concept art, highly detailed. a plate of pasta with tomatoes.
+a children's drawing of a house, a tree and the sun. a close up of a yellow flower with water drops, macro photo.
+a group of friends laughing around a campfire in the forest. a black and white photograph of a train station.
+a colorful bird sitting on a branch, spring, cherry blossoms. a sailing boat on a calm lake, reflection, evening.
+a dragon flying over a medieval village, epic, cinematic lighting. a minimalist poster with a big orange circle.
+a teddy bear wearing sunglasses, studio photo, high resolution. two kids riding bicycles down a country road.
+an elephant walking in the desert under a blue sky. a pixel art scene of a tiny farm with cows and chickens.
+"""
+
+
+def make_tiny_tokenizer(folder, vocab_size: int = 200):
+    """Train a small SentencePiece unigram model on a built-in corpus and save it in HF's T5 tokenizer layout.
+
+    Ids follow T5: <pad> 0, </s> 1, <unk> 2; no sentinel (<extra_id_*>) tokens. Offline, well under a second.
+    """
+    import sentencepiece as spm
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [s.strip() + "." for s in _CORPUS.replace("\n", " ").split(".") if s.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512, **special}, indent=2))
+    return folder
