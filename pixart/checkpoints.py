@@ -84,6 +84,7 @@ def write_ckpt(state: dict[str, np.ndarray], path) -> None:
     import mindspore as ms
     tmp = f"{path}.tmp.ckpt"
     ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], tmp)
+    os.chmod(tmp, 0o644)  # MindSpore writes 0400
     os.replace(tmp, path)
 
 

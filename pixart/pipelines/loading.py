@@ -1,0 +1,55 @@
+"""Building the pipeline's components from files: the one place scripts (sample.py, gradio_demo.py) load models."""
+from __future__ import annotations
+
+import dataclasses
+
+from pixart import backend
+from pixart.checkpoints import CheckpointError, convert_pixart, load_into, match_preset
+from pixart.models.pixart import PixArt, preset_config
+
+# fields a checkpoint must agree on with the preset named in the config (depth and width may be shrunk)
+_STRUCTURE = ("patch_size", "micro_condition", "qk_norm", "model_max_length")
+
+
+def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: dict | None = None,
+                     log=print) -> PixArt:
+    """PixArt from any supported checkpoint (converted .ckpt, original .pth, diffusers folder).
+
+    Resolution fields (training size, position-embedding interpolation) come from the preset `model`; the
+    architecture is read off the weights, which must agree with the preset on structure (else a CheckpointError
+    naming the preset the file looks like). `kv_compress` overrides the KV-compression config (Σ).
+    """
+    state, found = convert_pixart(checkpoint)
+    ref = preset_config(model)
+    looks_like, diff = match_preset(found)
+    wrong = [f"{f}={getattr(found, f)!r} (config says {getattr(ref, f)!r})" for f in _STRUCTURE
+             if getattr(found, f) is not None and getattr(found, f) != getattr(ref, f)]
+    if wrong:
+        raise CheckpointError(f"{checkpoint} does not fit model {model}: " + "; ".join(wrong)
+                              + f"; the file looks like {looks_like or diff[0].split(': ', 1)[1]}")
+    cfg = dataclasses.replace(found, input_size=ref.input_size, pe_interpolation=ref.pe_interpolation,
+                              model_max_length=found.model_max_length or ref.model_max_length)
+    if kv_compress is not None:
+        cfg.kv_compress_config = kv_compress
+    if (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
+        log(f"note: {checkpoint} is a reduced {model} (depth {cfg.depth}, width {cfg.hidden_size})")
+    net = PixArt(cfg)
+    load_into(net, state, what=f"{model} transformer")
+    return backend.cast_parameters(net, dtype)
+
+
+def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokenizer_root=None, dtype: str = "fp32",
+                    text_encoder_dtype: str | None = None, vae_dtype: str = "fp32", kv_compress: dict | None = None,
+                    scaling_factor: float | None = None, log=print) -> dict:
+    """Everything `PixArtPipeline(...)` takes. T5 may be loaded in half precision (`text_encoder_dtype`)."""
+    from pixart.models.t5 import load_t5, load_tokenizer
+    from pixart.models.vae import load_vae
+    log(f"loading transformer {checkpoint}")
+    transformer = load_transformer(checkpoint, model, dtype, kv_compress, log)
+    log(f"loading VAE {vae_root}")
+    vae = load_vae(vae_root, vae_dtype)
+    log(f"loading text encoder {text_encoder_root}")
+    text_encoder = load_t5(text_encoder_root, text_encoder_dtype or dtype)
+    tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scaling_factor=scaling_factor or vae.config.scaling_factor)

@@ -1,0 +1,158 @@
+"""What `sample.py` does once its options are parsed: check everything, load once, encode, generate, save."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from pixart import backend
+from pixart.config import ArgumentParser, str2bool
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+
+
+class SampleError(ValueError):
+    pass
+
+
+def build_parser(description: str | None = None) -> ArgumentParser:
+    """sample.py's options (gradio_demo.py shares the model ones); names follow the reference port."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", nargs="+", action="extend", default=None, help="one or more prompts")
+    p.add_argument("--prompt_path", default=None, help="a text file with one prompt per line")
+    p.add_argument("--negative_prompt", default="", help="negative prompt (the unconditional branch)")
+    p.add_argument("--uncond", default="negative", choices=["negative", "y_embedding"],
+                   help="unconditional branch: T5 of the negative prompt, or the checkpoint's null caption")
+    p.add_argument("--model", default="PixArt-Sigma-XL-2-1024-MS", help="preset of the checkpoint")
+    p.add_argument("--checkpoint", default=None, help="transformer weights (.ckpt, .pth, or diffusers folder)")
+    p.add_argument("--vae_root", default=None, help="HF folder of the VAE")
+    p.add_argument("--text_encoder_root", default=None, help="HF folder of the T5 encoder")
+    p.add_argument("--tokenizer_root", default=None, help="HF folder of the T5 tokenizer (default: text encoder's)")
+    p.add_argument("--sd_scale_factor", type=float, default=None, help="VAE latent scale (default: VAE config)")
+    p.add_argument("--image_height", type=int, default=None)
+    p.add_argument("--image_width", type=int, default=None)
+    p.add_argument("--resolution_binning", type=str2bool, default=True,
+                   help="generate at the nearest trained aspect ratio, then resize and crop to the requested size")
+    p.add_argument("--sampling_method", default="dpm", choices=list(SAMPLERS))
+    p.add_argument("--sampling_steps", type=int, default=None, help="default: dpm 20, iddpm 100, ddim 20, sa 25")
+    p.add_argument("--dpm_schedule", default="linspace", choices=["linspace", "time_uniform"],
+                   help="DPM-Solver++ steps: diffusers' schedule, or the official repos' time_uniform")
+    p.add_argument("--guidance_scale", type=float, default=4.5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch_size", type=int, default=1, help="images per prompt in one denoising batch")
+    p.add_argument("--num_trials", type=int, default=1, help="repeat each prompt this many times (new seeds)")
+    p.add_argument("--imagegrid", type=str2bool, default=False, help="also save all images as one grid")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="transformer precision")
+    p.add_argument("--text_encoder_dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="T5 precision (default: --dtype); fp16 halves T5-XXL's 19 GB")
+    p.add_argument("--output_path", default="samples")
+    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--mode", default="pynative", help="graph (0) or pynative (1)")
+    p.add_argument("--jit_level", default="O1", choices=["O0", "O1", "O2"])
+    p.add_argument("--enable_flash_attention", type=str2bool, default=None,
+                   help="FlashAttentionScore (Ascend only; default on there)")
+    p.add_argument("--kv_compress", type=str2bool, default=False, help="Σ KV compression (needs a KV checkpoint)")
+    p.add_argument("--kv_compress_sampling", default="conv", choices=["conv", "ave", "uniform"])
+    p.add_argument("--kv_compress_scale_factor", type=int, default=1)
+    p.add_argument("--kv_compress_layer", type=int, nargs="*", default=None)
+    p.add_argument("--progress", type=str2bool, default=True, help="show a progress bar over denoising steps")
+    return p
+
+
+MODES = {"0": "graph", "graph": "graph", "1": "pynative", "pynative": "pynative"}
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_path:
+        path = Path(args.prompt_path)
+        if not path.exists():
+            raise SampleError(f"prompt file not found: {path}")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SampleError(f"prompt file {path} has no prompts (one per line expected)")
+    if not prompts:
+        raise SampleError("no prompt: give --prompt \"...\" or --prompt_path FILE")
+    return prompts
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before a model is loaded, so bad input costs nothing and writes nothing."""
+    if str(args.mode) not in MODES:
+        raise SampleError(f"--mode must be graph (0) or pynative (1), got {args.mode!r}")
+    for name in ("image_height", "image_width"):
+        value = getattr(args, name)
+        if value is not None and value < 8:
+            raise SampleError(f"--{name} must be at least 8 pixels, got {value}")
+    if not args.resolution_binning:
+        h, w = args.image_height or 0, args.image_width or 0
+        if h % 16 or w % 16:
+            raise SampleError(f"image size {h}x{w} is not reachable without resolution binning: height and width "
+                              "must be multiples of 16 (8x VAE, 2x2 patches)")
+    if args.sampling_steps is not None and args.sampling_steps < 1:
+        raise SampleError(f"--sampling_steps must be >= 1, got {args.sampling_steps}")
+    if args.batch_size < 1 or args.num_trials < 1:
+        raise SampleError(f"--batch_size and --num_trials must be >= 1, got {args.batch_size}, {args.num_trials}")
+    for name in ("checkpoint", "vae_root", "text_encoder_root"):
+        value = getattr(args, name)
+        if not value:
+            raise SampleError(f"--{name} is required (set it in the YAML config or on the command line)")
+        if not Path(value).exists():
+            raise SampleError(f"--{name} not found: {value}")
+    if args.tokenizer_root and not Path(args.tokenizer_root).exists():
+        raise SampleError(f"--tokenizer_root not found: {args.tokenizer_root}")
+    from pixart.models.pixart import preset_config
+    preset_config(args.model)  # unknown presets fail here, naming the known ones
+
+
+def run(args, log=print) -> list[Path]:
+    from pixart.pipelines.outputs import image_grid, save_png, write_json
+    from pixart.pipelines.text_to_image import PixArtPipeline
+    prompts = read_prompts(args)
+    check_args(args)
+    backend.setup(args.device_target, MODES[str(args.mode)], args.jit_level, args.enable_flash_attention)
+    backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
+    kv = None
+    if args.kv_compress:
+        kv = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
+              "kv_compress_layer": args.kv_compress_layer or []}
+    pipe = PixArtPipeline.from_pretrained(
+        checkpoint=args.checkpoint, model=args.model, vae_root=args.vae_root, text_encoder_root=args.text_encoder_root,
+        tokenizer_root=args.tokenizer_root, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
+        kv_compress=kv, scaling_factor=args.sd_scale_factor, log=log)
+    height, width = args.image_height or pipe.resolution, args.image_width or pipe.resolution
+    steps = args.sampling_steps or DEFAULT_STEPS[args.sampling_method]
+
+    # encode every prompt once, then free T5 before denoising
+    t0 = time.time()
+    embeds = [pipe.encode_prompt([p]) for p in prompts]
+    negative = pipe.encode_prompt([args.negative_prompt]) if args.uncond == "negative" else None
+    pipe.release_text_encoder()
+    log(f"encoded {len(prompts)} prompt(s) in {time.time() - t0:.1f}s; text encoder released")
+
+    out_dir = Path(args.output_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, records, written = [], [], []
+    options = {"schedule": args.dpm_schedule} if args.sampling_method == "dpm" else {}
+    for trial in range(args.num_trials):
+        for i, (prompt, emb) in enumerate(zip(prompts, embeds)):
+            seed = args.seed + (trial * len(prompts) + i) * args.batch_size
+            result = pipe(prompt, negative_prompt=args.negative_prompt, height=height, width=width,
+                          sampler=args.sampling_method, num_inference_steps=steps, guidance_scale=args.guidance_scale,
+                          num_images_per_prompt=args.batch_size, seed=seed, prompt_embeds=emb,
+                          negative_prompt_embeds=negative, uncond=args.uncond,
+                          use_resolution_binning=args.resolution_binning, progress=args.progress,
+                          sampler_options=options)
+            for j, (image, settings) in enumerate(zip(result.images, result.settings)):
+                settings.update(model=args.model, checkpoint=str(args.checkpoint))
+                path = out_dir / f"{len(records):04d}-p{i}-t{trial}-b{j}.png"
+                save_png(image, path, settings)
+                images.append(image)
+                records.append({"file": path.name, **settings})
+                written.append(path)
+                log(f"saved {path}")
+    if args.imagegrid and images:
+        grid = out_dir / "grid.png"
+        save_png(image_grid(images), grid, {"files": ",".join(r["file"] for r in records)})
+        written.append(grid)
+    write_json(records, out_dir / "prompts.json")
+    return written
