@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from pixart import backend
-from pixart.checkpoints import CheckpointError, convert_pixart, load_into, match_preset
+from pixart.checkpoints import CheckpointError, convert_pixart, fill_null_caption, load_into, match_preset
 from pixart.models.pixart import PixArt, preset_config
 
 # fields a checkpoint must agree on with the preset named in the config (depth and width may be shrunk)
@@ -27,6 +27,7 @@ def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: d
     if wrong:
         raise CheckpointError(f"{checkpoint} does not fit model {model}: " + "; ".join(wrong)
                               + f"; the file looks like {looks_like or diff[0].split(': ', 1)[1]}")
+    fill_null_caption(state, found, ref.model_max_length, log)  # diffusers files lack it
     cfg = dataclasses.replace(found, input_size=ref.input_size, pe_interpolation=ref.pe_interpolation,
                               model_max_length=found.model_max_length or ref.model_max_length)
     if kv_compress is not None:
