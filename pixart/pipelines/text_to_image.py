@@ -141,14 +141,17 @@ class PixArtPipeline:
         return PipelineOutput(images=images, latents=x, settings=settings)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], one image at a time."""
-        out = [self.vae.decode(Tensor(z[None] / self.scaling_factor).astype(self.vae_dtype)).astype(ms.float32)
-               .asnumpy() for z in latents]
+        """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], one image at a time; latents larger
+        than the VAE's own training size are decoded in overlapping tiles, which bounds memory at 2K / 4K."""
+        tile = max(self.vae.config.sample_size // 8, 32)
+        shift = self.vae.config.shift_factor or 0.0
+        out = []
+        for z in latents:
+            z = Tensor(z[None] / self.scaling_factor + shift)
+            big = z.shape[-1] > tile or z.shape[-2] > tile
+            image = self.vae.decode_tiled(z, tile=tile, overlap=tile // 4) if big else self.vae.decode(z)
+            out.append(image.astype(ms.float32).asnumpy())
         return np.concatenate(out)
-
-    @property
-    def vae_dtype(self):
-        return next(iter(self.vae.get_parameters())).dtype
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _table_resolution(self) -> int:
