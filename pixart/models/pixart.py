@@ -14,11 +14,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from pixart.backend import GELU, Attention, Conv2d, LayerNorm, Linear, chunk
+from pixart.backend import GELU, Attention, Conv2d, LayerNorm, Linear, chunk, expand_as
 
 
 def t2i_modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    return x * expand_as(1 + scale, x) + expand_as(shift, x)
 
 
 #################################################################################
@@ -179,9 +179,9 @@ class PixArtBlock(nn.Cell):
         n = x.shape[0]
         mod = self.scale_shift_table.reshape(1, 6, -1) + t.reshape(n, 6, -1)  # (N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunk(mod, 6, 1)  # (N, 1, D) each
-        x = x + gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa), hw)
+        x = x + expand_as(gate_msa, x) * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa), hw)
         x = x + self.cross_attn(x, y, mask)
-        x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + expand_as(gate_mlp, x) * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -253,23 +253,25 @@ class PixArt(nn.Cell):
             for i in range(cfg.depth)])
         self.final_layer = T2IFinalLayer(d, cfg.patch_size, self.out_channels)
 
-    def construct(self, x, timestep, y, mask=None, data_info=None):
+    def construct(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None):
         """x (N, C, H, W) latents; timestep (N,); y (N, 1, L, C_text) T5 features; mask (N, L) 1 = real token;
-        data_info {'img_hw': (N, 2), 'aspect_ratio': (N, 1)} for micro-conditioned models."""
+        data_info {'img_hw': (N, 2), 'aspect_ratio': (N, 1)} for micro-conditioned models;
+        force_drop_ids (N,) 1 = replace the caption by the null caption (training's classifier-free dropout)."""
         n = x.shape[0]
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         dtype = self.t_block[1].weight.dtype
         x = x.astype(dtype)
         pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
                                              self.base_size))
-        x = self.x_embedder(x) + pos.astype(dtype)  # (N, T, D), T = h * w
+        x = self.x_embedder(x)  # (N, T, D), T = h * w
+        x = x + expand_as(pos.astype(dtype), x)
         t = self.t_embedder(timestep.reshape(-1).broadcast_to((n,)))  # (N, D)
         if self.micro_condition:
             csize = self.csize_embedder(data_info["img_hw"].astype(ms.float32).reshape(-1, 2))  # (N, 2D/3)
             ar = self.ar_embedder(data_info["aspect_ratio"].astype(ms.float32).reshape(-1, 1))  # (N, D/3)
             t = t + mint.cat([csize, ar], 1).broadcast_to(t.shape)
         t0 = self.t_block(t)  # (N, 6D)
-        y = self.y_embedder(y.astype(dtype))  # (N, 1, L, D)
+        y = self.y_embedder(y.astype(dtype), force_drop_ids)  # (N, 1, L, D)
         y = y.reshape(n, -1, y.shape[-1])  # (N, L, D)
         if mask is not None:
             mask = mask.reshape(mask.shape[0], -1).broadcast_to((n, y.shape[1]))
