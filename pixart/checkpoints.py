@@ -21,15 +21,25 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model; the message is for the user."""
 
 
+def _safetensors_header(f, path) -> dict:
+    try:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+    except (struct.error, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+
+
+def read_safetensors_metadata(path) -> dict[str, str]:
+    """The `__metadata__` strings of a .safetensors file (empty when it has none); reads only the header."""
+    with open(path, "rb") as f:
+        return dict(_safetensors_header(f, path).get("__metadata__") or {})
+
+
 def read_safetensors(path) -> dict[str, np.ndarray]:
     """Read a .safetensors file without torch; bf16 tensors are widened to fp32 exactly."""
     path = Path(path)
     with open(path, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        except (struct.error, ValueError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+        header = _safetensors_header(f, path)
         data = f.read()
     out = {}
     for name, info in header.items():
@@ -275,6 +285,58 @@ def diffusers_to_original(state: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
         else:
             unmapped.append(key)
     return out, unmapped
+
+
+def diffusers_module_to_original(name: str) -> tuple[str, int | None, int] | None:
+    """A diffusers `PixArtTransformer2DModel` module name -> (our module, index of its slice in a fused layer or
+    None, number of slices), e.g. `transformer_blocks.3.attn1.to_k` -> (`blocks.3.attn.qkv`, 1, 3); None when
+    the name has no counterpart. Read off the same tables as `diffusers_to_original` (LoRA files name modules)."""
+    if name.startswith("transformer_blocks."):
+        parts = name.split(".", 2)
+        if len(parts) < 3 or not parts[1].isdigit():
+            return None
+        _, n, rest = parts
+        for prefix, fused, target in _FUSED:
+            if rest.startswith(prefix) and rest[len(prefix):] in fused:
+                return f"blocks.{n}.{target}", fused.index(rest[len(prefix):]), len(fused)
+        for a, b in _DIFFUSERS_BLOCK_RENAMES:
+            if a.endswith(".") and rest + "." == a:
+                return f"blocks.{n}.{b[:-1]}", None, 1
+        return None
+    for a, b in _DIFFUSERS_RENAMES:
+        if a.endswith(".") and name + "." == a:
+            return b[:-1], None, 1
+    return None
+
+
+def original_module_to_diffusers(name: str) -> list[str] | None:
+    """Our module name -> its diffusers module name(s): one per slice of a fused layer (`blocks.3.attn.qkv` ->
+    `transformer_blocks.3.attn1.to_q`, `.to_k`, `.to_v`), else one; None when diffusers has no such module."""
+    if name.startswith("blocks."):
+        parts = name.split(".", 2)
+        if len(parts) < 3 or not parts[1].isdigit():
+            return None
+        _, n, rest = parts
+        for prefix, fused, target in _FUSED:
+            if rest == target:
+                return [f"transformer_blocks.{n}.{prefix}{p}" for p in fused]
+        for a, b in _DIFFUSERS_BLOCK_RENAMES:
+            if a.endswith(".") and rest + "." == b:
+                return [f"transformer_blocks.{n}.{a[:-1]}"]
+        return None
+    for a, b in _DIFFUSERS_RENAMES:
+        if a.endswith(".") and name + "." == b:
+            return [a[:-1]]
+    return None
+
+
+def fused_slices(name: str) -> tuple[str, ...]:
+    """Names of the slices of our fused layer `name` along its output (`attn.qkv` -> q, k, v), else ()."""
+    rest = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    for _, fused, target in _FUSED:
+        if rest == target:
+            return tuple(p.removeprefix("to_") for p in fused)
+    return ()
 
 
 def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | None = None):

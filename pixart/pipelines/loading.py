@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from pixart import backend
 from pixart.checkpoints import CheckpointError, convert_pixart, fill_null_caption, load_into, match_preset
-from pixart.models.pixart import PixArt, preset_config
+from pixart.models.pixart import PRESETS, PixArt, preset_config
 
 # fields a checkpoint must agree on with the preset named in the config (depth and width may be shrunk)
 _STRUCTURE = ("patch_size", "micro_condition", "qk_norm", "model_max_length")
 
 
 def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: dict | None = None,
-                     log=print) -> PixArt:
-    """PixArt from any supported checkpoint (converted .ckpt, original .pth, diffusers folder).
+                     log=print, lora_path=None, lora_scale: float = 1.0) -> PixArt:
+    """PixArt from any supported checkpoint (converted .ckpt, original .pth, diffusers folder), with the LoRA at
+    `lora_path` (diffusers / peft / our layout, see `pixart.models.lora`) applied at `lora_scale`.
 
     Resolution fields (training size, position-embedding interpolation) come from the preset `model`; the
     architecture is read off the weights, which must agree with the preset on structure (else a CheckpointError
@@ -36,17 +39,21 @@ def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: d
         log(f"note: {checkpoint} is a reduced {model} (depth {cfg.depth}, width {cfg.hidden_size})")
     net = PixArt(cfg)
     load_into(net, state, what=f"{model} transformer")
+    if lora_path:
+        from pixart.models.lora import load_lora
+        load_lora(net, lora_path, lora_scale, log)  # before the cast, so the LoRA weights take `dtype` too
     return backend.cast_parameters(net, dtype)
 
 
 def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokenizer_root=None, dtype: str = "fp32",
                     text_encoder_dtype: str | None = None, vae_dtype: str = "fp32", kv_compress: dict | None = None,
-                    scaling_factor: float | None = None, log=print) -> dict:
+                    scaling_factor: float | None = None, lora_path=None, lora_scale: float = 1.0,
+                    log=print) -> dict:
     """Everything `PixArtPipeline(...)` takes. T5 may be loaded in half precision (`text_encoder_dtype`)."""
     from pixart.models.t5 import load_t5, load_tokenizer
     from pixart.models.vae import load_vae
     log(f"loading transformer {checkpoint}")
-    transformer = load_transformer(checkpoint, model, dtype, kv_compress, log)
+    transformer = load_transformer(checkpoint, model, dtype, kv_compress, log, lora_path, lora_scale)
     log(f"loading VAE {vae_root}")
     vae = load_vae(vae_root, vae_dtype)
     log(f"loading text encoder {text_encoder_root}")
@@ -54,3 +61,33 @@ def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokeniz
     tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 scaling_factor=scaling_factor or vae.config.scaling_factor)
+
+
+def resolve_pipeline_folder(folder, model: str | None = None) -> dict:
+    """A diffusers pipeline folder (`PixArt-alpha/PixArt-XL-2-512x512` downloaded) -> the component paths and the
+    preset (`model`, unless given): α or Σ from model_index.json, training size and micro-conditions from
+    transformer/config.json."""
+    folder = Path(folder)
+    paths = {"checkpoint": folder / "transformer", "vae_root": folder / "vae",
+             "text_encoder_root": folder / "text_encoder", "tokenizer_root": folder / "tokenizer"}
+    lacking = [str(p) for p in paths.values() if not p.is_dir()]
+    if lacking:
+        raise CheckpointError(f"{folder} is not a diffusers PixArt pipeline folder: no {', '.join(lacking)} (download "
+                              "one, e.g. huggingface-cli download PixArt-alpha/PixArt-XL-2-512x512 --local-dir ...)")
+    out = {k: str(v) for k, v in paths.items()}
+    if model:
+        return dict(out, model=model)
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
+    family = {"PixArtAlphaPipeline": "PixArt-XL-2-", "PixArtSigmaPipeline": "PixArt-Sigma-"}.get(
+        index.get("_class_name"))
+    config = json.loads((folder / "transformer" / "config.json").read_text()) \
+        if (folder / "transformer" / "config.json").exists() else {}
+    size, micro = config.get("sample_size"), bool(config.get("use_additional_conditions") or False)
+    if family and size and family == "PixArt-XL-2-" and size == 128 and config.get("use_additional_conditions") is None:
+        micro = True  # diffusers turns the micro-conditions on for α at 1024 when the config leaves it open
+    found = [name for name, p in PRESETS.items() if family and name.startswith(family)
+             and p["input_size"] == size and bool(p.get("micro_condition")) == micro and "kv_compress_config" not in p]
+    if not found:
+        raise CheckpointError(f"{folder}: cannot tell which PixArt model it holds (model_index.json class "
+                              f"{index.get('_class_name')!r}, sample_size {size}); pass --model with a preset name")
+    return dict(out, model=found[0])

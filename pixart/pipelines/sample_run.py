@@ -24,6 +24,9 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                    help="unconditional branch: T5 of the negative prompt, or the checkpoint's null caption")
     p.add_argument("--model", default="PixArt-Sigma-XL-2-1024-MS", help="preset of the checkpoint")
     p.add_argument("--checkpoint", default=None, help="transformer weights (.ckpt, .pth, or diffusers folder)")
+    p.add_argument("--lora_path", default=None,
+                   help="a LoRA to apply: pytorch_lora_weights.safetensors (diffusers), a peft adapter folder, or ours")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength: 0 = the base model, 1 = as trained")
     p.add_argument("--vae_root", default=None, help="HF folder of the VAE")
     p.add_argument("--text_encoder_root", default=None, help="HF folder of the T5 encoder")
     p.add_argument("--tokenizer_root", default=None, help="HF folder of the T5 tokenizer (default: text encoder's)")
@@ -100,27 +103,45 @@ def check_args(args) -> None:
             raise SampleError(f"--{name} not found: {value}")
     if args.tokenizer_root and not Path(args.tokenizer_root).exists():
         raise SampleError(f"--tokenizer_root not found: {args.tokenizer_root}")
+    if getattr(args, "lora_path", None) and not Path(args.lora_path).exists():
+        raise SampleError(f"--lora_path not found: {args.lora_path}")
     from pixart.models.pixart import preset_config
     preset_config(args.model)  # unknown presets fail here, naming the known ones
 
 
-def run(args, log=print) -> list[Path]:
-    from pixart.pipelines.outputs import image_grid, save_png, write_json
+def load_pipeline(args, log=print):
+    """Set up the backend and load the pipeline the model flags name (sample.py and gradio_demo.py); run
+    `check_args` first."""
     from pixart.pipelines.text_to_image import PixArtPipeline
-    prompts = read_prompts(args)
-    check_args(args)
     backend.setup(args.device_target, MODES[str(args.mode)], args.jit_level, args.enable_flash_attention)
     backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
     kv = None
     if args.kv_compress:
         kv = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
               "kv_compress_layer": args.kv_compress_layer or []}
-    pipe = PixArtPipeline.from_pretrained(
+    return PixArtPipeline.from_pretrained(
         checkpoint=args.checkpoint, model=args.model, vae_root=args.vae_root, text_encoder_root=args.text_encoder_root,
         tokenizer_root=args.tokenizer_root, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
-        kv_compress=kv, scaling_factor=args.sd_scale_factor, log=log)
-    height, width = args.image_height or pipe.resolution, args.image_width or pipe.resolution
-    steps = args.sampling_steps or DEFAULT_STEPS[args.sampling_method]
+        kv_compress=kv, scaling_factor=args.sd_scale_factor, lora_path=getattr(args, "lora_path", None),
+        lora_scale=getattr(args, "lora_scale", 1.0), log=log)
+
+
+def generation_kwargs(args, pipe) -> dict:
+    """The `pipe(...)` keywords the flags set, other than prompt and seed (sample.py and the LoRA script)."""
+    return dict(negative_prompt=args.negative_prompt, height=args.image_height or pipe.resolution,
+                width=args.image_width or pipe.resolution, sampler=args.sampling_method,
+                num_inference_steps=args.sampling_steps or DEFAULT_STEPS[args.sampling_method],
+                guidance_scale=args.guidance_scale, num_images_per_prompt=args.batch_size, uncond=args.uncond,
+                use_resolution_binning=args.resolution_binning, progress=args.progress,
+                sampler_options={"schedule": args.dpm_schedule} if args.sampling_method == "dpm" else {})
+
+
+def run(args, log=print) -> list[Path]:
+    from pixart.pipelines.outputs import image_grid, save_png, write_json
+    prompts = read_prompts(args)
+    check_args(args)
+    pipe = load_pipeline(args, log)
+    options = generation_kwargs(args, pipe)
 
     # encode every prompt once, then free T5 before denoising
     t0 = time.time()
@@ -132,18 +153,14 @@ def run(args, log=print) -> list[Path]:
     out_dir = Path(args.output_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, records, written = [], [], []
-    options = {"schedule": args.dpm_schedule} if args.sampling_method == "dpm" else {}
     for trial in range(args.num_trials):
         for i, (prompt, emb) in enumerate(zip(prompts, embeds)):
             seed = args.seed + (trial * len(prompts) + i) * args.batch_size
-            result = pipe(prompt, negative_prompt=args.negative_prompt, height=height, width=width,
-                          sampler=args.sampling_method, num_inference_steps=steps, guidance_scale=args.guidance_scale,
-                          num_images_per_prompt=args.batch_size, seed=seed, prompt_embeds=emb,
-                          negative_prompt_embeds=negative, uncond=args.uncond,
-                          use_resolution_binning=args.resolution_binning, progress=args.progress,
-                          sampler_options=options)
+            result = pipe(prompt, seed=seed, prompt_embeds=emb, negative_prompt_embeds=negative, **options)
             for j, (image, settings) in enumerate(zip(result.images, result.settings)):
                 settings.update(model=args.model, checkpoint=str(args.checkpoint))
+                if args.lora_path:
+                    settings.update(lora=str(args.lora_path), lora_scale=args.lora_scale)
                 path = out_dir / f"{len(records):04d}-p{i}-t{trial}-b{j}.png"
                 save_png(image, path, settings)
                 images.append(image)

@@ -1,0 +1,32 @@
+"""A web page for PixArt-α / Σ text-to-image, served by Gradio on http://127.0.0.1:7788.
+
+    python gradio_demo.py -c configs/inference/demo.yaml                  # offline demo bundle (noise), no downloads
+    python gradio_demo.py -c configs/inference/pixart-sigma-1024-ms.yaml --port 8000 --host 0.0.0.0
+
+It takes sample.py's model flags and YAML configs (a YAML key that is not a flag is an error); the per-image
+values (prompt, sampler, steps, guidance, seed, size, batch) become the page's defaults. The models load once at
+start; requests are queued and run one at a time.
+"""
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from pixart.config import ConfigError, parse_args  # noqa: E402
+from pixart.pipelines.demo_app import build_demo_parser, serve  # noqa: E402
+from pixart.pipelines.sample_run import SampleError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    try:
+        serve(parse_args(build_demo_parser(__doc__), argv))
+    except (ConfigError, SampleError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

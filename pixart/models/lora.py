@@ -1,0 +1,535 @@
+"""LoRA (Hu et al. 2021) for the PixArt transformer: low-rank updates W + s * (alpha / r) * B A on its linear layers.
+
+Layers, in the order a user meets them: `LoRALinear` (a frozen Linear plus one low-rank branch per output slice),
+`inject_lora` (fresh LoRA for training), `save_lora` / `read_lora` / `load_lora` (files in diffusers' and peft's
+layouts, and ours), `merge_lora` / `unmerge_lora` (in a model) and `merge_lora_file` (into a `.ckpt`).
+
+Our `attn.qkv` and `cross_attn.kv_linear` fuse what diffusers splits (`attn1.to_q/to_k/to_v`, `attn2.to_k/to_v`).
+A rank-r LoRA on the fused layer is in general no sum of three rank-r LoRAs on its slices, so a fused layer carries
+one independent branch per slice (`lora_A.q`, `lora_B.q`, ...): diffusers LoRAs load exactly and ours save exactly.
+Module names are translated by `pixart.checkpoints`' tables, the one source of truth for diffusers <-> original.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.common.initializer import HeUniform, initializer
+
+from pixart.backend import Linear
+from pixart.checkpoints import (CheckpointError, describe_mismatch, diffusers_module_to_original, fused_slices,
+                                original_module_to_diffusers, read_safetensors_metadata, read_state_dict,
+                                write_safetensors)
+
+# our module names, matched as name suffixes (`attn.proj` hits `blocks.N.attn.proj`, not `blocks.N.cross_attn.proj`)
+BLOCK_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
+                 "mlp.fc1", "mlp.fc2")
+EXTRA_TARGETS = ("t_block.1", "y_embedder.y_proj.fc1", "y_embedder.y_proj.fc2")  # adaLN-single, caption projection
+DEFAULT_TARGETS = BLOCK_TARGETS
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' `save_lora_weights`
+PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # peft's `save_pretrained`
+METADATA_KEY = "lora_adapter_metadata"  # diffusers keeps the LoraConfig (r, lora_alpha, patterns) here, as JSON
+PREFIX = "transformer."  # diffusers pipelines prefix the transformer's LoRA keys with its component name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layer
+# ----------------------------------------------------------------------------------------------------------------
+class LoRALinear(Linear):
+    """y = x W^T + b + s * [B_i A_i dropout(x)]_i: a Linear whose output slices i (q, k, v of a fused layer; the
+    whole output otherwise) each may carry a low-rank branch with its own rank and scaling alpha_i / r_i.
+
+    Takes over the base layer's `weight` and `bias` Parameters, so checkpoint names stay `...qkv.weight`. The user
+    scale s lives in a non-trainable Parameter (`lora_scale`): a compiled graph reads it at every call, so scale
+    changes and merging (s = 0 while merged) need no recompilation.
+    """
+
+    def __init__(self, base: Linear, parts: tuple[str, ...], ranks: dict[str, int], alphas: dict[str, float],
+                 dropout: float = 0.0, rslora: bool = False):
+        # Linear.__init__'s attributes, but the base's Parameters: a second random init of a 1152 x 4608 weight per
+        # layer would cost seconds at full size
+        nn.Cell.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.use_mint, self.matmul = base.use_mint, ops.MatMul(transpose_b=True)
+        self.parts = tuple(parts) or ("",)
+        if self.out_features % len(self.parts):
+            raise ValueError(f"{self.out_features} outputs do not split into {len(self.parts)} slices")
+        self.part_size = self.out_features // len(self.parts)
+        self.branch_parts = tuple(p for p in self.parts if p in ranks)  # slices with a branch, in output order
+        if not self.branch_parts:
+            raise ValueError(f"no LoRA branch for any of the slices {self.parts}")
+        self.ranks = {p: int(ranks[p]) for p in self.branch_parts}
+        self.alphas = {p: float(alphas[p]) for p in self.branch_parts}
+        self.rslora = rslora
+        self.scalings = tuple(self.alphas[p] / (math.sqrt(self.ranks[p]) if rslora else self.ranks[p])
+                              for p in self.branch_parts)
+        # output slice i -> its branch index, or -1 when that slice has none (a LoRA on to_q and to_v only)
+        self.layout = tuple(self.branch_parts.index(p) if p in self.ranks else -1 for p in self.parts)
+        dtype = base.weight.dtype
+
+        def name(kind, part):
+            return f"lora_{kind}.{part}" if part else f"lora_{kind}"
+        # peft's initialisation: A Kaiming-uniform (a = sqrt 5, as nn.Linear), B zero, so a fresh LoRA changes nothing
+        self.lora_A = ParameterTuple([
+            Parameter(initializer(HeUniform(math.sqrt(5)), (self.ranks[p], self.in_features), dtype), name=name("A", p))
+            for p in self.branch_parts])
+        self.lora_B = ParameterTuple([
+            Parameter(initializer("zeros", (self.part_size, self.ranks[p]), dtype), name=name("B", p))
+            for p in self.branch_parts])
+        self.lora_scale = Parameter(Tensor(1.0, ms.float32), name="lora_scale", requires_grad=False)
+        self.scale, self.merged = 1.0, False  # host-side state for merge / unmerge
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+
+    def construct(self, x):
+        y = super().construct(x)  # x W^T + b
+        h = x.reshape(-1, self.in_features)  # (M, in)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        scale = self.lora_scale.astype(h.dtype)
+        pieces = []
+        for i in range(len(self.layout)):
+            j = self.layout[i]
+            if j >= 0:  # scalars scale A (r, in), never an output-sized tensor (graph-mode memory, see backend.Linear)
+                down = self.matmul(h, self.lora_A[j] * (scale * self.scalings[j]))  # (M, r)
+                pieces.append(self.matmul(down, self.lora_B[j]))  # (M, out / parts)
+            else:
+                pieces.append(ops.zeros((h.shape[0], self.part_size), h.dtype))
+        delta = ops.cat(pieces, -1) if len(pieces) > 1 else pieces[0]  # (M, out)
+        return y + delta.reshape(x.shape[:-1] + (self.out_features,))
+
+    def deltas(self, scale: float) -> list[tuple[int, np.ndarray]]:
+        """(first output row, scale * alpha/r * B @ A in float64) per branch: what merging adds to `weight`."""
+        out = []
+        for j, part in enumerate(self.branch_parts):
+            a = self.lora_A[j].asnumpy().astype(np.float64)
+            b = self.lora_B[j].asnumpy().astype(np.float64)
+            out.append((self.parts.index(part) * self.part_size, scale * self.scalings[j] * (b @ a)))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Injecting fresh LoRA (training), finding and exporting LoRA layers
+# ----------------------------------------------------------------------------------------------------------------
+def linear_layers(model) -> dict[str, Linear]:
+    """Every Linear of `model` (LoRA layers included) by module name, e.g. `blocks.0.attn.qkv`."""
+    return {name: cell for name, cell in model.cells_and_names() if name and isinstance(cell, Linear)}
+
+
+def lora_layers(model) -> dict[str, LoRALinear]:
+    return {name: cell for name, cell in linear_layers(model).items() if isinstance(cell, LoRALinear)}
+
+
+_HAS_LORA = ("the model already has LoRA layers; build it afresh to apply another LoRA (or merge both into a "
+             "checkpoint with tools/merge_lora.py, one after the other)")
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def inject_lora(model, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
+                targets=DEFAULT_TARGETS, freeze_base: bool = True, rslora: bool = False) -> list[Parameter]:
+    """Put a fresh LoRA (A random, B zero: the model's output is unchanged) on every Linear whose name ends with
+    one of `targets` (see BLOCK_TARGETS, EXTRA_TARGETS); alpha defaults to rank (scaling 1). With `freeze_base`
+    every other parameter stops requiring gradients. Returns the LoRA parameters, the ones to optimise.
+
+    In graph mode inject before the model's first call: a compiled graph does not see layers added later."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if lora_layers(model):
+        raise ValueError(_HAS_LORA)
+    layers = linear_layers(model)
+    unmatched = [t for t in targets if not any(_matches(n, t) for n in layers)]
+    if unmatched:
+        kinds = sorted({re.sub(r"^blocks\.\d+\.", "", n) for n in layers})
+        raise ValueError(f"LoRA targets match no linear layer: {', '.join(unmatched)}; choose from {', '.join(kinds)}")
+    alpha = float(rank if alpha is None else alpha)
+    for name, layer in layers.items():
+        if any(_matches(name, t) for t in targets):
+            parts = fused_slices(name) or ("",)
+            _replace(model, name, LoRALinear(layer, parts, {p: rank for p in parts}, {p: alpha for p in parts},
+                                             dropout, rslora))
+    if freeze_base:
+        for p in model.get_parameters():
+            p.requires_grad = _is_lora_param(p.name)
+    return lora_parameters(model)
+
+
+def _is_lora_param(name: str) -> bool:
+    return re.search(r"\.lora_[AB](\.\w+)?$", name) is not None
+
+
+def _replace(model, name: str, cell) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = dict(model.cells_and_names())[parent_name] if parent_name else model
+    if isinstance(parent, (nn.SequentialCell, nn.CellList)):
+        parent[int(child)] = cell
+    else:
+        setattr(parent, child, cell)
+    cell.update_parameters_name(name + ".")  # setattr prefixes only the attribute name, not the whole path
+
+
+def lora_parameters(model) -> list[Parameter]:
+    """The trainable LoRA parameters (A and B of every branch)."""
+    return [p for p in model.get_parameters() if _is_lora_param(p.name)]
+
+
+def lora_state_dict(model) -> dict[str, np.ndarray]:
+    """LoRA weights under our parameter names (`blocks.0.attn.qkv.lora_A.q`, `blocks.0.attn.proj.lora_B`)."""
+    return {p.name: p.asnumpy() for p in lora_parameters(model)}
+
+
+def base_state_dict(model) -> dict[str, np.ndarray]:
+    """The model's own weights (merged ones when merged), without LoRA parameters: what a full `.ckpt` holds."""
+    return {p.name: p.asnumpy() for p in model.get_parameters()
+            if not _is_lora_param(p.name) and not p.name.endswith(".lora_scale")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA weights independent of a model: what a file holds, checked against the layers it names
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoRABranch:
+    """One low-rank update: on output slice `part` (q / k / v, or '' for the whole output) of our layer `module`."""
+    module: str
+    part: str
+    A: np.ndarray  # (r, in)
+    B: np.ndarray  # (out / slices, r)
+    alpha: float
+    rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclass
+class LoRAWeights:
+    branches: list[LoRABranch]
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def by_module(self) -> dict[str, list[LoRABranch]]:
+        out: dict[str, list[LoRABranch]] = {}
+        for b in self.branches:
+            out.setdefault(b.module, []).append(b)
+        return out
+
+
+# module.lora_A.weight (diffusers, peft files), module.lora_A.<adapter>.weight (peft in memory), module.lora_A[.q]
+# (ours), module.lora.down.weight (old diffusers), module.alpha (per-module alpha of kohya-style files)
+_KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<kind>lora_A|lora_B)(?:\.(?P<sub>(?!weight$)\w+))?(?P<w>\.weight)?"
+                  r"|lora\.(?P<old>down|up)\.weight|(?P<alpha>alpha))$")
+
+
+def _pattern_key(patterns, name: str):
+    """peft's `get_pattern_key`: the first pattern that matches the end of `name` at a dot boundary."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _file_and_config(path: Path) -> tuple[Path, dict | None]:
+    """The weight file of a LoRA (a file, or a folder from diffusers / peft / us) and its adapter config."""
+    if path.is_dir():
+        for name in (LORA_WEIGHT_NAME, PEFT_WEIGHT_NAME, "pytorch_lora_weights.bin", "adapter_model.bin"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) != 1:
+                raise CheckpointError(f"{path}: no LoRA weights found (looked for {LORA_WEIGHT_NAME}, "
+                                      f"{PEFT_WEIGHT_NAME}{' or a single .safetensors' if not found else ''}"
+                                      f"{'; found several .safetensors' if found else ''})")
+            path = found[0]
+    elif not path.exists():
+        raise CheckpointError(f"LoRA not found: {path}")
+    config = None
+    if path.suffix == ".safetensors":
+        raw = read_safetensors_metadata(path).get(METADATA_KEY)
+        if raw:
+            try:
+                config = json.loads(raw)
+            except ValueError:
+                raise CheckpointError(f"{path}: its {METADATA_KEY} metadata is not JSON") from None
+    if config is None and (path.parent / PEFT_CONFIG_NAME).exists():
+        try:
+            config = json.loads((path.parent / PEFT_CONFIG_NAME).read_text())
+        except ValueError:
+            raise CheckpointError(f"{path.parent / PEFT_CONFIG_NAME}: not JSON") from None
+    if config and any(k.startswith(PREFIX) for k in config):  # diffusers pipelines prefix the metadata keys too
+        config = {k[len(PREFIX):]: v for k, v in config.items() if k.startswith(PREFIX)}
+    return path, config
+
+
+def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeights:
+    """Read a LoRA (file or folder; diffusers / peft / our names) and check it against our linear layers `shapes`
+    ({module: (out, in)}). Every key naming a module we lack, every missing half and every shape that does not fit
+    is collected into one CheckpointError."""
+    path, config = _file_and_config(Path(source))
+    state = read_state_dict(path)
+    config = config or {}
+    if config.get("use_dora"):
+        raise CheckpointError(f"{path}: DoRA adapters (use_dora) are not supported, only plain LoRA")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+
+    halves: dict[tuple[str, str], dict] = {}  # (our module, part) -> {"A"/"B": (file key, array), "name": ...}
+    alphas: dict[str, float] = {}  # file module name -> per-module alpha (`.alpha` keys, kohya / old diffusers)
+    unexpected, missing, mismatched = [], [], []
+    for key, value in state.items():
+        bare = key
+        for prefix in (PREFIX, "base_model.model."):
+            bare = bare[len(prefix):] if bare.startswith(prefix) else bare
+        m = _KEY.match(bare)
+        if not m:
+            unexpected.append(key)
+            continue
+        module = m["module"]
+        if m["alpha"]:
+            alphas[module] = float(np.asarray(value).reshape(-1)[0])
+            continue
+        kind = {"down": "A", "up": "B"}.get(m["old"]) or m["kind"][-1]
+        mapped = diffusers_module_to_original(module)
+        if mapped is not None and (m["w"] or m["old"]):  # diffusers / peft names
+            ours, index, _ = mapped
+            parts = fused_slices(ours)
+            part = parts[index] if index is not None else ""
+            file_name = module
+        elif mapped is None and not m["w"] and not m["old"]:  # ours: blocks.0.attn.qkv.lora_A.q
+            ours, part, file_name = module, m["sub"] or "", module + (f".{m['sub']}" if m["sub"] else "")
+            if part not in (fused_slices(ours) or ("",)):
+                unexpected.append(key)
+                continue
+        else:
+            unexpected.append(key)
+            continue
+        if ours not in shapes:
+            unexpected.append(key)
+            continue
+        entry = halves.setdefault((ours, part), {"name": file_name})
+        entry[kind] = (key, np.asarray(value))
+    if not halves and not unexpected:
+        raise CheckpointError(f"{path}: no LoRA weights in it (expected keys ending in lora_A.weight / lora_B.weight)")
+
+    branches = []
+    for (module, part), entry in halves.items():
+        if "A" not in entry or "B" not in entry:
+            have = entry.get("A") or entry.get("B")
+            other = have[0].replace("lora_A", "lora_B").replace("lora.down", "lora.up") if "A" in entry else \
+                have[0].replace("lora_B", "lora_A").replace("lora.up", "lora.down")
+            missing.append(other)
+            continue
+        (ka, a), (kb, b) = entry["A"], entry["B"]
+        out, inp = shapes[module]
+        width = out // max(1, len(fused_slices(module)))
+        if a.ndim != 2 or a.shape[1] != inp:
+            mismatched.append(f"{ka}: {tuple(a.shape)} vs layer input width {inp} (expected (rank, {inp}))")
+            continue
+        if b.ndim != 2 or b.shape[0] != width:
+            mismatched.append(f"{kb}: {tuple(b.shape)} vs layer output width {width} (expected ({width}, rank))")
+            continue
+        if b.shape[1] != a.shape[0]:
+            mismatched.append(f"{kb}: rank {b.shape[1]} vs {ka}: rank {a.shape[0]}")
+            continue
+        name = entry["name"]
+        key_r = _pattern_key(rank_pattern, name)
+        want_r = rank_pattern[key_r] if key_r is not None else config.get("r")
+        if want_r is not None and int(want_r) != a.shape[0]:
+            mismatched.append(f"{ka}: rank {a.shape[0]} vs the adapter config's r={want_r}")
+            continue
+        key_a = _pattern_key(alpha_pattern, name)
+        alpha = (alpha_pattern[key_a] if key_a is not None else alphas.get(name, config.get("lora_alpha")))
+        branches.append(LoRABranch(module, part, a.astype(np.float32), b.astype(np.float32),
+                                   float(a.shape[0] if alpha is None else alpha), rslora))
+    if unexpected or missing or mismatched:
+        raise CheckpointError(f"LoRA {path}: " + describe_mismatch("PixArt transformer", missing, unexpected,
+                                                                     mismatched))
+    notes = []
+    if not config and not alphas:
+        notes.append(f"note: {path.name} does not store lora_alpha; using alpha = rank (scale 1). "
+                     "If it was trained with another alpha, pass --lora_scale alpha/rank")
+    for n in notes:
+        log(n)
+    return LoRAWeights(branches, str(path), notes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading into a model, scale, merge / unmerge
+# ----------------------------------------------------------------------------------------------------------------
+def load_lora(model, source, scale: float = 1.0, log=print) -> LoRAWeights:
+    """Apply a LoRA file/folder (or LoRAWeights) to `model` at `scale` (0 = the base model, 1 = as trained).
+    In graph mode load before the model's first call (see `inject_lora`)."""
+    if lora_layers(model):
+        raise ValueError(_HAS_LORA)
+    layers = linear_layers(model)
+    lora = source if isinstance(source, LoRAWeights) else \
+        read_lora(source, {n: (c.out_features, c.in_features) for n, c in layers.items()}, log)
+    for module, branches in lora.by_module().items():
+        base = layers[module]
+        layer = LoRALinear(base, fused_slices(module) or ("",), {b.part: b.rank for b in branches},
+                           {b.part: b.alpha for b in branches}, rslora=branches[0].rslora)
+        for b in branches:
+            j = layer.branch_parts.index(b.part)
+            layer.lora_A[j].set_data(Tensor(b.A).astype(base.weight.dtype))
+            layer.lora_B[j].set_data(Tensor(b.B).astype(base.weight.dtype))
+        _replace(model, module, layer)
+    set_lora_scale(model, scale)
+    log(f"LoRA {Path(lora.source).name}: {len(lora.branches)} low-rank updates on "
+        f"{len(lora.by_module())} layers, scale {scale:g}")
+    return lora
+
+
+def set_lora_scale(model, scale: float) -> None:
+    """Scale every LoRA update by `scale` (merged layers are re-merged at the new scale)."""
+    for layer in lora_layers(model).values():
+        merged = layer.merged
+        if merged:
+            _merge_layer(layer, -1)
+        layer.scale = float(scale)
+        layer.lora_scale.set_data(Tensor(float(scale), ms.float32))
+        if merged:
+            _merge_layer(layer, +1)
+
+
+def _merge_layer(layer: LoRALinear, sign: int) -> None:
+    w = layer.weight.asnumpy().astype(np.float64)
+    for row, delta in layer.deltas(layer.scale):
+        w[row:row + delta.shape[0]] += sign * delta
+    layer.weight.set_data(Tensor(w.astype(np.float32)).astype(layer.weight.dtype))
+    layer.merged = sign > 0
+    layer.lora_scale.set_data(Tensor(0.0 if layer.merged else layer.scale, ms.float32))
+
+
+def merge_lora(model) -> None:
+    """W <- W + s * alpha/r * B A in every LoRA layer; the branches then contribute nothing until `unmerge_lora`."""
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            _merge_layer(layer, +1)
+
+
+def unmerge_lora(model) -> None:
+    """Undo `merge_lora`: W <- W - s * alpha/r * B A, branches active again."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            _merge_layer(layer, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving: diffusers / peft layout (default) or ours
+# ----------------------------------------------------------------------------------------------------------------
+def _adapter_config(entries: list[tuple[str, int, float]], depth: int, dropout: float, rslora: bool) -> dict:
+    """A peft LoraConfig dict for branches (file module name, rank, alpha): the commonest rank and alpha, patterns
+    for the rest, and target_modules as block-relative suffixes when every block has the same targets."""
+    r = Counter(e[1] for e in entries).most_common(1)[0][0]
+    alpha = Counter(e[2] for e in entries).most_common(1)[0][0]
+    blocks: dict[str, set] = {}
+    for name, _, _ in entries:
+        m = re.match(r"^(transformer_)?blocks\.(\d+)\.(.+)$", name)
+        blocks.setdefault(m.group(3) if m else name, set()).update([int(m.group(2))] if m else [])
+    uniform = all(not idx or idx == set(range(depth)) for idx in blocks.values())
+    targets = sorted(blocks) if uniform else sorted(e[0] for e in entries)
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
+            "rank_pattern": {f"^{n}": k for n, k, _ in entries if k != r},
+            "alpha_pattern": {f"^{n}": a for n, _, a in entries if a != alpha},
+            "lora_dropout": dropout, "use_rslora": rslora, "bias": "none", "init_lora_weights": True}
+
+
+def save_lora(model, path, layout: str = "diffusers") -> Path:
+    """Write the model's LoRA weights to `path` (a folder gets `pytorch_lora_weights.safetensors`).
+
+    layout "diffusers": `transformer.<diffusers module>.lora_A.weight` / `lora_B.weight` with the LoraConfig in the
+    safetensors metadata, as diffusers' `save_lora_weights` writes it (fused layers split into their q/k/v modules);
+    "original": our parameter names (`blocks.0.attn.qkv.lora_A.q`)."""
+    if layout not in ("diffusers", "original"):
+        raise ValueError(f"layout must be 'diffusers' or 'original', got {layout!r}")
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    state, entries = {}, []
+    dropout = 0.0
+    for module, layer in layers.items():
+        dropout = max(dropout, layer.dropout.p if layer.dropout is not None else 0.0)
+        names = original_module_to_diffusers(module) if layout == "diffusers" else None
+        if layout == "diffusers" and names is None:
+            raise ValueError(f"{module} has no diffusers counterpart; save with layout='original'")
+        for j, part in enumerate(layer.branch_parts):
+            a, b = layer.lora_A[j].asnumpy(), layer.lora_B[j].asnumpy()
+            if layout == "diffusers":
+                name = names[layer.parts.index(part)]
+                state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = a, b
+            else:
+                name = module + (f".{part}" if part else "")
+                state[layer.lora_A[j].name], state[layer.lora_B[j].name] = a, b
+            entries.append((name, layer.ranks[part], layer.alphas[part]))
+    depth = len({n.split(".")[1] for n in linear_layers(model) if n.startswith("blocks.")})
+    rslora = any(layer.rslora for layer in layers.values())
+    config = _adapter_config(entries, depth, dropout, rslora)
+    if layout == "diffusers":
+        config = {PREFIX + k: v for k, v in config.items()}
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / LORA_WEIGHT_NAME
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, path, {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)})
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Merging into a checkpoint file (tools/merge_lora.py)
+# ----------------------------------------------------------------------------------------------------------------
+def linear_shapes(state: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """{module: (out, in)} of the 2-D `.weight` tensors of an original-named state dict (PixArt's Linears)."""
+    return {k[:-len(".weight")]: tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and v.ndim == 2}
+
+
+def merge_into_state(state: dict[str, np.ndarray], lora: LoRAWeights, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """W + scale * alpha/r * B A for every branch, in float64, cast back to each weight's dtype; a new dict."""
+    out = dict(state)
+    for module, branches in lora.by_module().items():
+        w = state[f"{module}.weight"].astype(np.float64)
+        width = w.shape[0] // max(1, len(fused_slices(module)))
+        for b in branches:
+            row = (fused_slices(module).index(b.part) if b.part else 0) * width
+            w[row:row + width] += scale * b.scaling * (b.B.astype(np.float64) @ b.A.astype(np.float64))
+        out[f"{module}.weight"] = w.astype(state[f"{module}.weight"].dtype)
+    return out
+
+
+def merge_lora_file(checkpoint, lora_path, target, scale: float = 1.0, unmerge: bool = False, log=print) -> Path:
+    """Merge a LoRA into a PixArt checkpoint (any format `tools/convert.py` reads) and write a MindSpore `.ckpt`
+    with original names; `unmerge` subtracts it instead (from a checkpoint it was merged into at `scale`)."""
+    from pixart.checkpoints import convert_pixart, fill_null_caption, match_preset, write_ckpt
+    from pixart.models.pixart import preset_config
+    target = Path(target)
+    if target.suffix != ".ckpt":
+        raise CheckpointError(f"target must end in .ckpt, got {target}")
+    state, cfg = convert_pixart(checkpoint)
+    lora = read_lora(lora_path, linear_shapes(state), log)
+    name, _ = match_preset(cfg)
+    fill_null_caption(state, cfg, preset_config(name).model_max_length if name else None, log)
+    merged = merge_into_state(state, lora, -scale if unmerge else scale)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_ckpt(merged, target)
+    log(f"{'unmerged' if unmerge else 'merged'} {len(lora.branches)} low-rank updates ({Path(lora.source).name}, "
+        f"scale {scale:g}) {'from' if unmerge else 'into'} {checkpoint}; wrote {target}")
+    return target

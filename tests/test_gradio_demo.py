@@ -1,0 +1,307 @@
+"""gradio_demo.py: the page driven from headless Chromium on the demo bundle (generate an image of the asked size,
+refuse bad values in the page and go on, queue two requests sent at once), and the logic behind it.
+
+The browser is Debian's `chromium` driven by Playwright (requirements-test.txt); Playwright never downloads a
+browser here. Where /usr/bin/chromium is missing the test installs it with apt-get (root, ~100 s once) and skips,
+saying why, only where no browser can be had. Set PIXART_GRADIO_SCREENSHOT=docs/gradio_demo.png to rewrite the
+README's screenshot from this test.
+"""
+import io
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from pixart import demo
+from pixart.config import ConfigError, parse_args
+from pixart.pipelines.demo_app import DemoApp, DemoError, build_demo_parser, ensure_demo_bundle
+from pixart.pipelines.sample_run import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOAST = '[data-testid="toast-text"]'
+
+
+# -- the demo bundle, built by the demo's own "missing bundle" path ---------------------------------------------
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-bundle")
+    comp = root / demo.COMPONENTS
+    flags = ["--checkpoint", str(root / demo.CHECKPOINT), "--vae_root", str(comp / "vae"),
+             "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
+    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *flags])
+    lines = []
+    assert ensure_demo_bundle(args, log=lines.append) is True
+    assert "building it" in lines[0] and demo.is_built(root)
+    assert ensure_demo_bundle(args, log=lines.append) is False  # built once
+    return flags
+
+
+def test_parser_takes_sample_flags_yaml_and_server_options(tmp_path):
+    args = parse_args(build_demo_parser(), ["-c", str(CONFIG)])
+    assert (args.host, args.port, args.model, args.sampling_steps) == ("127.0.0.1", 7788, demo.PRESET, 20)
+    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), "--port", "8000", "--host", "0.0.0.0"])
+    assert (args.host, args.port) == ("0.0.0.0", 8000)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: PixArt-Sigma-XL-2-256x256\nsampling_stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown key.s. sampling_stepz"):
+        parse_args(build_demo_parser(), ["-c", str(bad)])
+    r = subprocess.run([sys.executable, "gradio_demo.py", "-c", str(bad)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 1 and "unknown key(s) sampling_stepz" in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as busy:  # a port in use is refused before the models load
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "gradio_demo.py", "-c", str(CONFIG), "--port", str(port)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and f"cannot serve on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- the request logic, with a stand-in pipeline (no model) -----------------------------------------------------
+def fake_app(tmp_path, *argv):
+    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *argv])
+    pipe = SimpleNamespace(resolution=256, transformer=SimpleNamespace(patch_size=2))
+    return DemoApp(pipe, args, out_dir=tmp_path / "out", log=lambda *_: None)
+
+
+GOOD = dict(prompt="a cat", negative_prompt="", sampler="dpm", steps=2, guidance_scale=4.5, seed=3,
+            randomize_seed=False, width=96, height=64, batch_size=1, resolution_binning=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(steps=0), "steps must be at least 1, got 0"),
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(width=4096), "width must be at most 512 for PixArt-Sigma-XL-2-256x256"),
+    (dict(height=4), "height must be at least 8"),
+    (dict(prompt="  "), "the prompt is empty"),
+    (dict(sampler="euler"), "sampler must be one of dpm"),
+    (dict(guidance_scale=float("nan")), "guidance scale must be between 0 and 50"),
+    (dict(batch_size=9), "batch size must be at most 4"),
+    (dict(seed=-1), "seed must be at least 0"),
+    (dict(width=72, resolution_binning=False), "not reachable without resolution binning"),
+])
+def test_bad_values_are_refused_with_a_message(tmp_path, change, message):
+    app = fake_app(tmp_path)
+    with pytest.raises(DemoError, match=message.replace("(", r"\(")):
+        app.check_request(**{**GOOD, **change})
+
+
+def test_randomized_seed_and_presets(tmp_path):
+    app = fake_app(tmp_path, "--max_image_size", "1024")
+    assert app.check_request(**{**GOOD, "width": 1024})["width"] == 1024
+    seeds = {app.check_request(**{**GOOD, "randomize_seed": True})["seed"] for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= s < 2 ** 31 for s in seeds)
+    keys = [key for _, key in app.presets()]
+    assert keys[0] == "custom" and "1.0" in keys and app.preset_size("1.0") == (256, 256)
+    assert app.preset_size("0.5") == (352, 176) and app.preset_for(176, 352) == "0.5"  # (width, height), h/w=0.5
+    assert app.preset_for(64, 96) == "custom"
+
+
+def test_reproduce_command_and_yaml_give_the_same_settings_to_sample_py(tmp_path, bundle):
+    app = fake_app(tmp_path, *bundle, "--dpm_schedule", "time_uniform")
+    request = app.check_request(**{**GOOD, "prompt": "it's a \"quoted\" cat", "negative_prompt": "blur"})
+    cmd = shlex.split(app.command(request))
+    assert cmd[:4] == ["python", "sample.py", "-c", str(CONFIG)]
+    cfg = tmp_path / "repro.yaml"
+    cfg.write_text(app.yaml_config(request))
+    for argv in (cmd[2:], ["-c", str(cfg)]):
+        a = parse_args(build_parser(), argv)
+        assert a.prompt == ["it's a \"quoted\" cat"] and a.negative_prompt == "blur"
+        assert (a.sampling_method, a.sampling_steps, a.guidance_scale, a.seed) == ("dpm", 2, 4.5, 3)
+        assert (a.image_width, a.image_height, a.batch_size, a.resolution_binning) == (96, 64, 1, True)
+        assert (a.checkpoint, a.dpm_schedule, a.model) == (bundle[1], "time_uniform", demo.PRESET)
+
+
+# -- the real server, in a real browser ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gradio")
+    port = free_port()
+    log_path = tmp / "server.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp / "cache"),
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "gradio_demo.py", "-c", str(CONFIG), *bundle, "--port", str(port),
+                                 "--sampling_steps", "2", "--image_width", "64", "--image_height", "64",
+                                 "--resolution_binning", "false"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gradio_demo.py exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.time() - t0 > 300:
+                pytest.fail(f"gradio_demo.py did not serve within 300 s:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        text = log_path.read_text()
+        assert "models loaded in" in text and f"serving on http://127.0.0.1:{port}" in text  # the start-up log line
+        print(f"gradio_demo.py served after {time.time() - t0:.0f}s")
+        yield SimpleNamespace(url=url, proc=proc, log=log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def find_chromium() -> tuple[str | None, str]:
+    """A Chromium binary, installing Debian's `chromium` where it is missing and we may; else (None, why)."""
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if candidate and Path(candidate).exists():
+            return candidate, ""
+    if not shutil.which("apt-get"):
+        return None, "no Chromium on this machine and no apt-get to install Debian's chromium"
+    if os.geteuid() != 0:
+        return None, "no Chromium on this machine and not root, so `apt-get install chromium` is not possible"
+    t0 = time.time()
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        except subprocess.TimeoutExpired:
+            return None, f"`{' '.join(cmd)}` took over 900 s"
+        if r.returncode:
+            return None, f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()[-500:]}"
+    print(f"installed Debian's chromium in {time.time() - t0:.0f}s")
+    return ("/usr/bin/chromium", "") if Path("/usr/bin/chromium").exists() else (None, "apt-get gave no chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing (pip install -r requirements-test.txt)")
+    executable, why = find_chromium()
+    if executable is None:
+        pytest.skip(f"no browser can be had: {why}")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_page(browser, server):
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(server.url)
+    page.wait_for_selector("#generate", timeout=60_000)
+    return page
+
+
+def fill(page, **values):
+    for name, value in values.items():
+        selector = "#prompt textarea" if name == "prompt" else f"#{name} input"
+        page.fill(selector, str(value))
+
+
+def wait_for_image(page, width, height, replacing="", timeout=120_000):
+    """The src of the first gallery image, once it has loaded at width x height (and is not `replacing`)."""
+    page.wait_for_function(
+        """([w, h, old]) => { const im = document.querySelector('#gallery img');
+                               return im && im.src !== old && im.complete && im.naturalWidth === w
+                                      && im.naturalHeight === h; }""",
+        arg=[width, height, replacing], timeout=timeout)
+    return page.eval_on_selector("#gallery img", "im => im.src")
+
+
+def wait_for_error(page, message, timeout=60_000):
+    toast = page.locator(TOAST, has_text=message)
+    toast.first.wait_for(state="visible", timeout=timeout)
+    return toast.first.inner_text()
+
+
+WATCH_STATUS = """() => {  // remember every status the gallery shows, however briefly
+    window.seenStatus = [];
+    const box = document.querySelector('#gallery');
+    const note = () => { const t = box.innerText;
+                         if (!window.seenStatus.includes(t)) window.seenStatus.push(t); };
+    new MutationObserver(note).observe(box, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_page_generates_then_shows_errors_and_goes_on(server, browser):
+    page = open_page(browser, server)
+    try:
+        assert "untrained" in page.inner_text("#header")
+        fill(page, prompt="a red square on a white table", steps=2, width=96, height=64, seed=5)
+        page.click("#generate")
+        first = wait_for_image(page, 96, 64)
+        assert "seed 5, 96x64" in page.inner_text("#gallery")
+        command = page.input_value("#command textarea")
+        for flag in ("sample.py", "--sampling_steps 2", "--image_width 96", "--image_height 64", "--seed 5"):
+            assert flag in command, command
+        href = page.eval_on_selector("#downloads a[href]", "a => a.href")  # the PNG download keeps its metadata
+        with urllib.request.urlopen(href, timeout=30) as r:
+            png = Image.open(io.BytesIO(r.read()))
+        assert png.size == (96, 64) and png.text["prompt"] == "a red square on a white table"
+        assert (png.text["seed"], png.text["steps"], png.text["model"]) == ("5", "2", demo.PRESET)
+        if os.environ.get("PIXART_GRADIO_SCREENSHOT"):
+            page.screenshot(path=os.environ["PIXART_GRADIO_SCREENSHOT"], full_page=True)
+
+        fill(page, steps=0)
+        page.click("#generate")
+        assert "steps must be at least 1, got 0" in wait_for_error(page, "steps must be at least 1")
+        fill(page, steps=2, width=4096)
+        page.click("#generate")
+        assert "for PixArt-Sigma-XL-2-256x256" in wait_for_error(page, "width must be at most 512")
+        assert page.eval_on_selector("#gallery img", "im => im.src") == first  # refused: nothing new shown
+
+        fill(page, width=96, seed=7)  # the size of the first image: the demo config compiles a graph per size
+        page.click("#generate")
+        wait_for_image(page, 96, 64, replacing=first)
+        assert "seed 7, 96x64" in page.inner_text("#gallery")
+        assert server.proc.poll() is None
+        log = server.log.read_text()
+        assert "refused: steps must be at least 1" in log and "Traceback" not in log
+    finally:
+        page.context.close()
+
+
+def test_two_requests_at_once_both_complete_one_waiting_in_the_queue(server, browser):
+    pages = [open_page(browser, server) for _ in range(2)]
+    try:
+        for i, page in enumerate(pages):
+            fill(page, prompt=f"request {i}", steps=4, width=96, height=64, seed=10 + i)
+            page.evaluate(WATCH_STATUS)
+        for page in pages:
+            page.click("#generate")
+        for i, page in enumerate(pages):
+            wait_for_image(page, 96, 64)
+            assert f"seed {10 + i}, 96x64" in page.inner_text("#gallery")
+        seen = " | ".join(t for page in pages for t in page.evaluate("window.seenStatus")).replace("\n", " ")
+        assert re.search(r"queue: 1/1", seen), seen  # one waited with its place in the queue shown
+        assert re.search(r"[0-4]/4 steps", seen), seen  # the one running showed its progress over the steps
+        assert server.proc.poll() is None
+    finally:
+        for page in pages:
+            page.context.close()
