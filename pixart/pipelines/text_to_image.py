@@ -37,6 +37,7 @@ class PixArtPipeline:
         self.scaling_factor = scaling_factor
         self.max_sequence_length = max_sequence_length or transformer.config.model_max_length
         self.resolution = transformer.config.input_size * 8  # the training size picks the aspect-ratio table
+        self.tiled_decode_from = 256  # latent pixels: images of 2048 px and more decode in tiles
 
     @classmethod
     def from_pretrained(cls, **kwargs) -> "PixArtPipeline":
@@ -141,14 +142,15 @@ class PixArtPipeline:
         return PipelineOutput(images=images, latents=x, settings=settings)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], one image at a time; latents larger
-        than the VAE's own training size are decoded in overlapping tiles, which bounds memory at 2K / 4K."""
+        """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], one image at a time. From 2K on
+        (`tiled_decode_from` latent pixels) the VAE decodes overlapping tiles of its own training size, which bounds
+        memory; below it the decode is whole, exactly as diffusers' default."""
         tile = max(self.vae.config.sample_size // 8, 32)
         shift = self.vae.config.shift_factor or 0.0
         out = []
         for z in latents:
             z = Tensor(z[None] / self.scaling_factor + shift)
-            big = z.shape[-1] > tile or z.shape[-2] > tile
+            big = max(z.shape[-2:]) >= self.tiled_decode_from
             image = self.vae.decode_tiled(z, tile=tile, overlap=tile // 4) if big else self.vae.decode(z)
             out.append(image.astype(ms.float32).asnumpy())
         return np.concatenate(out)
