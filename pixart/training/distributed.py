@@ -1,0 +1,56 @@
+"""Data parallel set-up under `msrun`: one process per device, ranks and world size from MindSpore's communication
+layer (msrun's environment), gradients all-reduced as a mean over ranks inside the train step.
+
+Nothing here assumes one machine: `msrun --worker_num=N --local_worker_num=n --node_rank=k --master_addr=...`
+on several nodes gives the same init(); each rank reads its slice of every global batch (pixart.data.dataset).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mindspore as ms
+
+_MSRUN_ENV = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_msrun() -> bool:
+    return all(k in os.environ for k in _MSRUN_ENV)
+
+
+def init(use_parallel: bool) -> Context:
+    """Initialise collectives when `use_parallel` (call after the device is set); a single-process Context otherwise."""
+    if not use_parallel:
+        return Context()
+    if not launched_by_msrun():
+        raise ValueError("--use_parallel True needs the msrun launcher (e.g. msrun --worker_num=2 "
+                         "--local_worker_num=2 train.py ... --use_parallel True); MS_ROLE / MS_WORKER_NUM are not set")
+    from mindspore.communication import get_group_size, get_rank
+    from mindspore.communication import init as comm_init
+    comm_init()
+    rank, world = get_rank(), get_group_size()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=world)
+    return Context(rank=rank, world_size=world)
+
+
+def barrier(ctx: Context) -> None:
+    """Wait for every rank (used around checkpoint writes so no rank races ahead of a slow save)."""
+    if ctx.distributed:
+        from mindspore.communication.comm_func import barrier as comm_barrier
+        comm_barrier()

@@ -1,0 +1,145 @@
+"""One training step as a Cell, the same graph in PyNative and graph mode:
+
+    loss * scale -> gradients -> [accumulate] -> all-reduce mean over ranks -> unscale -> finite? -> clip
+    -> optimizer -> EMA -> loss-scale update
+
+A step whose gradients are not finite (fp16 overflow) changes nothing but the loss scale: no optimizer or EMA
+update, no optimizer step count. With gradient accumulation the host calls `construct(..., apply=False)` for the
+first A-1 micro-batches (gradients are summed into buffers) and `apply=True` for the last; the applied gradient
+is the mean over the A micro-batches, so A micro-batches of b equal one batch of A*b.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+_scale = ops.MultitypeFuncGraph("scale")
+_unscale = ops.MultitypeFuncGraph("unscale")
+_add_into = ops.MultitypeFuncGraph("add_into")
+_sum_and_clear = ops.MultitypeFuncGraph("sum_and_clear")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_fn(g):
+    g = g.astype(ms.float32)
+    return (g * g).sum()
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_fn(factor, g):
+    return g * factor.astype(g.dtype)
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_fn(scale, g):
+    return g / scale.astype(g.dtype)  # a division: 1 / scale is subnormal (flushed to 0) for scales near fp32's max
+
+
+@_add_into.register("Tensor", "Tensor")
+def _add_into_fn(buffer, g):
+    ops.assign_add(buffer, g.astype(buffer.dtype))
+    return True
+
+
+@_sum_and_clear.register("Tensor", "Tensor")
+def _sum_and_clear_fn(buffer, g):
+    total = buffer + g.astype(buffer.dtype)
+    ops.assign(buffer, ops.zeros_like(buffer))
+    return total
+
+
+class _ScaledLoss(nn.Cell):
+    """The loss times the loss scale (what is differentiated); the per-sample terms ride along unscaled."""
+
+    def __init__(self, loss_fn: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.loss_fn = loss_fn
+
+    def construct(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale):
+        loss, terms = self.loss_fn(x0, t, noise, y, mask, img_hw, aspect_ratio, drop)
+        return loss * scale, terms
+
+
+class TrainStep(nn.Cell):
+    """Owns the optimizer, EMA, gradient buffers and loss scale.
+
+    `construct(*batch, lr, apply)`, lr a float32 scalar Tensor, returns (loss, [loss, mse, vb] batch means averaged
+    over ranks, gradient norm before clipping, finite, loss scale used)."""
+
+    def __init__(self, loss_fn: nn.Cell, optimizer, ema=None, clip_grad: float = 0.0, accumulate: int = 1,
+                 world_size: int = 1, loss_scale: float = 1.0, dynamic_loss_scale: bool = False,
+                 scale_factor: float = 2.0, scale_window: int = 1000):
+        super().__init__(auto_prefix=False)
+        if accumulate < 1:
+            raise ValueError(f"gradient accumulation must be >= 1, got {accumulate}")
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.ema = ema
+        self.use_ema = ema is not None
+        self.weights = optimizer.parameters
+        self.grad_fn = ms.value_and_grad(_ScaledLoss(loss_fn), None, self.weights, has_aux=True)
+        self.hyper_map = ops.HyperMap()
+        self.clip_grad = float(clip_grad or 0.0)
+        self.accumulate = int(accumulate)
+        if self.accumulate > 1:
+            self.grad_buffers = ParameterTuple([Parameter(Tensor(np.zeros(tuple(p.shape), np.float32)),
+                                                          name=f"grad_accum.{p.name}", requires_grad=False)
+                                                for p in self.weights])
+        self.world_size = int(world_size)
+        self.distributed = self.world_size > 1
+        if self.distributed:
+            self.grad_reducer = nn.DistributedGradReducer(self.weights, mean=True, degree=self.world_size)
+            self.all_reduce = ops.AllReduce()
+        self.dynamic = bool(dynamic_loss_scale)
+        self.loss_scale = Parameter(Tensor(float(loss_scale), ms.float32), name="loss_scale.value",
+                                    requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
+        self.scale_factor, self.scale_window = float(scale_factor), int(scale_window)
+
+    def state_parameters(self) -> list:
+        """The step's own state: loss scale and its counter (gradient buffers are empty between steps)."""
+        return [self.loss_scale, self.good_steps]
+
+    def _mean_over_ranks(self, x):
+        if self.distributed:
+            return self.all_reduce(x) / self.world_size
+        return x
+
+    def construct(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, lr, apply=True):
+        scale = self.loss_scale * 1.0
+        (scaled, terms), grads = self.grad_fn(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)
+        loss = scaled / scale
+        terms = self._mean_over_ranks(terms.mean(1))  # (3,): loss, mse, vb
+        if self.accumulate > 1:
+            if not apply:
+                done = self.hyper_map(_add_into, self.grad_buffers, grads)
+                return ops.depend(loss, done), terms, ops.zeros((), ms.float32), ops.ones((), ms.bool_), scale
+            grads = self.hyper_map(_sum_and_clear, self.grad_buffers, grads)
+            grads = self.hyper_map(ops.partial(_scale, ops.ones((), ms.float32) / self.accumulate), grads)
+        if self.distributed:
+            grads = self.grad_reducer(grads)
+        grads = self.hyper_map(ops.partial(_unscale, scale), grads)
+        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        finite = ops.isfinite(norm)
+        if self.clip_grad > 0:
+            coef = ops.minimum(self.clip_grad / (norm + 1e-6), 1.0)  # torch.nn.utils.clip_grad_norm_
+            grads = self.hyper_map(ops.partial(_scale, coef), grads)
+        if finite:
+            loss = ops.depend(loss, self.optimizer(grads, lr))
+            if self.use_ema:
+                loss = ops.depend(loss, self.ema())
+        if self.dynamic:
+            loss = ops.depend(loss, self._update_scale(finite))
+        return loss, terms, norm, finite, scale
+
+    def _update_scale(self, finite):
+        """Dynamic loss scaling: x factor after `window` finite steps in a row, / factor (not below 1) on overflow."""
+        good = ops.select(finite, self.good_steps + 1, ops.zeros((), ms.int32))
+        grow = good >= self.scale_window
+        scale = self.loss_scale * 1.0
+        new_scale = ops.select(finite, ops.select(grow, scale * self.scale_factor, scale),
+                               ops.maximum(scale / self.scale_factor, 1.0))
+        ops.assign(self.good_steps, ops.select(grow, ops.zeros((), ms.int32), good))
+        return ops.assign(self.loss_scale, new_scale)

@@ -1,0 +1,46 @@
+"""Validation images during training: fixed prompts, fixed seeds, the sampling pipeline on the weights being trained.
+
+Prompts are encoded once at start-up (T5 is loaded for that if captions come from the cache, then freed) and the
+VAE is kept for decoding; images go to <output_dir>/validation/step_XXXXXXXX/NN.png.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+
+class Validation:
+    def __init__(self, model, args, max_length: int, scaling_factor: float, resolution: int, text_encoder=None,
+                 log=print):
+        from pixart.data.features import TextEncoder, pad_captions
+        from pixart.models.vae import load_vae
+        from pixart.pipelines.text_to_image import PixArtPipeline
+        self.prompts = list(args.validation_prompts)
+        self.steps, self.guidance, self.seed = args.validation_steps, args.validation_guidance, args.validation_seed
+        self.size = resolution
+        self.log = log
+        encoder = text_encoder or TextEncoder(args.text_encoder_root, args.tokenizer_root, max_length,
+                                              args.text_encoder_dtype)
+        self.embeds = [pad_captions(encoder([p]), max_length) for p in self.prompts]
+        self.negative = pad_captions(encoder([""]), max_length)
+        if text_encoder is None:
+            del encoder
+            gc.collect()
+        self.pipe = PixArtPipeline(transformer=model, vae=load_vae(args.vae_root, args.vae_dtype), text_encoder=None,
+                                   tokenizer=None, scaling_factor=scaling_factor, max_sequence_length=max_length)
+
+    def __call__(self, step: int, out_dir: Path) -> list[Path]:
+        from pixart.pipelines.outputs import save_png
+        folder = Path(out_dir) / f"step_{step:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for i, (prompt, emb) in enumerate(zip(self.prompts, self.embeds)):
+            result = self.pipe(prompt, height=self.size, width=self.size, sampler="dpm",
+                               num_inference_steps=self.steps, guidance_scale=self.guidance, seed=self.seed + i,
+                               prompt_embeds=emb, negative_prompt_embeds=self.negative, progress=False,
+                               use_resolution_binning=False)
+            path = folder / f"{i:02d}.png"
+            save_png(result.images[0], path, {**result.settings[0], "training_step": step})
+            written.append(path)
+        self.log(f"validation: {len(written)} image(s) in {folder}")
+        return written

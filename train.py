@@ -1,0 +1,27 @@
+"""Fine-tune PixArt-α / Σ on an image-caption set.
+
+    python train.py -c configs/train/pixart-sigma-512-ms.yaml --json_path data/labels.json --image_dir data/images \
+        --load_from models/PixArt-Sigma-XL-2-512-MS.pth --vae_root ... --text_encoder_root ...
+    python train.py ... --feature_dir cache/          # captions / latents from tools/extract_features.py
+    python train.py ... --resume latest               # continue exactly where the last checkpoint stopped
+    msrun --worker_num=8 --local_worker_num=8 train.py ... --use_parallel True    # data parallel
+
+Flags override the YAML; a YAML key that is not a flag is an error. Bad input exits 1 with one line.
+"""
+import sys
+
+from pixart.config import ConfigError, parse_args
+from pixart.training.run import TrainError, build_parser, run
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(build_parser(__doc__), argv))
+    except (ConfigError, TrainError, ValueError) as e:  # CheckpointError, DataError, FeatureError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
