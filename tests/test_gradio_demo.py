@@ -215,6 +215,7 @@ def open_page(browser, server):
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     page.goto(server.url)
     page.wait_for_selector("#generate", timeout=60_000)
+    page.wait_for_selector("#gallery", timeout=60_000)  # under load the gallery can mount after the button
     return page
 
 
