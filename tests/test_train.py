@@ -229,40 +229,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup, tmp_path):
-    common = [*TINY, "--json_path", setup["square"], "--feature_dir", setup["cache"], "--max_steps", 2,
-              "--learning_rate", 1e-3, "--warmup_steps", 0, "--real_prompt_ratio", 0.5, "--sd_scale_factor",
-              setup["scale"], "--param_digest", "true", "--log_every", 1, "--mode", "pynative"]  # graph: same (1e-7)
-    single = tmp_path / "single"
-    r1 = run("train.py", *common, "--batch_size", 4, "--output_dir", single)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+def msrun_common_args(setup) -> list[str]:
+    """One tiny step configuration for every data-parallel comparison (2 steps, PyNative, digest logged)."""
+    return [*map(str, TINY), "--json_path", str(setup["square"]), "--feature_dir", str(setup["cache"]),
+            "--max_steps", "2", "--learning_rate", "1e-3", "--warmup_steps", "0", "--real_prompt_ratio", "0.5",
+            "--sd_scale_factor", str(setup["scale"]), "--param_digest", "true", "--log_every", "1",
+            "--mode", "pynative"]  # graph: same (1e-7)
 
-    dp, logs = tmp_path / "dp", tmp_path / "logs"
-    r2 = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
-                         f"--log_dir={logs}", "--join=True", "train.py", *map(str, common), "--batch_size", "2",
-                         "--output_dir", str(dp), "--use_parallel", "True"],
-                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
-    worker = [(logs / f"worker_{i}.log").read_text() for i in range(2)]
-    assert r2.returncode == 0, r2.stdout[-2000:] + "\n".join(w[-2000:] for w in worker)
 
+def single_process_run(setup, out):
+    """The reference: one process on the whole batch of 4."""
+    r = run("train.py", *msrun_common_args(setup), "--batch_size", 4, "--output_dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def check_data_parallel(single, single_stdout, dp, worker) -> float:
+    """Two ranks (batch 2 each, `worker` = their logs) trained what one process (batch 4) trained: different halves
+    of the same batch per rank, bit-identical weights on both ranks, equal to one process up to the all-reduce
+    order; only rank 0 saved. Returns the max |weight difference| to the single process."""
     def tagged(text, rank, what):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"[rank {rank}/") and what in ln)
         return line.split(": ", 1)[1] if what == "first batch" else line.rsplit(" ", 1)[1]
 
     batches = [tagged(worker[i], i, "first batch").split(", ") for i in range(2)]
     assert not set(batches[0]) & set(batches[1])  # different data per rank ...
-    assert batches[0] + batches[1] == tagged(r1.stdout, 0, "first batch").split(", ")  # ... the halves of one batch
+    assert batches[0] + batches[1] == tagged(single_stdout, 0, "first batch").split(", ")  # ... halves of one batch
     digests = [tagged(worker[i], i, "parameter digest") for i in range(2)]
     assert digests[0] == digests[1]  # both ranks hold bit-identical weights
     assert not (dp / "checkpoints").exists() or len(list((dp / "checkpoints").iterdir())) == 1  # only rank 0 saves
     a = read_ckpt(single / "checkpoints" / "step_00000002" / "model.ckpt")
     b = read_ckpt(dp / "checkpoints" / "step_00000002" / "model.ckpt")
     diff = max(float(np.abs(a[n] - b[n]).max()) for n in a)
-    print(f"msrun vs one process: max |weight difference| {diff:.2e}")
-    assert diff < 1e-6  # equal up to the order of the all-reduce sum
+    assert diff < 1e-6, diff  # equal up to the order of the all-reduce sum
     la, lb = losses(single), losses(dp)
     assert all(abs(la[s] - lb[s]) < 1e-6 for s in la)
+    return diff
+
+
+@pytest.mark.slow
+def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup, tmp_path):
+    single = tmp_path / "single"
+    r1 = single_process_run(setup, single)
+    dp, logs = tmp_path / "dp", tmp_path / "logs"
+    r2 = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+                         f"--log_dir={logs}", "--join=True", "train.py", *msrun_common_args(setup), "--batch_size",
+                         "2", "--output_dir", str(dp), "--use_parallel", "True"],
+                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
+    worker = [(logs / f"worker_{i}.log").read_text() for i in range(2)]
+    assert r2.returncode == 0, r2.stdout[-2000:] + "\n".join(w[-2000:] for w in worker)
+    diff = check_data_parallel(single, r1.stdout, dp, worker)
+    print(f"msrun vs one process: max |weight difference| {diff:.2e}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -143,3 +143,41 @@ def test_cache_and_on_the_fly_give_the_same_inputs_and_loss(data, tmp_path):
     lb = float(loss(*(Tensor(b[k]) for k in BATCH_KEYS))[0].asnumpy())
     print(f"cache vs on-the-fly: loss {la:.7f} vs {lb:.7f}, |x0 diff| {np.abs(a['x0'] - b['x0']).max():.2e}")
     assert abs(la - lb) < 1e-5 * max(1.0, abs(la))
+
+
+def test_sharded_extraction_keeps_every_shards_skipped_report(data, tmp_path):
+    """--num_shards: each shard writes its own skipped report (none overwrites another's), training reads them all,
+    and a later unsharded run replaces them with one complete report."""
+    from pixart.data.features import skipped_report_name
+    labels, images = data
+    items = json.loads(labels.read_text())
+    good = [i for i in items if i["height"] == i["width"] and i["path"].startswith("sub/square")][:2]
+    bad = [i for i in items if i["path"] in ("sub/corrupt.png", "sub/missing.png")]  # rejected at start-up
+    truncated = []
+    for name in ("truncated_a.png", "truncated_b.png"):  # a valid header, so they only fail while decoding
+        whole = (images / good[0]["path"]).read_bytes()
+        (images / "sub" / name).write_bytes(whole[:len(whole) // 2])
+        truncated.append({**good[0], "path": f"sub/{name}"})
+    sub = _write(tmp_path, [good[0], truncated[0], truncated[1], good[1], *bad])  # truncated_a: shard 1, _b: shard 0
+    vae = demo.build(tmp_path / "demo", log=lambda *_: None) / demo.COMPONENTS / "vae"
+    root = tmp_path / "cache"
+
+    def extract(shard):
+        return extract_features(sub, root, 256, images, True, vae_root=vae, text=False, shard=shard,
+                                log=lambda *_: None)
+
+    reports = [extract((k, 2)) for k in range(2)]
+    assert [r["latents_written"] for r in reports] == [1, 1]
+    assert sorted(p.name for p in root.glob("skipped*")) == [skipped_report_name((0, 2)), skipped_report_name((1, 2))]
+    own = [{s["path"] for s in json.loads((root / skipped_report_name((k, 2))).read_text())} for k in range(2)]
+    assert "sub/truncated_b.png" in own[0] - own[1] and "sub/truncated_a.png" in own[1] - own[0]
+    expected = {"sub/truncated_a.png", "sub/truncated_b.png", "sub/corrupt.png", "sub/missing.png"}
+    merged = FeatureCache(root).skipped
+    assert set(merged) == expected and "truncated" in merged["sub/truncated_a.png"]
+    assert FeatureCache(root).missing(next(e for e in BucketDataset(sub, 256, images).entries
+                                           if e.path == "sub/truncated_a.png"), ("prompt",)).startswith(
+        "not in the feature cache: OSError")
+
+    again = extract((0, 1))  # one process over everything: its report replaces the shards'
+    assert again["latents_cached"] == 2 and sorted(p.name for p in root.glob("skipped*")) == ["skipped.json"]
+    assert set(FeatureCache(root).skipped) == expected

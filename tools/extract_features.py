@@ -5,6 +5,7 @@
     python train.py ... --feature_dir cache/
 
 Run it again to add what is missing (e.g. after new images); unreadable images are skipped and listed.
+Shards (`--num_shards N --shard_id i`, one process each) may run at the same time on one --output_dir.
 """
 import sys
 
@@ -30,7 +31,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--latents", type=str2bool, default=True, help="cache VAE latents")
     p.add_argument("--text_encoder_dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--vae_dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--num_shards", type=int, default=1, help="split the work over processes: entry i goes to i %% N")
+    p.add_argument("--num_shards", type=int, default=1, help="split the work over processes: entry i goes to i %% N; "
+                   "each shard lists its skipped images in skipped.shard<i>-of-<N>.json (training merges them)")
     p.add_argument("--shard_id", type=int, default=0)
     p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
     return p

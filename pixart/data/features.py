@@ -15,9 +15,11 @@ Cache layout (one folder per resolution / bucket table):
     features.json                  what was cached: resolution, multi_scale, flip, max_length, channels, ...
     text/<sha1 of caption>.npz     feature (n, C)
     latents/<image path, '/' -> '__'>.npz   mean, std (C, h, w) [flip_mean, flip_std], bucket
+    skipped.json                   images the extraction left out, with why (one file per shard with --num_shards:
+                                   skipped.shard<i>-of-<N>.json; readers merge them)
 
-Every file is written to a temporary name and renamed, so an interrupted extraction leaves no half files and a
-second run only does what is missing.
+Every file is written to a temporary name (unique per process, so shards may run at once) and renamed, so an
+interrupted extraction leaves no half files and a second run only does what is missing.
 """
 from __future__ import annotations
 
@@ -44,11 +46,22 @@ def image_key(path: str) -> str:
     return path.replace("\\", "/").strip("/").replace("/", "__")
 
 
+def _tmp_name(path: Path, suffix: str = ".tmp") -> Path:
+    """A temporary name next to `path` that no other process uses (concurrent shards write shared files too)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{suffix}")
+
+
 def _save_npz(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = _tmp_name(path, ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+
+
+def skipped_report_name(shard: tuple[int, int] = (0, 1)) -> str:
+    """Where one extraction run (or one shard of it) lists the images it left out."""
+    shard_id, num_shards = shard
+    return "skipped.json" if num_shards == 1 else f"skipped.shard{shard_id}-of-{num_shards}.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,8 +137,10 @@ class FeatureCache:
         self.meta = json.loads(meta.read_text())
         if self.meta.get("version") != VERSION:
             raise FeatureError(f"{meta}: cache version {self.meta.get('version')} is not {VERSION}; re-extract")
-        skipped = self.root / "skipped.json"  # why the extraction left images out
-        self.skipped = {s["path"]: s["reason"] for s in json.loads(skipped.read_text())} if skipped.is_file() else {}
+        self.skipped = {}  # why the extraction left images out: every shard's report, merged
+        for report in sorted(self.root.glob("skipped*.json")):
+            for s in json.loads(report.read_text()):
+                self.skipped.setdefault(s["path"], s["reason"])
 
     @classmethod
     def create(cls, root, **meta) -> "FeatureCache":
@@ -144,7 +159,7 @@ class FeatureCache:
                                    "; use a new --output_dir")
             meta = {**old, **meta, "text": old.get("text") or meta.get("text"),
                     "latents": old.get("latents") or meta.get("latents")}
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = _tmp_name(path)
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, path)
         return cls(root)
@@ -210,6 +225,20 @@ class FeatureCache:
         if flip_mean is not None:
             arrays.update(flip_mean=flip_mean.astype(dt), flip_std=flip_std.astype(dt))
         _save_npz(self.latent_path(path), **arrays)
+
+    def write_skipped(self, skipped: list[dict], shard: tuple[int, int] = (0, 1)) -> Path:
+        """This run's (or shard's) report. It replaces the reports of earlier runs, which this run re-checked, but
+        not those of the other shards of the same split (--num_shards N), which may be running beside it."""
+        path = self.root / skipped_report_name(shard)
+        same_split = f"-of-{shard[1]}.json" if shard[1] > 1 else None
+        for old in self.root.glob("skipped*.json"):
+            if old != path and not (same_split and old.name.startswith("skipped.shard") and
+                                    old.name.endswith(same_split)):
+                old.unlink(missing_ok=True)
+        tmp = _tmp_name(path)
+        tmp.write_text(json.dumps(skipped, indent=2))
+        os.replace(tmp, path)
+        return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,7 +332,6 @@ def extract_features(json_path, output_dir, resolution: int, image_dir=None, mul
     if report["skipped"]:
         log(f"skipped {len(report['skipped'])} image(s): " +
             "; ".join(f"{s['path']} ({s['reason']})" for s in report["skipped"][:5]))
-    tmp = root / "skipped.json.tmp"
-    tmp.write_text(json.dumps(report["skipped"], indent=2))
-    os.replace(tmp, root / "skipped.json")
+    if latents:  # only a run that looked at the images may replace the report on them
+        report["skipped_report"] = str(cache.write_skipped(report["skipped"], shard))
     return report
