@@ -59,11 +59,121 @@ def test_sampling_compiles_the_transformer_once_per_shape(tmp_path, graph_mode):
                                           tokenizer_root=comp / "tokenizer", log=lambda *_: None)
     common = dict(height=64, width=64, use_resolution_binning=False, progress=False)
     pipe("a red square", sampler="dpm", num_inference_steps=3, seed=1, **common)
-    assert len(pipe.transformer.compile_cache) == 1
+    first = pipe.transformer.compile_count()
+    assert first == 2  # the caption's keys/values once per prompt, and the denoiser: one graph each
     pipe("a blue circle", sampler="ddim", num_inference_steps=2, seed=2, **common)
     pipe("a green tree", sampler="sa", num_inference_steps=2, seed=3, guidance_scale=7.0, **common)
-    assert len(pipe.transformer.compile_cache) == 1
+    assert pipe.transformer.compile_count() == first
     assert len(pipe.vae.compile_cache) == 1
     pipe("a red square", sampler="dpm", num_inference_steps=2, seed=1, height=64, width=96,
          use_resolution_binning=False, progress=False)
-    assert len(pipe.transformer.compile_cache) == 2  # a new shape is one more compile, no more
+    assert pipe.transformer.compile_count() == first + 1  # a new image shape: the denoiser once more, no more
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused CPU kernels (pixart/kernels): the same functions as the plain MindSpore ops
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def plain_kernels(monkeypatch):
+    """Layers built inside `with plain_kernels():` use the unfused ops."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def use():
+        monkeypatch.setattr(backend, "fused_cpu", lambda: False)
+        try:
+            yield
+        finally:
+            monkeypatch.undo()
+    return use
+
+
+def _pair(plain_kernels, make):
+    """The same layer built fused and plain, sharing parameter values."""
+    fused = make()
+    with plain_kernels():
+        plain = make()
+    for a, b in zip(fused.get_parameters(), plain.get_parameters()):
+        b.set_data(a.data.copy())
+    return fused, plain
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
+    import mindspore as ms
+    from pixart import kernels
+    assert kernels.available() and backend.fused_cpu()  # this machine has g++: the fast path is the one tested
+    backend.setup("CPU", mode)
+    try:
+        t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+        x, y, gate, shift, scale = t(2, 12, 32), t(2, 12, 32), t(2, 1, 32), t(2, 1, 32), t(2, 1, 32)
+        fused, plain = _pair(plain_kernels, lambda: backend.Linear(32, 48, activation="gelu_tanh"))
+        assert fused.fused_gelu is not None and plain.fused_gelu is None
+        np.testing.assert_allclose(fused(x).asnumpy(), plain(x).asnumpy(), rtol=1e-5, atol=1e-6)
+        fused, plain = _pair(plain_kernels, lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False))
+        got, want = fused.modulated(x, shift, scale), plain.modulated(x, shift, scale)
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
+        fused, plain = _pair(plain_kernels, backend.GatedResidual)
+        np.testing.assert_allclose(fused(x, gate, y).asnumpy(), plain(x, gate, y).asnumpy(), rtol=1e-6, atol=1e-6)
+        q, k, v = t(2, 20, 32), t(2, 7, 32), t(2, 7, 32)
+        mask = ms.Tensor(np.array([[1, 1, 1, 0, 0, 0, 0], [1] * 7], np.int32))
+        fused, plain = _pair(plain_kernels, lambda: backend.Attention(4, 8))
+        for m in (mask, None):
+            np.testing.assert_allclose(fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy(), rtol=1e-5,
+                                       atol=1e-6)
+        grouped = backend.Attention(4, 8)
+        grouped.per_head_min_tokens, grouped.head_group = 1, 2  # long-sequence path: two heads at a time
+        np.testing.assert_allclose(grouped(q, k, v, mask).asnumpy(), plain(q, k, v, mask).asnumpy(), rtol=1e-5,
+                                   atol=1e-6)
+    finally:
+        backend.setup("CPU", "pynative")
+
+
+def test_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):
+    """No compiler (or PIXART_FUSED_KERNELS=0): a warning, `available()` False, layers keep the plain ops."""
+    from pixart import kernels
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("PIXART_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="fused CPU kernels unavailable"):
+        assert not kernels.available()
+    assert backend.Linear(4, 4, activation="gelu_tanh").fused_gelu is None
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("PIXART_FUSED_KERNELS", "0")
+    assert not kernels.available()
+
+
+def test_kernel_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    from pixart import kernels
+    monkeypatch.setenv("PIXART_KERNEL_CACHE", str(tmp_path))
+    first = kernels.build()
+    stamp = first.stat().st_mtime_ns
+    assert kernels.build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+
+
+def test_multi_aspect_training_compiles_once_per_bucket_shape(graph_mode, rng):
+    """A multi-aspect epoch (batches from three buckets, interleaved, each bucket seen several times) compiles the
+    training step once per bucket shape, never per step."""
+    import mindspore as ms
+    from pixart.diffusion.loss import DiffusionLoss
+    from pixart.models.pixart import PixArt, preset_config
+    from pixart.training.optimizers import build_optimizer
+    from pixart.training.step import TrainStep
+    model = PixArt(preset_config("PixArt-XL-2-512x512", depth=2, hidden_size=32, num_heads=2, caption_channels=8,
+                                 model_max_length=4))
+    model.set_train(True)
+    step = TrainStep(DiffusionLoss(model), build_optimizer("adamw", model.trainable_params(), 1e-4))
+    step.set_train(True)
+    buckets = [(8, 8), (6, 10), (10, 6)]  # latent (h, w) of three aspect ratios
+    n, tokens = 2, 4
+    for epoch_step in range(9):
+        h, w = buckets[epoch_step % 3]
+        batch = [rng.standard_normal((n, 4, h, w)).astype(np.float32), rng.integers(0, 1000, n).astype(np.int32),
+                 rng.standard_normal((n, 4, h, w)).astype(np.float32),
+                 rng.standard_normal((n, 1, tokens, 8)).astype(np.float32), np.ones((n, tokens), np.int32),
+                 np.tile(np.array([[h * 8, w * 8]], np.float32), (n, 1)), np.full((n, 1), h / w, np.float32),
+                 (rng.random(n) < 0.5).astype(np.int32)]
+        loss, *_ = step(*(ms.Tensor(b) for b in batch), ms.Tensor(1e-4, ms.float32))
+        assert np.isfinite(loss.asnumpy())
+        assert len(step.compile_cache) == min(epoch_step + 1, len(buckets))

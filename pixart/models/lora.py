@@ -2,7 +2,8 @@
 
 Layers, in the order a user meets them: `LoRALinear` (a frozen Linear plus one low-rank branch per output slice),
 `inject_lora` (fresh LoRA for training), `save_lora` / `read_lora` / `load_lora` (files in diffusers' and peft's
-layouts, and ours), `merge_lora` / `unmerge_lora` (in a model) and `merge_lora_file` (into a `.ckpt`).
+layouts, and ours), `copy_lora_weights` (a saved LoRA back into injected layers: resuming training),
+`merge_lora` / `unmerge_lora` (in a model) and `merge_lora_file` (into a `.ckpt`).
 
 Our `attn.qkv` and `cross_attn.kv_linear` fuse what diffusers splits (`attn1.to_q/to_k/to_v`, `attn2.to_k/to_v`).
 A rank-r LoRA on the fused layer is in general no sum of three rank-r LoRAs on its slices, so a fused layer carries
@@ -47,7 +48,8 @@ class LoRALinear(Linear):
     """y = x W^T + b + s * [B_i A_i dropout(x)]_i: a Linear whose output slices i (q, k, v of a fused layer; the
     whole output otherwise) each may carry a low-rank branch with its own rank and scaling alpha_i / r_i.
 
-    Takes over the base layer's `weight` and `bias` Parameters, so checkpoint names stay `...qkv.weight`. The user
+    Takes over the base layer's `weight` and `bias` Parameters, so checkpoint names stay `...qkv.weight`, and its
+    activation if it has one (applied after the update, as peft applies it after the wrapped Linear). The user
     scale s lives in a non-trainable Parameter (`lora_scale`): a compiled graph reads it at every call, so scale
     changes and merging (s = 0 while merged) need no recompilation.
     """
@@ -57,9 +59,12 @@ class LoRALinear(Linear):
         # Linear.__init__'s attributes, but the base's Parameters: a second random init of a 1152 x 4608 weight per
         # layer would cost seconds at full size
         nn.Cell.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        for key, value in vars(base).items():  # the base's settings (plain attributes, kernels), whatever they are
+            if not key.startswith("_") and key not in vars(self):
+                setattr(self, key, value)
         self.weight, self.bias = base.weight, base.bias
-        self.use_mint, self.matmul = base.use_mint, ops.MatMul(transpose_b=True)
+        self.activation, self.fused_gelu = base.activation, base.fused_gelu  # applied after the update (`epilogue`)
+        self.matmul = ops.MatMul(transpose_b=True)
         self.parts = tuple(parts) or ("",)
         if self.out_features % len(self.parts):
             raise ValueError(f"{self.out_features} outputs do not split into {len(self.parts)} slices")
@@ -90,8 +95,8 @@ class LoRALinear(Linear):
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
 
     def construct(self, x):
-        y = super().construct(x)  # x W^T + b
         h = x.reshape(-1, self.in_features)  # (M, in)
+        y = self.matmul(h, self.weight)  # (M, out): x W^T
         if self.dropout is not None:
             h = self.dropout(h)
         scale = self.lora_scale.astype(h.dtype)
@@ -104,7 +109,7 @@ class LoRALinear(Linear):
             else:
                 pieces.append(ops.zeros((h.shape[0], self.part_size), h.dtype))
         delta = ops.cat(pieces, -1) if len(pieces) > 1 else pieces[0]  # (M, out)
-        return y + delta.reshape(x.shape[:-1] + (self.out_features,))
+        return self.epilogue(y + delta, x.shape)  # + b, and the base layer's activation (fused as the base's)
 
     def deltas(self, scale: float) -> list[tuple[int, np.ndarray]]:
         """(first output row, scale * alpha/r * B @ A in float64) per branch: what merging adds to `weight`."""
@@ -394,6 +399,33 @@ def load_lora(model, source, scale: float = 1.0, log=print) -> LoRAWeights:
     set_lora_scale(model, scale)
     log(f"LoRA {Path(lora.source).name}: {len(lora.branches)} low-rank updates on "
         f"{len(lora.by_module())} layers, scale {scale:g}")
+    return lora
+
+
+def copy_lora_weights(model, source, log=print) -> LoRAWeights:
+    """Set the A and B of the model's existing LoRA branches from a LoRA file/folder (resuming training): the file
+    must cover exactly the same layers and slices, with the same ranks and alphas."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to copy weights into")
+    lora = read_lora(source, {n: (c.out_features, c.in_features) for n, c in linear_layers(model).items()}, log)
+    ours = {(module, part) for module, layer in layers.items() for part in layer.branch_parts}
+    theirs = {(b.module, b.part): b for b in lora.branches}
+    if set(theirs) != ours:
+        def names(pairs):
+            return ", ".join(m + (f".{p}" if p else "") for m, p in sorted(pairs)[:4])
+        extra, lacking = set(theirs) - ours, ours - set(theirs)
+        raise CheckpointError(f"LoRA {lora.source} covers other layers than this model's LoRA"
+                              + (f"; not in the model: {names(extra)}" if extra else "")
+                              + (f"; not in the file: {names(lacking)}" if lacking else ""))
+    for (module, part), b in theirs.items():
+        layer = layers[module]
+        if (b.rank, b.alpha) != (layer.ranks[part], layer.alphas[part]):
+            raise CheckpointError(f"LoRA {lora.source}: {module} has rank {b.rank}, alpha {b.alpha:g}; the model's "
+                                  f"has rank {layer.ranks[part]}, alpha {layer.alphas[part]:g}")
+        j = layer.branch_parts.index(part)
+        layer.lora_A[j].set_data(Tensor(b.A).astype(layer.weight.dtype))
+        layer.lora_B[j].set_data(Tensor(b.B).astype(layer.weight.dtype))
     return lora
 
 

@@ -14,11 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from pixart.backend import GELU, Attention, Conv2d, LayerNorm, Linear, chunk, expand_as
-
-
-def t2i_modulate(x, shift, scale):
-    return x * expand_as(1 + scale, x) + expand_as(shift, x)
+from pixart.backend import Attention, Conv2d, GatedResidual, LayerNorm, Linear, chunk, expand_as
 
 
 #################################################################################
@@ -93,12 +89,11 @@ class Mlp(nn.Cell):
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int):
         super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
-        self.act = GELU(approximate="tanh")
+        self.fc1 = Linear(in_features, hidden_features, activation="gelu_tanh")
         self.fc2 = Linear(hidden_features, out_features)
 
     def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x))
 
 
 #################################################################################
@@ -147,7 +142,8 @@ class AttentionKVCompress(nn.Cell):
 
 
 class MultiHeadCrossAttention(nn.Cell):
-    """Image tokens attend to caption tokens; padded caption tokens are masked out."""
+    """Image tokens attend to caption tokens; padded caption tokens are masked out. The caption's keys and values
+    (`caption_kv`) do not depend on the image or the timestep: sampling computes them once per prompt."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -156,8 +152,12 @@ class MultiHeadCrossAttention(nn.Cell):
         self.attention = Attention(num_heads, dim // num_heads)
         self.proj = Linear(dim, dim)
 
-    def construct(self, x, cond, mask=None):
-        k, v = chunk(self.kv_linear(cond), 2, -1)  # (N, L, C) each
+    def caption_kv(self, cond):
+        """Caption tokens (N, L, C) -> keys and values side by side (N, L, 2C)."""
+        return self.kv_linear(cond)
+
+    def construct(self, x, kv, mask=None):
+        k, v = chunk(kv, 2, -1)  # (N, L, C) each
         return self.proj(self.attention(self.q_linear(x), k, v, mask))
 
 
@@ -174,14 +174,18 @@ class PixArtBlock(nn.Cell):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), hidden_size)
         self.scale_shift_table = Parameter(Tensor(np.random.randn(6, hidden_size).astype(np.float32)
                                                   / hidden_size ** 0.5), name="scale_shift_table")
+        self.gated_residual = GatedResidual()
 
-    def construct(self, x, y, t, mask, hw):
+    def construct(self, x, caption_kv, t, mask, hw):
+        """x (N, T, D) image tokens; caption_kv (N, L, 2D) from `cross_attn.caption_kv`; t (N, 6D) adaLN-single input;
+        mask (N, L) or None; hw the token grid (h, w)."""
         n = x.shape[0]
         mod = self.scale_shift_table.reshape(1, 6, -1) + t.reshape(n, 6, -1)  # (N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunk(mod, 6, 1)  # (N, 1, D) each
-        x = x + expand_as(gate_msa, x) * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa), hw)
-        x = x + self.cross_attn(x, y, mask)
-        x = x + expand_as(gate_mlp, x) * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # adaLN-single: x + gate * f(norm(x) * (1 + scale) + shift), for self-attention and the MLP
+        x = self.gated_residual(x, gate_msa, self.attn(self.norm1.modulated(x, shift_msa, scale_msa), hw))
+        x = x + self.cross_attn(x, caption_kv, mask)
+        x = self.gated_residual(x, gate_mlp, self.mlp(self.norm2.modulated(x, shift_mlp, scale_mlp)))
         return x
 
 
@@ -197,7 +201,7 @@ class T2IFinalLayer(nn.Cell):
 
     def construct(self, x, t):
         shift, scale = chunk(self.scale_shift_table.reshape(1, 2, -1) + t.reshape(t.shape[0], 1, -1), 2, 1)
-        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.norm_final.modulated(x, shift, scale))
 
 
 #################################################################################
@@ -252,18 +256,32 @@ class PixArt(nn.Cell):
                         int(kv.get("scale_factor", 1)) if i in compressed else 1, cfg.qk_norm)
             for i in range(cfg.depth)])
         self.final_layer = T2IFinalLayer(d, cfg.patch_size, self.out_channels)
+        self.compiled_parts = {}  # `sampler_parts` in graph mode, made at their first use (a dict: not sub-Cells)
 
     def construct(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None):
         """x (N, C, H, W) latents; timestep (N,); y (N, 1, L, C_text) T5 features; mask (N, L) 1 = real token;
         data_info {'img_hw': (N, 2), 'aspect_ratio': (N, 1)} for micro-conditioned models;
         force_drop_ids (N,) 1 = replace the caption by the null caption (training's classifier-free dropout)."""
+        return self.denoise(x, timestep, self.encode_caption(y, force_drop_ids), mask, data_info)
+
+    def encode_caption(self, y, force_drop_ids=None):
+        """T5 features (N, 1, L, C_text) -> every block's cross-attention keys and values, a tuple of (N, L, 2D).
+        Independent of the latents and the timestep: sampling runs it once per prompt."""
+        n = y.shape[0]
+        y = self.y_embedder(y.astype(self.t_block[1].weight.dtype), force_drop_ids)  # (N, 1, L, D)
+        y = y.reshape(n, -1, y.shape[-1])  # (N, L, D)
+        return tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
+
+    def denoise(self, x, timestep, caption_kv, mask=None, data_info=None):
+        """The denoiser given `encode_caption`'s keys and values: latents (N, C, H, W) -> (N, C_out, H, W)."""
         n = x.shape[0]
+        if mask is not None:
+            mask = mask.reshape(mask.shape[0], -1).broadcast_to((n, caption_kv[0].shape[1]))  # (N, L)
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         dtype = self.t_block[1].weight.dtype
-        x = x.astype(dtype)
         pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
                                              self.base_size))
-        x = self.x_embedder(x)  # (N, T, D), T = h * w
+        x = self.x_embedder(x.astype(dtype))  # (N, T, D), T = h * w
         x = x + expand_as(pos.astype(dtype), x)
         t = self.t_embedder(timestep.reshape(-1).broadcast_to((n,)))  # (N, D)
         if self.micro_condition:
@@ -271,20 +289,45 @@ class PixArt(nn.Cell):
             ar = self.ar_embedder(data_info["aspect_ratio"].astype(ms.float32).reshape(-1, 1))  # (N, D/3)
             t = t + mint.cat([csize, ar], 1).broadcast_to(t.shape)
         t0 = self.t_block(t)  # (N, 6D)
-        y = self.y_embedder(y.astype(dtype), force_drop_ids)  # (N, 1, L, D)
-        y = y.reshape(n, -1, y.shape[-1])  # (N, L, D)
-        if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1).broadcast_to((n, y.shape[1]))
-        for block in self.blocks:
-            x = block(x, y, t0, mask, (h, w))  # (N, T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caption_kv[i], t0, mask, (h, w))  # (N, T, D)
         x = self.final_layer(x, t)  # (N, T, p * p * C_out)
         return self.unpatchify(x, h, w)  # (N, C_out, H, W)
+
+    def sampler_parts(self):
+        """(encode_caption, denoise) as callables for sampling: in graph mode each is compiled on its own, so a
+        prompt's caption work is done once and each step runs one compiled graph; in PyNative the methods."""
+        if ms.get_context("mode") != ms.GRAPH_MODE:
+            return self.encode_caption, self.denoise
+        if not self.compiled_parts:
+            self.compiled_parts.update(encode_caption=_Method(self, "encode_caption"), denoise=_Method(self, "denoise"))
+        encode = self.compiled_parts["encode_caption"]
+        # mutable: a tuple of Tensors passed to a graph is otherwise a constant, and new values would recompile it
+        return (lambda y, force_drop_ids=None: ms.mutable(encode(y, force_drop_ids))), self.compiled_parts["denoise"]
+
+    def compile_count(self) -> int:
+        """Graphs compiled for this model so far: the whole model's, its sub-Cells' and `sampler_parts`'."""
+        count = sum(len(c.compile_cache) for _, c in self.cells_and_names())
+        return count + sum(len(part.compile_cache) for part in self.compiled_parts.values())
 
     def unpatchify(self, x, h: int, w: int):
         """(N, h*w, p*p*C) -> (N, C, h*p, w*p)."""
         p, c = self.patch_size, self.out_channels
         x = x.reshape(x.shape[0], h, w, p, p, c).transpose(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
+
+
+class _Method(nn.Cell):
+    """A method of a Cell, compiled on its own in graph mode (`PixArt.sampler_parts`). auto_prefix=False: the
+    wrapped model's parameter names stay as they are."""
+
+    def __init__(self, owner: nn.Cell, name: str):
+        super().__init__(auto_prefix=False)
+        self.owner = owner
+        self.method = name
+
+    def construct(self, *args):
+        return getattr(self.owner, self.method)(*args)
 
 
 #################################################################################

@@ -182,11 +182,14 @@ class PixArtPipeline:
             data_info = {"img_hw": Tensor(np.tile(np.array([[height, width]], np.float32), (batch, 1))),
                          "aspect_ratio": Tensor(np.full((batch, 1), height / width, np.float32))}
 
+        encode_caption, denoise = model.sampler_parts()
+        caption_kv = encode_caption(y)  # once per prompt: the caption's keys and values for every block
+
         def model_fn(x, t):
             x_in = mint.cat([x, x]) if do_cfg else x
             t_in = t.reshape(-1)
             t_in = mint.cat([t_in, t_in]) if do_cfg else t_in
-            out = model(x_in, t_in.astype(ms.float32), y, mask, data_info).astype(ms.float32)
+            out = denoise(x_in, t_in.astype(ms.float32), caption_kv, mask, data_info).astype(ms.float32)
             if not do_cfg:
                 return out
             uncond, cond = out[:n], out[n:]

@@ -1,0 +1,208 @@
+// Fused fp32 kernels for MindSpore's CPU backend (ops.Custom, func_type "aot").
+//
+// Why: on MindSpore's CPU backend every elementwise op is one pass over memory with its own launch, and a
+// PixArt block at 256 px spends more time in those passes (LayerNorm, adaLN modulation, GELU's six ops, gates,
+// layout transposes, softmax) than PyTorch does. Each kernel here does in one pass what took several ops.
+// They compute exactly the formulas of the unfused path in pixart/backend.py (tests compare both).
+//
+// Calling convention (MindSpore AOT): params holds the inputs, then the outputs; ndims/shapes describe each.
+// Every buffer is dense and row-major. Return 0 on success. Built with -ffast-math (vectorised expf): no kernel
+// relies on infinities or NaNs.
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+int64_t numel(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y = gelu_tanh(x + b); x (..., C), b (C). gelu_tanh(v) = v * sigmoid(2 z), z = sqrt(2/pi) (v + 0.044715 v^3).
+int BiasGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t c = shapes[1][0], rows = numel(ndims[0], shapes[0]) / c;
+  const float c1 = 1.5957691216057308f, c3 = c1 * 0.044715f;  // 2 sqrt(2/pi), its product with 0.044715
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * c;
+    float *yr = y + r * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) {
+      const float v = xr[j] + b[j];
+      // |argument| <= 80: exp stays a normal float (libmvec's fast path; over/underflow take a slow one)
+      const float e = std::fmax(std::fmin(-v * (c1 + c3 * v * v), 80.0f), -80.0f);
+      yr[j] = v / (1.0f + std::exp(e));
+    }
+  }
+  return 0;
+}
+
+// adaLN: y = LayerNorm(x) * (1 + scale[n]) + shift[n]; x (N, T, D), shift and scale (N, D) (any shape of N*D
+// elements), eps (1,). The LayerNorm has no affine parameters (PixArt's norm1 / norm2 / norm_final).
+int LayerNormModulate(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 5) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *shift = static_cast<const float *>(params[1]);
+  const float *scale = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t n = shapes[0][0], d = shapes[0][ndims[0] - 1];
+  const int64_t rows = numel(ndims[0], shapes[0]) / d, per_sample = rows / n;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * d;
+    float *yr = y + r * d;
+    const float *sh = shift + (r / per_sample) * d, *sc = scale + (r / per_sample) * d;
+    double sum = 0.0;
+    for (int64_t j = 0; j < d; ++j) sum += xr[j];
+    const float mean = static_cast<float>(sum / d);
+    double sq = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const float c = xr[j] - mean;
+      sq += c * c;
+    }
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sq / d) + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) yr[j] = (xr[j] - mean) * inv * (1.0f + sc[j]) + sh[j];
+  }
+  return 0;
+}
+
+// Gated residual: out = x + gate[n] * y; x, y (N, T, D), gate (N, D) (any shape of N*D elements).
+int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gate = static_cast<const float *>(params[1]);
+  const float *y = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const int64_t n = shapes[0][0], d = shapes[0][ndims[0] - 1];
+  const int64_t rows = numel(ndims[0], shapes[0]) / d, per_sample = rows / n;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = gate + (r / per_sample) * d;
+    const float *xr = x + r * d, *yr = y + r * d;
+    float *o = out + r * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) o[j] = xr[j] + g[j] * yr[j];
+  }
+  return 0;
+}
+
+// Heads first: x (B, S, H*d) * scale -> out (B, H, S, d); H is read from the output's shape; scale (1,).
+int ToHeads(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t b = shapes[2][0], h = shapes[2][1], s = shapes[2][2], d = shapes[2][3];
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t t = 0; t < s; ++t) {
+      const float *src = x + (i * s + t) * h * d;
+      for (int64_t k = 0; k < h; ++k) {
+        float *dst = out + ((i * h + k) * s + t) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) dst[j] = src[k * d + j] * scale;
+      }
+    }
+  }
+  return 0;
+}
+
+// Heads back: x (B, H, S, d) -> out (B, S, H*d).
+int FromHeads(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[1]);
+  const int64_t b = shapes[0][0], h = shapes[0][1], s = shapes[0][2], d = shapes[0][3];
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t t = 0; t < s; ++t) {
+      float *dst = out + (i * s + t) * h * d;
+      for (int64_t k = 0; k < h; ++k) {
+        const float *src = x + ((i * h + k) * s + t) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) dst[k * d + j] = src[j];
+      }
+    }
+  }
+  return 0;
+}
+
+// Softmax over the last axis of scores (B, H, Nq, Nk), keys where keep (B, Nk) is 0 excluded (probability 0;
+// a row with no key kept gets uniform weights, as adding -1e9 before the softmax gives).
+int MaskedSoftmax(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *keep = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t b = shapes[0][0], h = shapes[0][1], nq = shapes[0][2], nk = shapes[0][3];
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < b * h; ++i) {
+    for (int64_t q = 0; q < nq; ++q) {
+      const float *kr = keep + (i / h) * nk;
+      const float *xr = x + (i * nq + q) * nk;
+      float *yr = y + (i * nq + q) * nk;
+      float m = -3.0e38f;
+      bool any = false;
+      for (int64_t j = 0; j < nk; ++j) {
+        if (kr[j] != 0.0f) {
+          m = xr[j] > m ? xr[j] : m;
+          any = true;
+        }
+      }
+      if (!any) {
+        for (int64_t j = 0; j < nk; ++j) yr[j] = 1.0f / static_cast<float>(nk);
+        continue;
+      }
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nk; ++j) {
+        const float e = kr[j] != 0.0f ? std::exp(std::fmax(std::fmin(xr[j] - m, 0.0f), -80.0f)) : 0.0f;
+        yr[j] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) yr[j] *= inv;
+    }
+  }
+  return 0;
+}
+
+// Softmax over the last axis of scores (B, H, Nq, Nk), no mask.
+int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 2) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t nk = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / nk;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * nk;
+    float *yr = y + r * nk;
+    float m = xr[0];
+    for (int64_t j = 1; j < nk; ++j) m = xr[j] > m ? xr[j] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < nk; ++j) {
+      const float e = std::exp(std::fmax(xr[j] - m, -80.0f));  // exp(-80) ~ 2e-35: no denormal slow path
+      yr[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) yr[j] *= inv;
+  }
+  return 0;
+}
+
+}  // extern "C"
