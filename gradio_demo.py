@@ -2,10 +2,11 @@
 
     python gradio_demo.py -c configs/inference/demo.yaml                  # offline demo bundle (noise), no downloads
     python gradio_demo.py -c configs/inference/pixart-sigma-1024-ms.yaml --port 8000 --host 0.0.0.0
+    python gradio_demo.py -c configs/inference/pixart-sigma-512-ms.yaml --lora_path my-lora/ --lora_scale 0.8
 
 It takes sample.py's model flags and YAML configs (a YAML key that is not a flag is an error); the per-image
-values (prompt, sampler, steps, guidance, seed, size, batch) become the page's defaults. The models load once at
-start; requests are queued and run one at a time.
+values (prompt, sampler, steps, guidance, seed, size, batch) become the page's defaults; with --lora_path the page
+has a LoRA scale slider. The models load once at start; requests are queued and run one at a time.
 """
 import os
 import sys

@@ -1,7 +1,9 @@
 """Command-line options with YAML defaults: `script.py -c CONFIG.yaml --flag value`.
 
-Precedence: a flag given on the command line > the YAML file > the parser's default. A YAML key that is not an
-option of the script is an error naming the allowed keys, so a typo never passes silently.
+Precedence: a flag given on the command line > the YAML file > the parser's default. A YAML key is an option's
+name (its dest or any of its long flags without the dashes, so `train_batch_size` and `batch_size` both work where
+both are flags); a key that is not an option of the script is an error naming the allowed keys, so a typo never
+passes silently.
 """
 from __future__ import annotations
 
@@ -48,6 +50,24 @@ def load_yaml(path) -> dict:
     return data
 
 
+def option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{name: dest} of every option, by its dest and by each long flag without dashes (YAML keys)."""
+    names = {}
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("help", "config"):
+            continue
+        names[a.dest] = a.dest
+        names.update({s.lstrip("-"): a.dest for s in a.option_strings if s.startswith("--")})
+    return names
+
+
+def flag_namer(parser: argparse.ArgumentParser):
+    """dest -> the flag a user types for it (its first long option string), for error messages."""
+    flags = {a.dest: next((s for s in a.option_strings if s.startswith("--")), f"--{a.dest}")
+             for a in parser._actions if a.option_strings}
+    return lambda dest: flags.get(dest, f"--{dest}")
+
+
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse `argv` with YAML defaults from `-c/--config`; unknown YAML keys raise ConfigError."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -57,11 +77,19 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         parser.add_argument("-c", "--config", default=None, help="YAML file of option: value defaults")
     if known.config:
         values = load_yaml(known.config)
-        allowed = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
-        unknown = sorted(set(values) - allowed)
+        names = option_names(parser)
+        unknown = sorted(set(values) - set(names))
         if unknown:
             raise ConfigError(f"{known.config}: unknown key(s) {', '.join(unknown)}; allowed keys: "
-                              f"{', '.join(sorted(allowed))}")
+                              f"{', '.join(sorted(names))}")
+        by_dest: dict[str, str] = {}
+        for key in list(values):  # an alias (`train_batch_size`) sets its option's dest (`batch_size`)
+            dest = names[key]
+            if dest in by_dest:
+                raise ConfigError(f"{known.config}: {by_dest[dest]} and {key} set the same option; keep one")
+            by_dest[dest] = key
+            if key != dest:
+                values[dest] = values.pop(key)
         for action in parser._actions:  # YAML values go through the same type conversion as flags
             if action.dest in values and action.type is not None and values[action.dest] is not None \
                     and not isinstance(values[action.dest], list):

@@ -125,6 +125,57 @@ def test_reproduce_command_and_yaml_give_the_same_settings_to_sample_py(tmp_path
         assert (a.checkpoint, a.dpm_schedule, a.model) == (bundle[1], "time_uniform", demo.PRESET)
 
 
+def test_lora_scale_goes_into_the_request_the_images_and_the_reproduce_command(tmp_path, bundle):
+    """A server started with --lora_path: the page's LoRA scale is checked, applied to the transformer before
+    generating, written into the PNGs and carried by the sample.py command and YAML; without a LoRA it is ignored."""
+    import mindspore as ms
+    from PIL import Image as PILImage
+    from pixart.backend import Linear
+    from pixart.models.lora import inject_lora, lora_layers
+    lora = tmp_path / "my-lora"
+    app = fake_app(tmp_path, *bundle, "--lora_path", str(lora), "--lora_scale", "0.7")
+    assert app.defaults()["lora_scale"] == 0.7
+    assert app.check_request(**GOOD)["lora_scale"] == 0.7  # the launch scale when the page sends none
+    request = app.check_request(**GOOD, lora_scale=1.5)
+    assert request["lora_scale"] == 1.5
+    for bad in (2.5, -0.1, "x", float("nan")):
+        with pytest.raises(DemoError, match="LoRA scale must be"):
+            app.check_request(**GOOD, lora_scale=bad)
+
+    class Transformer(ms.nn.Cell):  # one LoRA layer stands in for the model
+        def __init__(self):
+            super().__init__()
+            self.proj = Linear(4, 4)
+
+    class Pipe:  # records the LoRA scale the transformer holds when it is called
+        resolution, transformer, seen = 256, Transformer(), []
+
+        def __call__(self, prompt, **kw):
+            self.seen.append(float(lora_layers(self.transformer)["proj"].lora_scale.asnumpy()))
+            return SimpleNamespace(images=[PILImage.new("RGB", (kw["width"], kw["height"]))],
+                                   settings=[dict(prompt=prompt, seed=kw["seed"], width=kw["width"],
+                                                  height=kw["height"])])
+
+    app.pipe = Pipe()
+    inject_lora(app.pipe.transformer, rank=1, targets=("proj",))
+    out = app.generate(request)
+    assert app.pipe.seen == [1.5]
+    from pixart.pipelines.outputs import read_png_settings
+    settings = read_png_settings(out["paths"][0])
+    assert (settings["lora"], settings["lora_scale"]) == (str(lora), 1.5)
+
+    cmd = shlex.split(out["command"])
+    cfg = tmp_path / "repro.yaml"
+    cfg.write_text(out["yaml"])
+    for argv in (cmd[2:], ["-c", str(cfg)]):
+        a = parse_args(build_parser(), argv)
+        assert (a.lora_path, a.lora_scale, a.checkpoint) == (str(lora), 1.5, bundle[1])
+
+    plain = fake_app(tmp_path, *bundle)
+    request = plain.check_request(**GOOD, lora_scale=1.5)
+    assert request["lora_scale"] is None and "--lora" not in plain.command(request)
+
+
 # -- the real server, in a real browser ------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

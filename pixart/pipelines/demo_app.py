@@ -1,8 +1,9 @@
 """What `gradio_demo.py` does: load the models once, then serve a Gradio page that generates with them.
 
 The page takes what `sample.py` takes per image (prompt, negative prompt, sampler, steps, guidance, seed, size or an
-aspect-ratio preset from the bucket table, batch size), shows the images, offers them as PNGs that carry their
-settings as metadata, and prints the `sample.py` command (and YAML config) that reproduces them. Requests are
+aspect-ratio preset from the bucket table, batch size, and the LoRA scale when the server was started with
+`--lora_path`), shows the images, offers them as PNGs that carry their settings as metadata, and prints the
+`sample.py` command (and YAML config) that reproduces them. Requests are
 queued: one generation at a time, the others wait with their place in the queue shown. A bad value raises a
 `gr.Error`, which the page shows; the server goes on.
 
@@ -28,13 +29,14 @@ from pixart.pipelines.sample_run import build_parser
 
 MAX_SEED = 2 ** 31 - 1
 MAX_STEPS = 1000
+LORA_SCALES = (0.0, 2.0)  # the page's LoRA scale slider: 0 = the base model, 1 = as trained
 CUSTOM = "custom"
 KEEP_REQUESTS = 50  # PNG folders kept on disk for download; older ones are deleted
 # the server-wide sample.py options a reproduce-command carries, in this order
-_MODEL_FLAGS = ("model", "checkpoint", "vae_root", "text_encoder_root", "tokenizer_root", "sd_scale_factor", "dtype",
-                "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode", "jit_level",
-                "enable_flash_attention", "kv_compress", "kv_compress_sampling", "kv_compress_scale_factor",
-                "kv_compress_layer")
+_MODEL_FLAGS = ("model", "checkpoint", "lora_path", "vae_root", "text_encoder_root", "tokenizer_root",
+                "sd_scale_factor", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode",
+                "jit_level", "enable_flash_attention", "kv_compress", "kv_compress_sampling",
+                "kv_compress_scale_factor", "kv_compress_layer")
 
 
 class DemoError(ValueError):
@@ -94,6 +96,8 @@ class DemoApp:
         self.max_size = args.max_image_size or 2 * self.resolution
         self.max_batch = max(1, args.max_batch_size)
         self.table = ASPECT_RATIOS[min(ASPECT_RATIOS, key=lambda r: abs(r - self.resolution))]
+        self.lora = bool(getattr(args, "lora_path", None))  # loaded once with the model; the page sets its scale
+        self._lora_scale = args.lora_scale if self.lora else None  # the scale the transformer holds now
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="pixart-gradio-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one generation at a time even if called outside gradio's queue
@@ -108,7 +112,8 @@ class DemoApp:
         return dict(prompt=(a.prompt or [""])[0], negative_prompt=a.negative_prompt, sampler=a.sampling_method,
                     steps=a.sampling_steps or DEFAULT_STEPS[a.sampling_method], guidance_scale=a.guidance_scale,
                     seed=a.seed, width=w, height=h, batch_size=min(a.batch_size, self.max_batch),
-                    resolution_binning=a.resolution_binning, aspect_ratio=self.preset_for(h, w))
+                    resolution_binning=a.resolution_binning, aspect_ratio=self.preset_for(h, w),
+                    lora_scale=a.lora_scale if self.lora else None)
 
     def presets(self) -> list[tuple[str, str]]:
         """(label, key) for the aspect-ratio dropdown: the model's sampling bins, width x height."""
@@ -130,8 +135,9 @@ class DemoApp:
 
     # -- one request ----------------------------------------------------------------------------------------
     def check_request(self, prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed,
-                      width, height, batch_size, resolution_binning) -> dict:
-        """Validate and normalise a request; a DemoError names the first bad value."""
+                      width, height, batch_size, resolution_binning, lora_scale=None) -> dict:
+        """Validate and normalise a request; a DemoError names the first bad value. `lora_scale` counts only when
+        the server has a LoRA (None: the one it was started with)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise DemoError("the prompt is empty: type what the image should show")
         if sampler not in SAMPLERS:
@@ -155,9 +161,20 @@ class DemoApp:
         if randomize_seed:
             seed = int(np.random.default_rng().integers(0, MAX_SEED - batch_size))
         seed = _int("seed", seed, 0, MAX_SEED - batch_size)
+        if self.lora:
+            lora_scale = self.args.lora_scale if lora_scale is None else lora_scale
+            try:
+                lora_scale = float(lora_scale)
+            except (TypeError, ValueError):
+                raise DemoError(f"LoRA scale must be a number, got {lora_scale!r}") from None
+            if not np.isfinite(lora_scale) or not LORA_SCALES[0] <= lora_scale <= LORA_SCALES[1]:
+                raise DemoError(f"LoRA scale must be between {LORA_SCALES[0]:g} and {LORA_SCALES[1]:g}, "
+                                f"got {lora_scale}")
+        else:
+            lora_scale = None
         return dict(prompt=prompt.strip(), negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
                     guidance_scale=guidance_scale, seed=seed, width=width, height=height, batch_size=batch_size,
-                    resolution_binning=binning)
+                    resolution_binning=binning, lora_scale=lora_scale)
 
     def generate(self, request: dict, progress=None) -> dict:
         """Generate a checked request; returns paths of the PNGs (with metadata), settings, and the command."""
@@ -170,6 +187,10 @@ class DemoApp:
             t0 = time.time()
             if progress is not None:
                 progress(0, desc="encoding the prompt")
+            if self.lora and request["lora_scale"] != self._lora_scale:
+                from pixart.models.lora import set_lora_scale
+                set_lora_scale(self.pipe.transformer, request["lora_scale"])  # a compiled graph reads the new scale
+                self._lora_scale = request["lora_scale"]
             result = self.pipe(request["prompt"], negative_prompt=request["negative_prompt"],
                                height=request["height"], width=request["width"], sampler=request["sampler"],
                                num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
@@ -183,6 +204,8 @@ class DemoApp:
         paths = []
         for image, settings in zip(result.images, result.settings):
             settings.update(model=a.model, checkpoint=str(a.checkpoint))
+            if self.lora:
+                settings.update(lora=str(a.lora_path), lora_scale=request["lora_scale"])
             path = folder / f"pixart-{n:05d}-seed{settings['seed']}.png"
             save_png(image, path, settings)
             paths.append(str(path))
@@ -226,6 +249,8 @@ class DemoApp:
                     guidance_scale=request["guidance_scale"], seed=request["seed"],
                     image_height=request["height"], image_width=request["width"],
                     resolution_binning=request["resolution_binning"], batch_size=request["batch_size"])
+        if self.lora:
+            opts["lora_scale"] = request["lora_scale"]
         if not complete:  # neutralise what the -c config would add to this one image
             if self._base.prompt_path:
                 opts["prompt_path"] = ""
@@ -270,10 +295,10 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
         Path(str(a.checkpoint)).name.endswith("-demo.ckpt") else ""
 
     def on_generate(prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed, width, height,
-                    batch_size, resolution_binning, progress=gr.Progress(track_tqdm=True)):
+                    batch_size, resolution_binning, lora_scale, progress=gr.Progress(track_tqdm=True)):
         try:
             request = app.check_request(prompt, negative_prompt, sampler, steps, guidance_scale, seed,
-                                        randomize_seed, width, height, batch_size, resolution_binning)
+                                        randomize_seed, width, height, batch_size, resolution_binning, lora_scale)
             out = app.generate(request, progress=progress)
         except DemoError as e:
             app.log(f"refused: {e}")
@@ -285,7 +310,8 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
         s = out["settings"][0]
         captions = [f"seed {t['seed']}, {t['width']}x{t['height']}" for t in out["settings"]]
         status = (f"{len(out['paths'])} image(s) of {s['width']}x{s['height']}, {s['sampler']} {s['steps']} steps, "
-                  f"guidance {s['guidance_scale']}, seed {out['seed']}"
+                  f"guidance {s['guidance_scale']}, " + (f"LoRA scale {s['lora_scale']:g}, " if app.lora else "")
+                  + f"seed {out['seed']}"
                   + (f"..{out['seed'] + len(out['paths']) - 1}" if len(out["paths"]) > 1 else "")
                   + f" in {out['seconds']:.1f} s")
         return (list(zip(out["paths"], captions)), out["paths"], out["command"], out["yaml"], out["seed"], status)
@@ -305,8 +331,9 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
                               font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="PixArt (MindSpore)", delete_cache=(3600, 86400)) as demo:  # hourly: drop day-old files
+        lora = f" with the LoRA `{a.lora_path}`" if app.lora else ""
         gr.Markdown(f"# PixArt text-to-image (MindSpore)\n"
-                    f"Model **{a.model}** (`{a.checkpoint}`), trained at {app.resolution} px, loaded in "
+                    f"Model **{a.model}** (`{a.checkpoint}`){lora}, trained at {app.resolution} px, loaded in "
                     f"{load_seconds:.1f} s. One generation runs at a time; other requests wait in a queue that "
                     f"shows their place.{untrained}", elem_id="header")
         with gr.Row():
@@ -331,6 +358,9 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                 with gr.Row():
                     width = gr.Number(value=d["width"], label="Width", precision=0, elem_id="width")
                     height = gr.Number(value=d["height"], label="Height", precision=0, elem_id="height")
+                lora_scale = gr.Slider(*LORA_SCALES, value=d["lora_scale"] if app.lora else 1.0, step=0.05,
+                                       label="LoRA scale", info="0 = the base model, 1 = as trained",
+                                       visible=app.lora, elem_id="lora-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height=420, elem_id="gallery",
@@ -343,7 +373,8 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                 config = gr.Code(label="... or as a YAML config (python sample.py -c this.yaml)", language="yaml",
                                  elem_id="yaml", interactive=False, lines=4, max_lines=24, show_line_numbers=False,
                                  buttons=["copy", "download"])
-        inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, batch, binning]
+        inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, batch, binning,
+                  lora_scale]
         outputs = [gallery, files, command, config, seed, status]
         button.click(on_generate, inputs, outputs, api_name="generate", concurrency_limit=1,
                      concurrency_id="model")
@@ -381,6 +412,9 @@ def serve(args, log=print) -> None:
     if args.max_image_size is not None and args.max_image_size < 8 or args.max_batch_size < 1:
         raise DemoError(f"--max_image_size must be >= 8 and --max_batch_size >= 1, got {args.max_image_size}, "
                         f"{args.max_batch_size}")
+    if args.lora_path and not LORA_SCALES[0] <= args.lora_scale <= LORA_SCALES[1]:
+        raise DemoError(f"--lora_scale must be between {LORA_SCALES[0]:g} and {LORA_SCALES[1]:g} (the page's "
+                        f"slider), got {args.lora_scale}")
     check_port(args.host, args.port)  # before the minutes of loading, not after
     log(f"loading {args.model} once for every request ...")
     t0 = time.time()

@@ -56,3 +56,16 @@ def initialize_weights(model, seed: int) -> None:
     null = model.y_embedder.y_embedding
     c = null.shape[1]
     _set(null, rng.standard_normal(tuple(null.shape)) / math.sqrt(c))
+
+
+def initialize_lora(params, seed: int) -> None:
+    """Fresh LoRA branches as peft initialises them (A Kaiming-uniform with a = sqrt 5, i.e. U(+-1/sqrt(in)); B zero,
+    so training starts from the base model exactly), from a seeded NumPy generator: every rank starts equal."""
+    rng = np.random.default_rng([seed, 0x10AA])
+    for p in params:
+        shape = tuple(p.shape)
+        if ".lora_A" in p.name:
+            bound = 1.0 / math.sqrt(shape[1])
+            _set(p, rng.uniform(-bound, bound, shape))
+        else:
+            _set(p, np.zeros(shape))

@@ -11,17 +11,19 @@ from pathlib import Path
 
 class Validation:
     def __init__(self, model, args, max_length: int, scaling_factor: float, resolution: int, text_encoder=None,
-                 log=print):
+                 log=print, prompts=None):
         from pixart.data.features import TextEncoder, pad_captions
         from pixart.models.vae import load_vae
         from pixart.pipelines.text_to_image import PixArtPipeline
-        self.prompts = list(args.validation_prompts)
+        self.prompts = list(prompts or args.validation_prompts)  # one image each, seeds validation_seed + i
+        self.model = model
         self.steps, self.guidance, self.seed = args.validation_steps, args.validation_guidance, args.validation_seed
         self.size = resolution
         self.log = log
         encoder = text_encoder or TextEncoder(args.text_encoder_root, args.tokenizer_root, max_length,
                                               args.text_encoder_dtype)
-        self.embeds = [pad_captions(encoder([p]), max_length) for p in self.prompts]
+        unique = {p: pad_captions(encoder([p]), max_length) for p in dict.fromkeys(self.prompts)}
+        self.embeds = [unique[p] for p in self.prompts]
         self.negative = pad_captions(encoder([""]), max_length)
         if text_encoder is None:
             del encoder
@@ -34,13 +36,17 @@ class Validation:
         folder = Path(out_dir) / f"step_{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         written = []
-        for i, (prompt, emb) in enumerate(zip(self.prompts, self.embeds)):
-            result = self.pipe(prompt, height=self.size, width=self.size, sampler="dpm",
-                               num_inference_steps=self.steps, guidance_scale=self.guidance, seed=self.seed + i,
-                               prompt_embeds=emb, negative_prompt_embeds=self.negative, progress=False,
-                               use_resolution_binning=False)
-            path = folder / f"{i:02d}.png"
-            save_png(result.images[0], path, {**result.settings[0], "training_step": step})
-            written.append(path)
+        self.model.set_train(False)  # no dropout while sampling (LoRA dropout)
+        try:
+            for i, (prompt, emb) in enumerate(zip(self.prompts, self.embeds)):
+                result = self.pipe(prompt, height=self.size, width=self.size, sampler="dpm",
+                                   num_inference_steps=self.steps, guidance_scale=self.guidance, seed=self.seed + i,
+                                   prompt_embeds=emb, negative_prompt_embeds=self.negative, progress=False,
+                                   use_resolution_binning=False)
+                path = folder / f"{i:02d}.png"
+                save_png(result.images[0], path, {**result.settings[0], "training_step": step})
+                written.append(path)
+        finally:
+            self.model.set_train(True)
         self.log(f"validation: {len(written)} image(s) in {folder}")
         return written
