@@ -113,6 +113,13 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
         fused, plain = _pair(plain_kernels, lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False))
         got, want = fused.modulated(x, shift, scale), plain.modulated(x, shift, scale)
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
+        img = t(2, 8, 5, 6)
+        fused, plain = _pair(plain_kernels, lambda: backend.GroupNorm(4, 8))
+        fused.weight.set_data(t(8)), fused.bias.set_data(t(8))
+        plain.weight.set_data(fused.weight.data.copy()), plain.bias.set_data(fused.bias.data.copy())
+        assert fused.fused is not None and plain.fused is None
+        np.testing.assert_allclose(fused(img).asnumpy(), plain(img).asnumpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(fused.silu(img).asnumpy(), plain.silu(img).asnumpy(), rtol=1e-5, atol=1e-5)
         fused, plain = _pair(plain_kernels, backend.GatedResidual)
         np.testing.assert_allclose(fused(x, gate, y).asnumpy(), plain(x, gate, y).asnumpy(), rtol=1e-6, atol=1e-6)
         q, k, v = t(2, 20, 32), t(2, 7, 32), t(2, 7, 32)

@@ -205,4 +205,57 @@ int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return 0;
 }
 
+// GroupNorm over x (N, C, ...) with `groups` groups, per-channel gamma and beta (C), then SiLU when `silu`.
+// settings (2,) = [groups, eps].
+static int group_norm(void **params, int *ndims, int64_t **shapes, bool silu) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float *settings = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t n = shapes[0][0], c = shapes[0][1], groups = static_cast<int64_t>(settings[0]);
+  const float eps = settings[1];
+  const int64_t spatial = numel(ndims[0], shapes[0]) / (n * c), per_group = c / groups;
+  if (groups <= 0 || c % groups) return 1;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t start = (i * c + g * per_group) * spatial, count = per_group * spatial;
+      double sum = 0.0, sq = 0.0;
+      for (int64_t j = 0; j < count; ++j) sum += x[start + j];
+      const double mean = sum / count;
+      for (int64_t j = 0; j < count; ++j) {
+        const double d = x[start + j] - mean;
+        sq += d * d;
+      }
+      const float inv = 1.0f / std::sqrt(static_cast<float>(sq / count) + eps), m = static_cast<float>(mean);
+      for (int64_t ch = 0; ch < per_group; ++ch) {
+        const int64_t channel = g * per_group + ch;
+        const float a = gamma[channel] * inv, b = beta[channel] - m * a;
+        const float *xr = x + start + ch * spatial;
+        float *yr = y + start + ch * spatial;
+        if (silu) {
+#pragma omp simd
+          for (int64_t j = 0; j < spatial; ++j) {
+            const float v = xr[j] * a + b;
+            yr[j] = v / (1.0f + std::exp(std::fmax(std::fmin(-v, 80.0f), -80.0f)));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < spatial; ++j) yr[j] = xr[j] * a + b;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+int GroupNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return nparam == 5 ? group_norm(params, ndims, shapes, false) : 1;
+}
+
+int GroupNormSiLU(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return nparam == 5 ? group_norm(params, ndims, shapes, true) : 1;
+}
+
 }  // extern "C"

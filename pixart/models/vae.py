@@ -61,8 +61,9 @@ def _norm(norm, x):
     return norm(x.astype(ms.float32)).astype(x.dtype)
 
 
-def _silu(x):
-    return mint.nn.functional.silu(x)
+def _norm_silu(norm, x):
+    """SiLU(GroupNorm(x)), the norm in fp32 (one fused kernel on CPU, see backend.GroupNorm)."""
+    return norm.silu(x.astype(ms.float32)).astype(x.dtype)
 
 
 #################################################################################
@@ -80,8 +81,8 @@ class ResnetBlock(nn.Cell):
         self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
     def construct(self, x):
-        h = self.conv1(_silu(_norm(self.norm1, x)))
-        h = self.conv2(_silu(_norm(self.norm2, h)))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -183,7 +184,7 @@ class Encoder(nn.Cell):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(_silu(_norm(self.conv_norm_out, x)))
+        return self.conv_out(_norm_silu(self.conv_norm_out, x))
 
 
 class Decoder(nn.Cell):
@@ -204,7 +205,7 @@ class Decoder(nn.Cell):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(_silu(_norm(self.conv_norm_out, x)))
+        return self.conv_out(_norm_silu(self.conv_norm_out, x))
 
 
 #################################################################################
