@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from common import emit, machine, run_children, summary, table, timed
+from common import machine, parse_or_run_child, run_children, summary, table, timed, torch_pixart
 
 PRESET = {256: "PixArt-XL-2-256x256", 512: "PixArt-XL-2-512x512"}
 
@@ -60,14 +60,7 @@ def child(side: str, a) -> dict:
                 return model(x, t, y, mask).asnumpy()
     else:
         import torch
-        from diffusers import PixArtTransformer2DModel
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        model = PixArtTransformer2DModel(num_layers=a.depth, sample_size=a.size // 8, caption_channels=4096,
-                                         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-                                         activation_fn="gelu-approximate", attention_bias=True,
-                                         num_embeds_ada_norm=1000, out_channels=8,
-                                         use_additional_conditions=False).eval()
+        model = torch_pixart(a.depth, a.size, a.threads).eval()
         args = dict(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(y),
                     timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask.astype(np.int64)),
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
@@ -93,11 +86,8 @@ def main():
     p.add_argument("--entry", default="sample", choices=["sample", "call"],
                    help="ours: the pipeline's (caption K/V once, then the denoiser) or model(...) (whole forward)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: library default)")
-    p.add_argument("--sides", default="ours,torch")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.child:
-        emit(child(a.child, a))
+    a = parse_or_run_child(p, child)
+    if a is None:
         return
     forward = ["--size", str(a.size), "--steps", str(a.steps), "--depth", str(a.depth), "--mode", a.mode,
                "--entry", a.entry, "--threads", str(a.threads)]

@@ -1,0 +1,150 @@
+"""End to end: `sample.py` (ours, MindSpore) vs diffusers' PixArtAlphaPipeline (PyTorch) doing the same work: full
+PixArt-XL/2 256 px, T5 at XXL width but reduced depth, the SD VAE, 20 DPM-Solver++ steps, guidance 4.5, fp32,
+random weights shared by both sides (one diffusers pipeline folder, written once).
+
+    python bench/bench_sample.py                        # writes /tmp/pixart-bench/alpha-256-t5x2 on first use
+    python bench/bench_sample.py --runs 3 --images 2 --t5_layers 2
+
+Each run is a fresh process per side, alternating; it loads the pipeline (timed apart) and generates `--images`
+images from as many prompts (ours: `sample.py`'s own code path, `pixart.pipelines.sample_run.run`, in graph mode:
+prompts encoded, T5 released, then denoise + decode + PNG per image; diffusers: `pipe(prompt)` + PNG per image).
+The table's time is the whole generation phase (encode + denoise + decode + save, every image, the first image's
+graph compilation included for ours); the first image alone and the rest are listed below it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import machine, parse_or_run_child, run_children, summary, table
+
+PROMPTS = ["a small cactus with a happy face in the Sahara desert", "an old lighthouse on a rocky coast, storm",
+           "a bowl of ramen, studio photo", "a watercolor fox in the snow"]
+SIZE, STEPS, GUIDANCE = 256, 20, 4.5
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, feed_forward_proj="gated-gelu",
+              is_encoder_decoder=False)
+
+
+def prepare(folder: Path, t5_layers: int) -> None:
+    """A random-weight diffusers PixArt-α 256 pipeline folder (transformer, VAE, T5, tokenizer, scheduler)."""
+    if (folder / "model_index.json").exists():
+        return
+    import torch
+    import diffusers
+    import transformers
+    from pixart.models.t5 import make_tiny_tokenizer
+    print(f"writing the benchmark pipeline to {folder} (once)", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tiny_tokenizer(folder / "tokenizer")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer), num_layers=t5_layers, **T5_XXL))
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                  down_block_types=["DownEncoderBlock2D"] * 4,
+                                  up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215, sample_size=256)
+    net = diffusers.PixArtTransformer2DModel(
+        num_layers=28, sample_size=SIZE // 8, caption_channels=4096, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True,
+        num_embeds_ada_norm=1000, out_channels=8, use_additional_conditions=False)
+    with torch.no_grad():  # diffusers zero-initialises the output layers; random ones give a real image's work
+        for p in net.proj_out.parameters():
+            p.normal_(0, 0.02)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000, solver_order=2,
+        algorithm_type="dpmsolver++", prediction_type="epsilon")
+    pipe = diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=net,
+                                         scheduler=scheduler)
+    pipe.save_pretrained(folder)
+
+
+def folder_of(a) -> Path:
+    return Path(a.folder or f"/tmp/pixart-bench/alpha-256-t5x{a.t5_layers}")
+
+
+def child(side: str, a) -> dict:
+    folder = folder_of(a)
+    prompts = PROMPTS[:a.images]
+    out_dir = Path(a.out) / side
+    stamps = {}  # ours: when the pipeline finished loading
+    if side == "ours":
+        from pixart.config import parse_args
+        from pixart.pipelines.sample_run import build_parser, run
+        argv = ["--model", "PixArt-XL-2-256x256", "--checkpoint", str(folder / "transformer"),
+                "--vae_root", str(folder / "vae"), "--text_encoder_root", str(folder / "text_encoder"),
+                "--tokenizer_root", str(folder / "tokenizer"), "--image_height", str(SIZE), "--image_width",
+                str(SIZE), "--sampling_method", "dpm", "--sampling_steps", str(STEPS), "--guidance_scale",
+                str(GUIDANCE), "--mode", a.mode, "--output_path", str(out_dir), "--progress", "false",
+                "--prompt", *prompts]
+        saved = []
+
+        def log(msg, *_, **__):
+            if str(msg).startswith("saved"):
+                saved.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        args = parse_args(build_parser(), argv)
+        import pixart.pipelines.sample_run as sr
+        load = sr.load_pipeline
+
+        def timed_load(*x, **k):  # the loading phase ends when the pipeline exists
+            pipe = load(*x, **k)
+            stamps["loaded"] = time.perf_counter()
+            return pipe
+        sr.load_pipeline = timed_load
+        run(args, log=log)
+        load_s = stamps["loaded"] - t0
+        per_image = [saved[0] - stamps["loaded"]] + [b - a_ for a_, b in zip(saved, saved[1:])]
+    else:
+        import torch
+        from diffusers import PixArtAlphaPipeline
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        t0 = time.perf_counter()
+        pipe = PixArtAlphaPipeline.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - t0
+        out_dir.mkdir(parents=True, exist_ok=True)
+        per_image = []
+        for i, prompt in enumerate(prompts):
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                image = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                             generator=torch.Generator().manual_seed(42 + i), clean_caption=False).images[0]
+            image.save(out_dir / f"{i:04d}.png")
+            per_image.append(time.perf_counter() - t1)
+    return dict(side=side, load_s=load_s, times=[sum(per_image)], per_image=per_image, first_s=per_image[0])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", default=None, help="the random-weight pipeline folder (written if missing)")
+    p.add_argument("--t5_layers", type=int, default=2, help="T5-XXL-wide encoder depth (full: 24)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--images", type=int, default=2, choices=range(1, len(PROMPTS) + 1))
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="ours: MindSpore mode")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="/tmp/pixart-bench/samples")
+    a = parse_or_run_child(p, child)
+    if a is None:
+        return
+    prepare(folder_of(a), a.t5_layers)
+    forward = ["--folder", str(folder_of(a)), "--t5_layers", str(a.t5_layers), "--images", str(a.images),
+               "--mode", a.mode, "--threads", str(a.threads), "--out", a.out]
+    sides = tuple(a.sides.split(","))
+    results = run_children(__file__, sides, a.runs, forward)
+    rows = [(side, summary(results[side])) for side in sides]
+    print()
+    print(table(f"End to end, {a.images} image(s) of {SIZE} px, {STEPS} DPM-Solver++ steps, CFG 4.5, T5-XXL width "
+                f"x {a.t5_layers} layers, SD VAE, fp32 (ours: sample.py code path, {a.mode})", rows,
+                first_header="first image s (ours: incl. compile)"))
+    for side in sides:
+        loads = [r["load_s"] for r in results[side]]
+        rest = [t for r in results[side] for t in r["per_image"][1:]]
+        print(f"{side}: load {min(loads):.1f}-{max(loads):.1f} s; later images "
+              + (f"{min(rest):.1f}-{max(rest):.1f} s each" if rest else "-"))
+    print(f"machine: {machine()}")
+
+
+if __name__ == "__main__":
+    main()
