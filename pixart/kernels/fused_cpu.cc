@@ -19,6 +19,22 @@ int64_t numel(int ndim, const int64_t *shape) {
   return n;
 }
 
+// Rows along the last axis of x (N, ..., D): their length, their count, and how many belong to each of the N samples
+// (per-sample vectors such as adaLN's shift or a gate are indexed by row / per_sample).
+struct Rows {
+  int64_t d, count, per_sample;
+};
+
+Rows rows_of(int ndim, const int64_t *shape) {
+  const int64_t d = shape[ndim - 1], count = numel(ndim, shape) / d;
+  return {d, count, count / shape[0]};
+}
+
+// exp with its argument clamped to [-80, 80]: the result stays a normal float, so glibc's vectorised expf keeps its
+// fast path (over- and underflowing inputs take a slow one: a GELU went 4 ms -> 37 ms on large activations); no
+// result here changes beyond rounding (v / (1 + e^80) and e^-80 are ~0 next to what they are added to).
+inline float clamped_exp(float x) { return std::exp(std::fmax(std::fmin(x, 80.0f), -80.0f)); }
+
 }  // namespace
 
 extern "C" {
@@ -38,9 +54,7 @@ int BiasGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const 
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
       const float v = xr[j] + b[j];
-      // |argument| <= 80: exp stays a normal float (libmvec's fast path; over/underflow take a slow one)
-      const float e = std::fmax(std::fmin(-v * (c1 + c3 * v * v), 80.0f), -80.0f);
-      yr[j] = v / (1.0f + std::exp(e));
+      yr[j] = v / (1.0f + clamped_exp(-v * (c1 + c3 * v * v)));
     }
   }
   return 0;
@@ -55,13 +69,13 @@ int LayerNormModulate(int nparam, void **params, int *ndims, int64_t **shapes, c
   const float *scale = static_cast<const float *>(params[2]);
   const float eps = *static_cast<const float *>(params[3]);
   float *y = static_cast<float *>(params[4]);
-  const int64_t n = shapes[0][0], d = shapes[0][ndims[0] - 1];
-  const int64_t rows = numel(ndims[0], shapes[0]) / d, per_sample = rows / n;
+  const Rows rows = rows_of(ndims[0], shapes[0]);
+  const int64_t d = rows.d;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < rows.count; ++r) {
     const float *xr = x + r * d;
     float *yr = y + r * d;
-    const float *sh = shift + (r / per_sample) * d, *sc = scale + (r / per_sample) * d;
+    const float *sh = shift + (r / rows.per_sample) * d, *sc = scale + (r / rows.per_sample) * d;
     double sum = 0.0;
     for (int64_t j = 0; j < d; ++j) sum += xr[j];
     const float mean = static_cast<float>(sum / d);
@@ -84,11 +98,11 @@ int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const
   const float *gate = static_cast<const float *>(params[1]);
   const float *y = static_cast<const float *>(params[2]);
   float *out = static_cast<float *>(params[3]);
-  const int64_t n = shapes[0][0], d = shapes[0][ndims[0] - 1];
-  const int64_t rows = numel(ndims[0], shapes[0]) / d, per_sample = rows / n;
+  const Rows rows = rows_of(ndims[0], shapes[0]);
+  const int64_t d = rows.d;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *g = gate + (r / per_sample) * d;
+  for (int64_t r = 0; r < rows.count; ++r) {
+    const float *g = gate + (r / rows.per_sample) * d;
     const float *xr = x + r * d, *yr = y + r * d;
     float *o = out + r * d;
 #pragma omp simd
@@ -167,7 +181,7 @@ int MaskedSoftmax(int nparam, void **params, int *, int64_t **shapes, const char
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < nk; ++j) {
-        const float e = kr[j] != 0.0f ? std::exp(std::fmax(std::fmin(xr[j] - m, 0.0f), -80.0f)) : 0.0f;
+        const float e = kr[j] != 0.0f ? clamped_exp(xr[j] - m) : 0.0f;
         yr[j] = e;
         sum += e;
       }
@@ -194,7 +208,7 @@ int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < nk; ++j) {
-      const float e = std::exp(std::fmax(xr[j] - m, -80.0f));  // exp(-80) ~ 2e-35: no denormal slow path
+      const float e = clamped_exp(xr[j] - m);
       yr[j] = e;
       sum += e;
     }
@@ -238,7 +252,7 @@ static int group_norm(void **params, int *ndims, int64_t **shapes, bool silu) {
 #pragma omp simd
           for (int64_t j = 0; j < spatial; ++j) {
             const float v = xr[j] * a + b;
-            yr[j] = v / (1.0f + std::exp(std::fmax(std::fmin(-v, 80.0f), -80.0f)));
+            yr[j] = v / (1.0f + clamped_exp(-v));
           }
         } else {
 #pragma omp simd
