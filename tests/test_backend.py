@@ -8,6 +8,7 @@ import pytest
 import mindspore as ms
 
 from pixart import backend, demo
+from tests.utils import rel_err
 
 
 @pytest.fixture
@@ -109,7 +110,8 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
         x, y, gate, shift, scale = t(2, 12, 32), t(2, 12, 32), t(2, 1, 32), t(2, 1, 32), t(2, 1, 32)
         fused, plain = _pair(plain_kernels, lambda: backend.Linear(32, 48, activation="gelu_tanh"))
         assert fused.fused_gelu is not None and plain.fused_gelu is None
-        np.testing.assert_allclose(fused(x).asnumpy(), plain(x).asnumpy(), rtol=1e-5, atol=1e-6)
+        # with the AMX matmul (bf16x3, ~1e-5) the product itself differs by more than rounding
+        assert rel_err(fused(x).asnumpy(), plain(x).asnumpy()) <= (2e-5 if fused.amx_matmul is not None else 1e-6)
         fused, plain = _pair(plain_kernels, lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False))
         got, want = fused.modulated(x, shift, scale), plain.modulated(x, shift, scale)
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
@@ -134,6 +136,43 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
                                    atol=1e-6)
     finally:
         backend.setup("CPU", "pynative")
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_amx_matmul_is_fp32_accurate_on_any_shape(mode, rng):
+    """Linear's AMX bf16x3 product (pixart/kernels/amx_gemm.cc) against float64 on shapes with every kind of edge
+    (M, N, K not multiples of the 32x32 blocks or of the 32-wide K steps, K spanning several K blocks); training
+    mode keeps MindSpore's fp32 MatMul (the kernel has no gradient)."""
+    from pixart import kernels
+    if not kernels.amx_gemm():
+        pytest.skip("this CPU has no AMX (or PIXART_CPU_GEMM=fp32): Linear uses MindSpore's fp32 MatMul")
+    backend.setup("CPU", mode)
+    try:
+        for (m, k, n), bias in zip([(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65)], [1, 0, 1, 0, 1]):
+            layer = backend.Linear(k, n, bias=bool(bias))
+            assert layer.amx_matmul is not None
+            layer.set_train(False)
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            want = x.astype(np.float64) @ layer.weight.asnumpy().astype(np.float64).T
+            if bias:
+                want += layer.bias.asnumpy()
+            assert rel_err(layer(ms.Tensor(x)).asnumpy(), want) <= 2e-5, (m, k, n, bias)
+        layer.set_train(True)
+        plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(ms.Tensor(x), layer.weight), layer.bias).asnumpy()
+        np.testing.assert_array_equal(layer(ms.Tensor(x)).asnumpy(), plain)
+    finally:
+        backend.setup("CPU", "pynative")
+
+
+def test_amx_matmul_can_be_turned_off(monkeypatch):
+    from pixart import kernels
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("PIXART_CPU_GEMM", "fp32")
+    assert not kernels.amx_gemm() and backend.Linear(4, 4).amx_matmul is None
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("PIXART_FUSED_KERNELS", "0")
+    monkeypatch.delenv("PIXART_CPU_GEMM")
+    assert not kernels.amx_gemm()
 
 
 def test_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):

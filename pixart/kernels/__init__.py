@@ -1,12 +1,15 @@
-"""Fused fp32 CPU kernels (fused_cpu.cc) as MindSpore `ops.Custom` AOT operators.
+"""CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc) and, on CPUs with Intel
+AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
 
-Built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`, default
+Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`, default
 ~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
 compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and pixart/backend.py keeps its
-unfused MindSpore ops, which compute the same functions.
+unfused MindSpore ops, which compute the same functions. `amx_gemm()` says whether Linear layers use the AMX
+matmul: the CPU has AMX, the kernel may use it, and `PIXART_CPU_GEMM` is not `fp32` (strict fp32 MindSpore MatMul).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -17,7 +20,8 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fused_cpu.cc")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]  # fast-math: libmvec expf
+AMX_SOURCE = Path(__file__).with_name("amx_gemm.cc")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Wl,-z,now"]  # fast-math: libmvec expf
 _STATE: dict = {}
 
 
@@ -34,19 +38,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIXART_KERNEL_CACHE", Path.home() / ".cache" / "pixart-mindspore"))
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile fused_cpu.cc (or reuse the cached build); returns the shared library's path. Raises on failure."""
+def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile `source` (or reuse the cached build); returns the shared library's path. Raises on failure."""
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (g++ / c++ / $CXX)")
-    key = hashlib.sha1("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"fused_cpu-{key}.so"
+    key = hashlib.sha1("\0".join([source.read_text(), compiler, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: concurrent processes each build, the last rename wins, all equal
@@ -67,14 +71,34 @@ def available() -> bool:
     return _STATE["ok"]
 
 
+def amx_gemm() -> bool:
+    """Whether Linear layers may use the AMX bf16x3 matmul in this process (needs the fused kernels too)."""
+    if "amx" not in _STATE:
+        _STATE["amx"] = False
+        if available() and os.environ.get("PIXART_CPU_GEMM", "bf16x3") != "fp32" and "amx_bf16" in _cpu_id():
+            try:
+                path = build(source=AMX_SOURCE)
+                if ctypes.CDLL(str(path)).AmxAvailable() == 1:  # the kernel granted this process the tile state
+                    _STATE["amx_path"], _STATE["amx"] = path, True
+            except (OSError, RuntimeError) as err:
+                warnings.warn(f"AMX matmul unavailable, using MindSpore's fp32 MatMul: {err}", stacklevel=2)
+    return _STATE["amx"]
+
+
 def _same(*shapes):
     return shapes[0]
 
 
-def op(name: str, out_shape=_same, out_dtype=_same):
-    """The `ops.Custom` primitive running kernel `name` of the library (call only when `available()`)."""
+def op(name: str, out_shape=_same, out_dtype=_same, library: str = "path"):
+    """The `ops.Custom` primitive running kernel `name` of the fused library (call only when `available()`), or of
+    the AMX one with library="amx_path" (only when `amx_gemm()`)."""
     from mindspore import ops
-    return ops.Custom(f"{_STATE['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return ops.Custom(f"{_STATE[library]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+
+def linear_bf16x3():
+    """x (M, K), W (N, K) [, b (N)] -> x W^T [+ b] (M, N) on AMX tiles."""
+    return op("LinearBf16x3", out_shape=lambda x, w, *b: (x[0], w[0]), library="amx_path")
 
 
 def to_heads(num_heads: int):

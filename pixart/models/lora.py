@@ -96,7 +96,7 @@ class LoRALinear(Linear):
 
     def construct(self, x):
         h = x.reshape(-1, self.in_features)  # (M, in)
-        y = self.matmul(h, self.weight)  # (M, out): x W^T
+        y = self.product(h)  # (M, out): x W^T, as the base layer computes it (+ b where its kernel adds it)
         if self.dropout is not None:
             h = self.dropout(h)
         scale = self.lora_scale.astype(h.dtype)
