@@ -7,7 +7,8 @@ weights, a classifier-free-guidance batch of 2, both in this one process tree.
 Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's cross-attention keys/values once per
 prompt, timed apart, then one compiled denoiser graph per step); `--entry call` times the whole forward pass
 (caption work included in every call) instead, `--mode pynative` PyNative. Each run is a fresh child process (its
-own peak RSS), sides alternate; the first call (ours: graph compilation) is reported apart from the timed steps,
+own peak RSS), sides alternate (`--sides ours,ours_amx,torch` adds ours with the opt-in AMX bf16x3
+matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX); the first call (ours: graph compilation) is reported apart from the timed steps,
 with the number of graphs compiled (it must not grow across steps).
 """
 from __future__ import annotations
@@ -36,7 +37,10 @@ def inputs(size: int, tokens: int = 120):
 def child(side: str, a) -> dict:
     x, t, y, mask = inputs(a.size)
     extra = {}
-    if side == "ours":
+    if side.startswith("ours"):
+        if side == "ours_amx":  # the opt-in AMX bf16x3 matmul instead of MindSpore's fp32 MatMul
+            import os
+            os.environ["PIXART_CPU_GEMM"] = "bf16x3"
         import mindspore as ms
         from pixart import backend
         from pixart.models.pixart import PixArt, preset_config
@@ -69,7 +73,7 @@ def child(side: str, a) -> dict:
             with torch.no_grad():
                 return model(**args).sample.numpy()
     first, times = timed(step, a.steps)
-    if side == "ours":
+    if side.startswith("ours"):
         extra["compiles_after_first"] = model.compile_count()
         step()
         extra["compiles_after_all"] = model.compile_count()
@@ -98,6 +102,9 @@ def main():
              f"(ours: {a.mode}, {a.entry})")
     print()
     print(table(title, rows))
+    if "ours_amx" in results:
+        o, f = summary(results["ours_amx"])["median"], summary(results["ours"])["median"]
+        print(f"ours_amx (AMX bf16x3 matmul) / ours (MindSpore fp32 MatMul): {o / f:.2f}x")
     if "ours" in results:
         c = [(r["compiles_after_first"], r["compiles_after_all"]) for r in results["ours"]]
         print(f"graphs compiled (ours) after the first step / after all steps: {c}")

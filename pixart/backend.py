@@ -105,9 +105,9 @@ class Linear(nn.Cell):
     On CPU a transposed-B MatMul on a 2-D view is ~8x faster in PyNative than mint's Linear kernel (measured at
     64x4096 @ 4096x4096: 0.15 s vs 1.2 s) and as fast in graph mode; bias and activation then run as one fused
     kernel where `fused_cpu()` (measured on (512, 4608): 2.5 ms vs 18 ms for BiasAdd + the six GELU ops). On CPUs
-    with Intel AMX (`kernels.amx_gemm()`), fp32 inference takes the product (and the bias) from the AMX bf16x3
-    kernel instead: ~5e-6 relative error per product, ~1.25x faster per PixArt step; `amx=False` keeps strict fp32
-    (the T5 encoder: it runs once per prompt, so speed buys little there). Ascend uses mint's fused Linear.
+    with Intel AMX and PIXART_CPU_GEMM=bf16x3 (`kernels.amx_gemm()`, opt-in), fp32 inference takes the product
+    (and the bias) from the AMX bf16x3 kernel instead: ~5e-6 relative error per product; `amx=False` keeps strict
+    fp32 regardless (the T5 encoder: it runs once per prompt). Ascend uses mint's fused Linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,

@@ -139,13 +139,15 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_amx_matmul_is_fp32_accurate_on_any_shape(mode, rng):
+def test_amx_matmul_is_fp32_accurate_on_any_shape(mode, rng, monkeypatch):
     """Linear's AMX bf16x3 product (pixart/kernels/amx_gemm.cc) against float64 on shapes with every kind of edge
     (M, N, K not multiples of the 32x32 blocks or of the 32-wide K steps, K spanning several K blocks); training
     mode keeps MindSpore's fp32 MatMul (the kernel has no gradient)."""
     from pixart import kernels
+    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "amx"})  # restored after
+    monkeypatch.setenv("PIXART_CPU_GEMM", "bf16x3")
     if not kernels.amx_gemm():
-        pytest.skip("this CPU has no AMX (or PIXART_CPU_GEMM=fp32): Linear uses MindSpore's fp32 MatMul")
+        pytest.skip("this CPU has no AMX: Linear always uses MindSpore's fp32 MatMul")
     backend.setup("CPU", mode)
     try:
         for (m, k, n), bias in zip([(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65)], [1, 0, 1, 0, 1]):
@@ -164,14 +166,19 @@ def test_amx_matmul_is_fp32_accurate_on_any_shape(mode, rng):
         backend.setup("CPU", "pynative")
 
 
-def test_amx_matmul_can_be_turned_off(monkeypatch):
+def test_amx_matmul_is_opt_in(monkeypatch):
+    """Strict fp32 MatMul unless PIXART_CPU_GEMM=bf16x3; a bad value is a clear error; no fused kernels, no AMX."""
     from pixart import kernels
-    monkeypatch.setattr(kernels, "_STATE", {})
-    monkeypatch.setenv("PIXART_CPU_GEMM", "fp32")
+    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "amx"})
+    monkeypatch.delenv("PIXART_CPU_GEMM", raising=False)
     assert not kernels.amx_gemm() and backend.Linear(4, 4).amx_matmul is None
     monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("PIXART_CPU_GEMM", "bf17")
+    with pytest.raises(ValueError, match="PIXART_CPU_GEMM must be 'fp32' or 'bf16x3', got 'bf17'"):
+        kernels.amx_gemm()
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("PIXART_CPU_GEMM", "bf16x3")
     monkeypatch.setenv("PIXART_FUSED_KERNELS", "0")
-    monkeypatch.delenv("PIXART_CPU_GEMM")
     assert not kernels.amx_gemm()
 
 

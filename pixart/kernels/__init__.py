@@ -5,7 +5,9 @@ Each library is built once per machine with the system C++ compiler into a cache
 ~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
 compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and pixart/backend.py keeps its
 unfused MindSpore ops, which compute the same functions. `amx_gemm()` says whether Linear layers use the AMX
-matmul: the CPU has AMX, the kernel may use it, and `PIXART_CPU_GEMM` is not `fp32` (strict fp32 MindSpore MatMul).
+matmul: opt-in with `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX and the kernel grants the tile state (default:
+strict fp32 MindSpore MatMul; on the 2-core VM measured, the AMX kernel was 1.3x faster per step in one A/B and 1.12x
+slower in another, see docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -72,10 +74,13 @@ def available() -> bool:
 
 
 def amx_gemm() -> bool:
-    """Whether Linear layers may use the AMX bf16x3 matmul in this process (needs the fused kernels too)."""
+    """Whether Linear layers use the AMX bf16x3 matmul in this process (PIXART_CPU_GEMM=bf16x3, AMX, fused kernels)."""
     if "amx" not in _STATE:
         _STATE["amx"] = False
-        if available() and os.environ.get("PIXART_CPU_GEMM", "bf16x3") != "fp32" and "amx_bf16" in _cpu_id():
+        gemm = os.environ.get("PIXART_CPU_GEMM", "fp32")
+        if gemm not in ("fp32", "bf16x3"):
+            raise ValueError(f"PIXART_CPU_GEMM must be 'fp32' or 'bf16x3', got {gemm!r}")
+        if gemm == "bf16x3" and available() and "amx_bf16" in _cpu_id():
             try:
                 path = build(source=AMX_SOURCE)
                 if ctypes.CDLL(str(path)).AmxAvailable() == 1:  # the kernel granted this process the tile state
