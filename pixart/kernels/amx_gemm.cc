@@ -114,6 +114,14 @@ AMX_TARGET void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+// Accumulator tiles 0-3 (2 x 2 blocks of 16 x 16) += x tiles 4-5 (two row blocks) times W tiles 6-7 (two columns).
+AMX_TARGET __attribute__((always_inline)) inline void multiply_2x2() {
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // y[m0:m0+32, n0:n0+32] (+)= x-block . W-panel over `steps` K steps; the first K block starts from `bias` (32 values
 // for these columns, every row; nullptr: zero) unless `accumulate`. xh/xl: the x tiles of this K block for row
 // tiles m0/16 and m0/16+1 (tile t of step s at [s][t]); wh/wl: the panel's tiles ([s][0..1]). Edge blocks go
@@ -152,24 +160,15 @@ AMX_TARGET void micro_block(const uint16_t *xh, const uint16_t *xl, int64_t x_st
     _tile_loadd(5, a_hi + kTile * kStep, 64);
     _tile_loadd(6, b_hi, 64);
     _tile_loadd(7, b_hi + kTile * kStep, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    multiply_2x2();
     _tile_loadd(6, b_lo, 64);
     _tile_loadd(7, b_lo + kTile * kStep, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    multiply_2x2();
     _tile_loadd(4, a_lo, 64);
     _tile_loadd(5, a_lo + kTile * kStep, 64);
     _tile_loadd(6, b_hi, 64);
     _tile_loadd(7, b_hi + kTile * kStep, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    multiply_2x2();
   }
   _tile_stored(0, c, ldc * 4);
   _tile_stored(1, c + 16, ldc * 4);
