@@ -8,8 +8,8 @@ Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's c
 prompt, timed apart, then one compiled denoiser graph per step); `--entry call` times the whole forward pass
 (caption work included in every call) instead, `--mode pynative` PyNative. Each run is a fresh child process (its
 own peak RSS), sides alternate (`--sides ours,ours_amx,torch` adds ours with the opt-in AMX bf16x3
-matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX); the first call (ours: graph compilation) is reported apart from the timed steps,
-with the number of graphs compiled (it must not grow across steps).
+matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX); the first call (ours: graph compilation) is reported
+apart from the timed steps, with the number of graphs compiled (it must not grow across steps).
 """
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ def main():
     for i, ((m, k, n), _, names) in enumerate(SHAPES):
         gflop = 2 * m * k * n / 1e9
         r = [gflop / med[s][i] for s in ("torch", "mindspore", "ours")]
-        print(f"| {(m, k, n)} | {names} | {r[0]:.0f} | {r[1]:.0f} | {r[2]:.0f} | {med['ours'][i] / med['torch'][i]:.2f}x |")
+        ratio = med["ours"][i] / med["torch"][i]
+        print(f"| {(m, k, n)} | {names} | {r[0]:.0f} | {r[1]:.0f} | {r[2]:.0f} | {ratio:.2f}x |")
     block = {s: sum(count * med[s][i] for i, (_, count, _) in enumerate(SHAPES)) for s in sides}
     print("\none block's Linear layers, s: " + ", ".join(f"{s} {v:.4f}" for s, v in block.items())
           + f"; ours / torch {block['ours'] / block['torch']:.2f}x, ours / MindSpore MatMul "

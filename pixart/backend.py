@@ -123,6 +123,7 @@ class Linear(nn.Cell):
         self.use_mint = on_ascend()
         self.matmul = ops.MatMul(transpose_b=True)
         self.amx_matmul = kernels.linear_bf16x3() if amx and fused_cpu() and kernels.amx_gemm() else None
+        self.amx_adds_bias = self.amx_matmul is not None and bias and activation is None  # else the epilogue adds it
         self.fused_gelu = kernels.op("BiasGeluTanh") if activation and bias and fused_cpu() else None
 
     def construct(self, x):
@@ -138,7 +139,7 @@ class Linear(nn.Cell):
     def product(self, x2d):
         """x W^T for x (M, in) as (M, out); plus the bias where the AMX kernel adds it (`epilogue` then does not)."""
         if self.on_amx(x2d.dtype):
-            if self.bias is not None and self.activation is None:
+            if self.amx_adds_bias:
                 return self.amx_matmul(x2d, self.weight, self.bias)
             return self.amx_matmul(x2d, self.weight)
         return self.matmul(x2d, self.weight)
@@ -149,7 +150,7 @@ class Linear(nn.Cell):
         if self.fused_gelu is not None and not self.training and y.dtype == ms.float32:
             y = self.fused_gelu(y, self.bias)
         else:
-            if self.bias is not None and not (self.on_amx(y.dtype) and self.activation is None):
+            if self.bias is not None and not (self.amx_adds_bias and self.on_amx(y.dtype)):
                 y = ops.bias_add(y, self.bias.astype(y.dtype))  # BiasAdd: a broadcast Add costs ~4 output buffers
             if self.activation is not None:
                 y = self.activation(y)

@@ -1,8 +1,8 @@
 """CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc) and, on CPUs with Intel
 AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
 
-Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`, default
-~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
+Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
+default ~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
 compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and pixart/backend.py keeps its
 unfused MindSpore ops, which compute the same functions. `amx_gemm()` says whether Linear layers use the AMX
 matmul: opt-in with `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX and the kernel grants the tile state (default:
@@ -23,7 +23,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fused_cpu.cc")
 AMX_SOURCE = Path(__file__).with_name("amx_gemm.cc")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-Wl,-z,now"]  # fast-math: libmvec expf
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]  # fast-math: libmvec expf
 _STATE: dict = {}
 
 

@@ -1,10 +1,11 @@
 // fp32 GEMM y = x W^T on Intel AMX tiles, as three bf16 products ("bf16x3"), for MindSpore's CPU backend
 // (ops.Custom, func_type "aot"; same calling convention as fused_cpu.cc).
 //
-// Why: a PixArt-XL/2 step is ~95% matmul. On an AMX CPU (Sapphire Rapids and later) the fp32 FMA units peak at ~100
-// GFLOP/s per core while a bf16 tile multiply peaks at ~1,400; three bf16 products per fp32 product keep ~16 bits
-// of mantissa (relative error ~1e-5 per matmul, inside the port's 1e-4 fp32 parity contract) at several times
-// the speed of any fp32 GEMM on the same cores.
+// Why: a PixArt-XL/2 step is ~80% Linear matmuls. On an AMX CPU (Sapphire Rapids and later) the fp32 FMA units
+// peak at ~130 GFLOP/s per core here while a register-only bf16 tile multiply reached ~1,400; three bf16 products
+// per fp32 product keep ~16 bits of mantissa (relative error ~5e-6 per matmul, inside the port's 1e-4 fp32 parity
+// contract). Measured, this kernel reaches ~110-180 GFLOP/s fp32-equivalent (it is bound by tile loads: 10 per 12
+// multiplies with 8 tile registers), about MKL's level, so it is opt-in (PIXART_CPU_GEMM=bf16x3).
 //
 // Each fp32 value v splits into hi = bf16(v) and lo = bf16(v - hi) (both rounded to nearest even); then
 // x w = xh wh + xh wl + xl wh (+ xl wl, ~2^-16 relative, dropped), accumulated in fp32 by the tile unit.
@@ -12,7 +13,7 @@
 // Layout: x (M, K) and W (N, K) row-major fp32 (PyTorch's Linear layout), y (M, N) fp32. Any M, N, K (edges are
 // zero-padded while packing). x is packed once per call into 16-row x 32-column tiles (hi and lo); each thread
 // takes a range of 32-column panels of W, packs a panel (hi and lo, in the tile unit's pairwise "VNNI" layout) for
-// a K block that stays in L1/L2, and runs it against every 32-row block of x: four 16x16 fp32 accumulator tiles.
+// a K block that stays in L2, and runs it against every 32-row block of x: four 16x16 fp32 accumulator tiles.
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -27,7 +28,6 @@ namespace {
 constexpr int kTile = 16;     // tile rows (x rows, or W column pairs' rows in VNNI layout)
 constexpr int kStep = 32;     // bf16 values along K per tile row
 constexpr int kBlockK = 512;  // K block: a W panel (32 x 512 x hi/lo) is 64 KB
-constexpr int kTileBytes = kTile * 64;
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -57,19 +57,23 @@ AMX_TARGET inline void split_edge(const float *v, int64_t n, uint16_t *hi, uint1
   split32(buf, hi, lo);
 }
 
+// Row `row` of a row-major fp32 matrix with `count` rows of length k, values [k0, k0+32) -> 32 hi and 32 lo bf16;
+// zeros beyond the matrix (a padding row, or past k).
+AMX_TARGET inline void split_row(const float *a, int64_t count, int64_t k, int64_t row, int64_t k0, uint16_t *hi,
+                                 uint16_t *lo) {
+  const int64_t valid = k - k0 < kStep ? k - k0 : kStep;
+  if (row >= count)
+    split_edge(a, 0, hi, lo);
+  else if (valid == kStep)
+    split32(a + row * k + k0, hi, lo);
+  else
+    split_edge(a + row * k + k0, valid, hi, lo);
+}
+
 // x rows [m0, m0+16) x K block [k0, k0+32) -> one hi and one lo tile (16 rows x 32 bf16), zero beyond M or K.
 AMX_TARGET void pack_x_tile(const float *x, int64_t m, int64_t k, int64_t m0, int64_t k0, uint16_t *hi,
                             uint16_t *lo) {
-  const int64_t valid = k - k0 < kStep ? k - k0 : kStep;
-  for (int r = 0; r < kTile; ++r) {
-    const int64_t row = m0 + r;
-    if (row >= m)
-      split_edge(x, 0, hi + r * kStep, lo + r * kStep);
-    else if (valid == kStep)
-      split32(x + row * k + k0, hi + r * kStep, lo + r * kStep);
-    else
-      split_edge(x + row * k + k0, valid, hi + r * kStep, lo + r * kStep);
-  }
+  for (int r = 0; r < kTile; ++r) split_row(x, m, k, m0 + r, k0, hi + r * kStep, lo + r * kStep);
 }
 
 // W rows (output columns) [n0, n0+16) x K block [k0, k0+32) -> hi and lo tiles in VNNI layout: tile row p holds,
@@ -78,17 +82,8 @@ AMX_TARGET void pack_x_tile(const float *x, int64_t m, int64_t k, int64_t m0, in
 AMX_TARGET void pack_w_tile(const float *w, int64_t n, int64_t k, int64_t n0, int64_t k0, uint16_t *hi,
                             uint16_t *lo) {
   alignas(64) uint32_t rows_hi[kTile][kTile], rows_lo[kTile][kTile];
-  const int64_t valid = k - k0 < kStep ? k - k0 : kStep;
-  for (int c = 0; c < kTile; ++c) {
-    const int64_t row = n0 + c;
-    auto *h = reinterpret_cast<uint16_t *>(rows_hi[c]), *l = reinterpret_cast<uint16_t *>(rows_lo[c]);
-    if (row >= n)
-      split_edge(w, 0, h, l);
-    else if (valid == kStep)
-      split32(w + row * k + k0, h, l);
-    else
-      split_edge(w + row * k + k0, valid, h, l);
-  }
+  for (int c = 0; c < kTile; ++c)
+    split_row(w, n, k, n0 + c, k0, reinterpret_cast<uint16_t *>(rows_hi[c]), reinterpret_cast<uint16_t *>(rows_lo[c]));
   auto *th = reinterpret_cast<uint32_t *>(hi), *tl = reinterpret_cast<uint32_t *>(lo);
   for (int p = 0; p < kTile; ++p)
     for (int c = 0; c < kTile; ++c) {
@@ -123,8 +118,9 @@ AMX_TARGET __attribute__((always_inline)) inline void multiply_2x2() {
 }
 
 // y[m0:m0+32, n0:n0+32] (+)= x-block . W-panel over `steps` K steps; the first K block starts from `bias` (32 values
-// for these columns, every row; nullptr: zero) unless `accumulate`. xh/xl: the x tiles of this K block for row
-// tiles m0/16 and m0/16+1 (tile t of step s at [s][t]); wh/wl: the panel's tiles ([s][0..1]). Edge blocks go
+// for these columns, every row; nullptr: zero) unless `accumulate`. xh/xl: this 32-row block's first x tiles of the
+// K block (rows m0..m0+15, then m0+16..m0+31; the next step's x_step_stride further); wh/wl: the panel's tiles
+// ([s][0..1]). Edge blocks go
 // through a 32x32 scratch buffer so that tile loads and stores never touch memory outside y.
 AMX_TARGET void micro_block(const uint16_t *xh, const uint16_t *xl, int64_t x_step_stride, const uint16_t *wh,
                             const uint16_t *wl, int steps, float *y, int64_t ldy, int64_t rows, int64_t cols,
