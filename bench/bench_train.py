@@ -3,6 +3,7 @@ vs diffusers' PixArtTransformer2DModel + torch.optim.AdamW (PyTorch), 256 px, ba
 one process tree.
 
     python bench/bench_train.py --depth 28 --runs 2 --steps 3
+    python bench/bench_train.py --depth 28 --recompute            # ours: block by block (train.py --recompute)
     python bench/bench_train.py --depth 8                         # a cheaper look
 
 A step is forward, loss (ours: MSE + the learned-variance bound, as train.py; PyTorch: the same MSE plus a squared
@@ -59,14 +60,18 @@ def child(side: str, a) -> dict:
         from pixart.models.pixart import PixArt, preset_config
         from pixart.training.optimizers import build_optimizer
         from pixart.training.step import TrainStep
+        from pixart.training.blockwise import BlockwiseTrainStep
         backend.setup("CPU", a.mode, threads=a.threads or None)
         model = PixArt(preset_config("PixArt-XL-2-256x256", depth=a.depth))
-        if a.recompute:
+        host_recompute = a.recompute and backend.host_driven_recompute()  # as train.py --recompute
+        if a.recompute and not host_recompute:
             for block in model.blocks:
                 block.recompute()
         optimizer = build_optimizer("adamw", model.trainable_params(), 2e-5, None, None, None)
         step_cell = TrainStep(DiffusionLoss(model), optimizer)
         step_cell.set_train(True)
+        if host_recompute:
+            step_cell = BlockwiseTrainStep(step_cell)
         inputs = [Tensor(b[k]) for k in ("x0", "t", "noise", "y", "mask", "img_hw", "aspect_ratio", "drop")]
         lr = Tensor(2e-5, ms.float32)
 
@@ -103,7 +108,8 @@ def main():
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per child, after the first")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"], help="ours: MindSpore mode")
-    p.add_argument("--recompute", action="store_true", help="both sides: recompute each block in backward")
+    p.add_argument("--recompute", action="store_true",
+                   help="both sides: recompute each block in backward (ours in graph mode: block by block)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max_rss_gb", type=float, default=20.0, help="a child above this is stopped")
     a = parse_or_run_child(p, child)

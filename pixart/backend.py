@@ -54,6 +54,13 @@ def configure(flash_attention: bool | None = None) -> None:
     _STATE["flash_attention"] = flash_attention
 
 
+def host_driven_recompute() -> bool:
+    """Whether training's per-block recompute runs block by block from the host (`pixart.training.blockwise`)
+    rather than as `Cell.recompute()` inside one graph: on MindSpore's CPU backend in graph mode, whose runtime keeps
+    every activation of a graph alive (measured: recompute inside the graph lowered nothing)."""
+    return device_target() == "CPU" and ms.get_context("mode") == ms.GRAPH_MODE
+
+
 def fused_cpu() -> bool:
     """Whether layers use the fused fp32 CPU kernels (pixart/kernels): on MindSpore's CPU backend, where they build.
     Inference only (a Cell in training mode keeps the plain ops, which have gradients)."""
@@ -93,6 +100,19 @@ def expand_as(small, x):
 def chunk(x, chunks: int, axis: int = -1):
     """Split into equal parts; `mint.chunk` has no CPU kernel in graph mode, equal-size `ops.split` does."""
     return ops.split(x, x.shape[axis] // chunks, axis)
+
+
+class Method(nn.Cell):
+    """A method of a Cell as a Cell of its own: in graph mode it compiles on its own (`PixArt.sampler_parts`,
+    `TrainStep.update`). auto_prefix=False: the wrapped Cell's parameter names stay as they are."""
+
+    def __init__(self, owner: nn.Cell, name: str):
+        super().__init__(auto_prefix=False)
+        self.owner = owner
+        self.method = name
+
+    def construct(self, *args):
+        return getattr(self.owner, self.method)(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -102,12 +102,16 @@ def test_loss_matches_official_formulas_values_and_gradients(rng):
 SHAPES = [(6, 5), (3, 2, 2, 2), (7,)]
 
 
-def _run_mindspore(opt_cls, params0, grads, lrs, **kw):
+def _run_mindspore(opt_cls, params0, grads, lrs, in_place=False, **kw):
     params = [Parameter(Tensor(p.copy()), name=f"p{i}") for i, p in enumerate(params0)]
     opt = opt_cls(params, lrs[0], **kw)
     order = [int(p.name[1:]) for p in opt.parameters]  # CAME puts matrices first
     for g, lr in zip(grads, lrs):
-        opt(tuple(Tensor(g[i]) for i in order), Tensor(lr, ms.float32))
+        if in_place:  # the kernel gets the gradients times loss scale 8 and divides by 8 * coef 0.5 = 4
+            opt.update_in_place(tuple(Tensor(g[i] * 4) for i in order), Tensor(lr, ms.float32), Tensor(8.0),
+                                Tensor(0.5), Tensor(0.0))
+        else:
+            opt(tuple(Tensor(g[i]) for i in order), Tensor(lr, ms.float32))
     return [p.asnumpy() for p in params]
 
 
@@ -144,15 +148,18 @@ def torch_came_step(p, g, state, lr, betas, eps, wd, clip=1.0):
     p.add_(-update * lr)
 
 
-@pytest.mark.parametrize("name", ["adamw", "came"])
+@pytest.mark.parametrize("name", ["adamw", "adamw_in_place", "came"])
 def test_optimizers_match_pytorch(rng, name):
+    """adamw_in_place: the fused CPU kernel (`AdamW.update_in_place`) that the train step uses on CPU."""
+    if name == "adamw_in_place" and AdamW([Parameter(Tensor(np.zeros(2, np.float32)), name="x")], 0.1).kernel is None:
+        pytest.skip("no fused CPU kernels in this process (no compiler, or PIXART_FUSED_KERNELS=0)")
     params0 = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     grads = [[rng.standard_normal(s).astype(np.float32) * 10 ** rng.uniform(-3, 0) for s in SHAPES]
              for _ in range(5)]
     lrs = [0.0, 1e-2, 2e-2, 2e-2, 5e-3]  # warm-up starts at 0
     tp = [torch.tensor(p.copy()) for p in params0]
-    if name == "adamw":
-        ours = _run_mindspore(AdamW, params0, grads, lrs, eps=1e-10, weight_decay=0.03)
+    if name.startswith("adamw"):
+        ours = _run_mindspore(AdamW, params0, grads, lrs, name == "adamw_in_place", eps=1e-10, weight_decay=0.03)
         opt = torch.optim.AdamW(tp, lr=lrs[0], eps=1e-10, weight_decay=0.03)
         for g, lr in zip(grads, lrs):
             for p, gi in zip(tp, g):
@@ -205,11 +212,36 @@ def _quad_batch(rng, b):
 LR = Tensor(0.1, ms.float32)
 
 
-def _quad_step(accumulate=1, clip=0.0, scale=1.0, dynamic=False, ema=None):
+def _quad_step(accumulate=1, clip=0.0, scale=1.0, dynamic=False, ema=None, in_place=None):
     net = Quadratic()
     opt = AdamW([net.w], 0.0, weight_decay=0.0)  # the lr comes with every step
     e = EMA(opt.parameters, ema) if ema is not None else None
-    return net, opt, e, TrainStep(net, opt, e, clip, accumulate, 1, scale, dynamic, scale_window=2)
+    step = TrainStep(net, opt, e, clip, accumulate, 1, scale, dynamic, scale_window=2)
+    if in_place is not None:
+        step.in_place = in_place and step.in_place
+    return net, opt, e, step
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_in_place_update_equals_the_op_by_op_update(rng, mode, request):
+    """On CPU the step's norm, AdamW and EMA run as in-place kernels (no gradient-sized temporaries); they give the
+    op-by-op results, in both modes, with clipping, accumulation, loss scaling and EMA."""
+    if mode == "graph":
+        request.getfixturevalue("graph_mode")
+    runs = []
+    for in_place in (True, False):
+        net, opt, ema, step = _quad_step(accumulate=2, clip=0.05, scale=8.0, ema=0.5, in_place=in_place)
+        if in_place and not step.in_place:
+            pytest.skip("no fused CPU kernels in this process (no compiler, or PIXART_FUSED_KERNELS=0)")
+        data = _quad_batch(np.random.default_rng(1), 4)
+        norms = []
+        for _ in range(3):
+            step(*[d[:2] for d in data], LR, False)
+            norms.append(float(step(*[d[2:] for d in data], LR, True)[2].asnumpy()))
+        runs.append((net.w.asnumpy(), ema.state_dict()["w"], norms))
+    (w1, e1, n1), (w2, e2, n2) = runs
+    assert not np.allclose(w1, [1.0, -2.0, 0.5])  # the weights moved
+    assert np.allclose(w1, w2, atol=1e-6) and np.allclose(e1, e2, atol=1e-6) and np.allclose(n1, n2, rtol=1e-5)
 
 
 def test_accumulation_equals_one_big_batch_and_clipping(rng):

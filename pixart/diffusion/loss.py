@@ -82,11 +82,19 @@ class DiffusionLoss(nn.Cell):
         return ops.gather(table, t, 0).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
 
     def construct(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop):
-        x0 = x0.astype(ms.float32)
-        t = t.astype(ms.int32)
-        x_t = self._at(self.sqrt_ac, t) * x0 + self._at(self.sqrt_1m_ac, t) * noise  # q(x_t | x_0)
+        x0, t = x0.astype(ms.float32), t.astype(ms.int32)
+        x_t = self.noised(x0, t, noise)
         data_info = {"img_hw": img_hw, "aspect_ratio": aspect_ratio}
-        out = self.model(x_t, t.astype(ms.float32), y, mask, data_info, drop).astype(ms.float32)  # (B, 2C, H, W)
+        out = self.model(x_t, t.astype(ms.float32), y, mask, data_info, drop)  # (B, 2C, H, W)
+        return self.terms(out, x0, x_t, t, noise)
+
+    def noised(self, x0, t, noise):
+        """q(x_t | x_0): the training input at step t (B,) int32."""
+        return self._at(self.sqrt_ac, t) * x0 + self._at(self.sqrt_1m_ac, t) * noise
+
+    def terms(self, out, x0, x_t, t, noise):
+        """The model's output (B, C or 2C, H, W) at x_t -> (batch-mean loss, (3, B) per-sample [loss, mse, vb])."""
+        out = out.astype(ms.float32)
         c = x0.shape[1]
         eps = out[:, :c]
         mse = mean_flat((noise - eps) ** 2)  # (B,)

@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from pixart.backend import Attention, Conv2d, GatedResidual, LayerNorm, Linear, chunk, expand_as
+from pixart.backend import Attention, Conv2d, GatedResidual, LayerNorm, Linear, Method, chunk, expand_as
 
 
 #################################################################################
@@ -267,17 +267,33 @@ class PixArt(nn.Cell):
     def encode_caption(self, y, force_drop_ids=None):
         """T5 features (N, 1, L, C_text) -> every block's cross-attention keys and values, a tuple of (N, L, 2D).
         Independent of the latents and the timestep: sampling runs it once per prompt."""
+        y = self.embed_caption(y, force_drop_ids)
+        return tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
+
+    def embed_caption(self, y, force_drop_ids=None):
+        """T5 features (N, 1, L, C_text) -> caption tokens (N, L, D) by the caption MLP (null caption where dropped)."""
         n = y.shape[0]
         y = self.y_embedder(y.astype(self.t_block[1].weight.dtype), force_drop_ids)  # (N, 1, L, D)
-        y = y.reshape(n, -1, y.shape[-1])  # (N, L, D)
-        return tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
+        return y.reshape(n, -1, y.shape[-1])
 
     def denoise(self, x, timestep, caption_kv, mask=None, data_info=None):
         """The denoiser given `encode_caption`'s keys and values: latents (N, C, H, W) -> (N, C_out, H, W)."""
+        hw = self.token_grid(x)
+        mask = caption_mask(mask, x.shape[0], caption_kv[0].shape[1])
+        x, t, t0 = self.embed(x, timestep, data_info)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caption_kv[i], t0, mask, hw)  # (N, T, D)
+        return self.final(x, t, hw)
+
+    def token_grid(self, x):
+        """The (h, w) grid of patch tokens of latents (N, C, H, W)."""
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def embed(self, x, timestep, data_info=None):
+        """Latents, timestep and micro-conditions -> (tokens + position embedding (N, T, D), timestep embedding t
+        (N, D) for the final layer, adaLN-single input t0 (N, 6D) for the blocks)."""
         n = x.shape[0]
-        if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1).broadcast_to((n, caption_kv[0].shape[1]))  # (N, L)
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        h, w = self.token_grid(x)
         dtype = self.t_block[1].weight.dtype
         pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
                                              self.base_size))
@@ -288,11 +304,11 @@ class PixArt(nn.Cell):
             csize = self.csize_embedder(data_info["img_hw"].astype(ms.float32).reshape(-1, 2))  # (N, 2D/3)
             ar = self.ar_embedder(data_info["aspect_ratio"].astype(ms.float32).reshape(-1, 1))  # (N, D/3)
             t = t + mint.cat([csize, ar], 1).broadcast_to(t.shape)
-        t0 = self.t_block(t)  # (N, 6D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, caption_kv[i], t0, mask, (h, w))  # (N, T, D)
-        x = self.final_layer(x, t)  # (N, T, p * p * C_out)
-        return self.unpatchify(x, h, w)  # (N, C_out, H, W)
+        return x, t, self.t_block(t)
+
+    def final(self, x, t, hw):
+        """Block output (N, T, D) -> (N, C_out, H, W): the final layer, then patches back to the latent grid."""
+        return self.unpatchify(self.final_layer(x, t), hw[0], hw[1])
 
     def sampler_parts(self):
         """(encode_caption, denoise) as callables for sampling: in graph mode each is compiled on its own, so a
@@ -300,7 +316,7 @@ class PixArt(nn.Cell):
         if ms.get_context("mode") != ms.GRAPH_MODE:
             return self.encode_caption, self.denoise
         if not self.compiled_parts:
-            self.compiled_parts.update(encode_caption=_Method(self, "encode_caption"), denoise=_Method(self, "denoise"))
+            self.compiled_parts.update(encode_caption=Method(self, "encode_caption"), denoise=Method(self, "denoise"))
         encode = self.compiled_parts["encode_caption"]
         # mutable: a tuple of Tensors passed to a graph is otherwise a constant, and new values would recompile it
         return (lambda y, force_drop_ids=None: ms.mutable(encode(y, force_drop_ids))), self.compiled_parts["denoise"]
@@ -317,17 +333,11 @@ class PixArt(nn.Cell):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
 
-class _Method(nn.Cell):
-    """A method of a Cell, compiled on its own in graph mode (`PixArt.sampler_parts`). auto_prefix=False: the
-    wrapped model's parameter names stay as they are."""
-
-    def __init__(self, owner: nn.Cell, name: str):
-        super().__init__(auto_prefix=False)
-        self.owner = owner
-        self.method = name
-
-    def construct(self, *args):
-        return getattr(self.owner, self.method)(*args)
+def caption_mask(mask, n: int, length: int):
+    """A caption mask given as (N, L), (N, 1, 1, L) ... or (1, L) -> (n, length); None stays None."""
+    if mask is None:
+        return None
+    return mask.reshape(mask.shape[0], -1).broadcast_to((n, length))
 
 
 #################################################################################

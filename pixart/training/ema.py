@@ -6,15 +6,25 @@ caption `y_embedding`) are saved from the model as they are.
 from __future__ import annotations
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from pixart import kernels
+from pixart.backend import fused_cpu
+
 _ema = ops.MultitypeFuncGraph("ema")
+_ema_in_place = ops.MultitypeFuncGraph("ema_in_place")
 
 
 @_ema.register("Number", "Tensor", "Tensor")
 def _ema_update(rate, average, param):
     ops.assign(average, average * rate + param * (1.0 - rate))
     return True
+
+
+@_ema_in_place.register("Function", "Tensor", "Tensor", "Tensor")
+def _ema_in_place_update(kernel, hyper, average, param):
+    return kernel(average, param, hyper)
 
 
 class EMA(nn.Cell):
@@ -27,8 +37,17 @@ class EMA(nn.Cell):
         self.averages = ParameterTuple([Parameter(Tensor(p.asnumpy().astype(np.float32)), name=f"ema.{p.name}",
                                                   requires_grad=False) for p in self.params])
         self.hyper_map = ops.HyperMap()
+        # MindSpore CPU: one in-place kernel per parameter, no parameter-sized temporaries (see AdamW.update_in_place)
+        self.kernel = (kernels.op("EmaUpdate", out_shape=lambda *_: (1,))
+                       if fused_cpu() and all(p.dtype == ms.float32 for p in self.params) else None)
 
-    def construct(self):
+    def construct(self, after=None):
+        """Average in the current weights; `after` (a scalar from the in-place optimizer update) orders the in-place
+        kernels after the weights' writes."""
+        if self.kernel is not None and after is not None:
+            hyper = ops.stack([Tensor(self.rate, ms.float32), after.reshape(()).astype(ms.float32)])
+            return ops.addn(self.hyper_map(ops.partial(_ema_in_place, self.kernel, hyper), self.averages,
+                                           self.params))
         return self.hyper_map(ops.partial(_ema, self.rate), self.averages, self.params)
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -21,9 +21,13 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from pixart import kernels
+from pixart.backend import fused_cpu
+
 _adamw = ops.MultitypeFuncGraph("adamw")
 _came_matrix = ops.MultitypeFuncGraph("came_matrix")
 _came_vector = ops.MultitypeFuncGraph("came_vector")
+_adamw_in_place = ops.MultitypeFuncGraph("adamw_in_place")
 
 
 @_adamw.register("Tensor", "Tensor", "Number", "Number", "Number", "Number", "Tensor", "Tensor", "Tensor", "Tensor")
@@ -38,6 +42,11 @@ def _adamw_update(lr, step, beta1, beta2, eps, weight_decay, param, m, v, grad):
     ops.assign(v, new_v)
     ops.assign(param, new_p)
     return True
+
+
+@_adamw_in_place.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _adamw_in_place_update(kernel, hyper, param, m, v, grad):
+    return kernel(param, m, v, grad, hyper)
 
 
 def _rms(x):
@@ -142,6 +151,9 @@ class AdamW(Optimizer):
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.exp_avg = _zeros_like(self.parameters, "adamw.exp_avg")
         self.exp_avg_sq = _zeros_like(self.parameters, "adamw.exp_avg_sq")
+        # MindSpore CPU: the update as one in-place kernel per parameter (`update_in_place`), fp32 parameters only
+        self.kernel = (kernels.op("AdamWUpdate", out_shape=lambda *_: (1,))
+                       if fused_cpu() and all(p.dtype == ms.float32 for p in self.parameters) else None)
 
     def construct(self, grads, lr):
         step = self.step + 1.0
@@ -150,6 +162,20 @@ class AdamW(Optimizer):
         return self.hyper_map(ops.partial(_adamw, lr, step, self.beta1, self.beta2, self.eps,
                                           self.weight_decay),
                               self.parameters, self.exp_avg, self.exp_avg_sq, grads)
+
+    def update_in_place(self, grads, lr, scale, coef, after):
+        """The same update with g = grads * coef / scale, each parameter and its moments rewritten in place by one
+        kernel (no gradient-sized temporaries). `after` (a scalar every gradient flows into, e.g. their norm)
+        orders the writes after every read of the old weights. Returns a scalar that depends on every write."""
+        step = self.step + 1.0
+        ops.assign(self.step, step)
+        ops.assign(self.learning_rate, lr)
+        hyper = ops.stack([lr.astype(ms.float32), Tensor(self.beta1, ms.float32), Tensor(self.beta2, ms.float32),
+                           Tensor(self.eps, ms.float32), Tensor(self.weight_decay, ms.float32), step,
+                           scale.astype(ms.float32), coef.astype(ms.float32), after.reshape(()).astype(ms.float32)])
+        done = self.hyper_map(ops.partial(_adamw_in_place, self.kernel, hyper),
+                              self.parameters, self.exp_avg, self.exp_avg_sq, grads)
+        return ops.addn(done)
 
 
 class CAME(Optimizer):

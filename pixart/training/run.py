@@ -93,7 +93,8 @@ def add_execution_args(p):
     g.add_argument("--jit_level", default="O1", choices=["O0", "O1", "O2"])
     g.add_argument("--enable_flash_attention", type=str2bool, default=None)
     g.add_argument("--recompute", "--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False,
-                   help="recompute each block in the backward pass")
+                   help="recompute each block in the backward pass (MindSpore CPU graph mode: block by block from "
+                        "the host, pixart/training/blockwise.py, the lowest-memory way there)")
     g.add_argument("--use_parallel", type=str2bool, default=False, help="data parallel under msrun")
     g.add_argument("--threads", type=int, default=None, help="MindSpore runtime threads")
     return g
@@ -379,8 +380,9 @@ def build_model(args, data: Data, log, pretrained=None):
 
 
 def for_training(model, args):
-    """Recompute (per block) and mixed precision: the Cell the loss runs. Call after any layer surgery (LoRA)."""
-    if args.recompute:
+    """Recompute (per block) and mixed precision: the Cell the loss runs. Call after any layer surgery (LoRA).
+    Where recompute is host-driven (`build_optimisation`), the blocks are left as they are."""
+    if args.recompute and not _host_recompute(args):
         for block in model.blocks:
             block.recompute()
     if args.mixed_precision == "fp32":
@@ -389,6 +391,13 @@ def for_training(model, args):
     from pixart import backend
     dtype = backend.dtype(args.mixed_precision)  # bf16 on CPU fails here with a clear message
     return ms.amp.auto_mixed_precision(model, "auto", dtype)
+
+
+def _host_recompute(args) -> bool:
+    """--recompute as block-by-block backpropagation from the host (pixart.training.blockwise): MindSpore CPU graph
+    mode with fp32 weights (mixed precision wraps the model, which the block graphs do not see through)."""
+    from pixart import backend
+    return backend.host_driven_recompute() and args.mixed_precision == "fp32"
 
 
 @dataclasses.dataclass
@@ -422,6 +431,15 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     step_cell = TrainStep(DiffusionLoss(compute_model), optimizer, ema, args.clip_grad, args.grad_accumulation,
                           ctx.world_size, init_scale, dynamic, scale_window=args.loss_scale_window)
     step_cell.set_train(True)
+    if args.recompute and _host_recompute(args):
+        from pixart.training.blockwise import BlockwiseTrainStep
+        try:
+            step_cell = BlockwiseTrainStep(step_cell)
+            log.info("recompute: block by block (one compiled forward and backward graph per block structure)")
+        except ValueError as e:  # LoRA dropout
+            log.info(f"recompute: {e}; recomputing inside one graph instead (it saves no memory on CPU)")
+            for block in compute_model.blocks:
+                block.recompute()
     return Optimisation(optimizer, ema, step_cell, lr, effective, dynamic)
 
 

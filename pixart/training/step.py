@@ -14,7 +14,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from pixart import kernels
+
 _square_sum = ops.MultitypeFuncGraph("square_sum")
+_square_sum_kernel = ops.MultitypeFuncGraph("square_sum_kernel")
 _scale = ops.MultitypeFuncGraph("scale")
 _unscale = ops.MultitypeFuncGraph("unscale")
 _add_into = ops.MultitypeFuncGraph("add_into")
@@ -25,6 +28,11 @@ _sum_and_clear = ops.MultitypeFuncGraph("sum_and_clear")
 def _square_sum_fn(g):
     g = g.astype(ms.float32)
     return (g * g).sum()
+
+
+@_square_sum_kernel.register("Function", "Tensor", "Tensor")
+def _square_sum_kernel_fn(kernel, divisor, g):
+    return kernel(g, divisor.astype(ms.float32).reshape(1)).reshape(())
 
 
 @_scale.register("Tensor", "Tensor")
@@ -97,6 +105,11 @@ class TrainStep(nn.Cell):
                                     requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
         self.scale_factor, self.scale_window = float(scale_factor), int(scale_window)
+        # MindSpore CPU keeps every temporary of a graph alive: norm and update by in-place kernels where the
+        # optimizer (and the EMA) has them, else as MindSpore ops (Ascend, CAME, fp16 parameters)
+        self.in_place = (getattr(optimizer, "kernel", None) is not None
+                         and (ema is None or ema.kernel is not None))
+        self.square_sum = kernels.op("SquareSum", out_shape=lambda *_: (1,)) if self.in_place else None
 
     def state_parameters(self) -> list:
         """The step's own state: loss scale and its counter (gradient buffers are empty between steps)."""
@@ -110,26 +123,43 @@ class TrainStep(nn.Cell):
     def construct(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, lr, apply=True):
         scale = self.loss_scale * 1.0
         (scaled, terms), grads = self.grad_fn(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)
+        return self.update(scaled, terms, grads, scale, lr, apply)
+
+    def update(self, scaled, terms, grads, scale, lr, apply=True):
+        """Everything after the gradients (`grads` of `loss * scale` w.r.t. `self.weights`, in their order)."""
         loss = scaled / scale
         terms = self._mean_over_ranks(terms.mean(1))  # (3,): loss, mse, vb
+        divisor = scale  # the gradients are those of loss * scale, summed over the micro-batches when accumulating
         if self.accumulate > 1:
             if not apply:
                 done = self.hyper_map(_add_into, self.grad_buffers, grads)
                 return ops.depend(loss, done), terms, ops.zeros((), ms.float32), ops.ones((), ms.bool_), scale
             grads = self.hyper_map(_sum_and_clear, self.grad_buffers, grads)
-            grads = self.hyper_map(ops.partial(_scale, ops.ones((), ms.float32) / self.accumulate), grads)
+            divisor = scale * self.accumulate
         if self.distributed:
             grads = self.grad_reducer(grads)
-        grads = self.hyper_map(ops.partial(_unscale, scale), grads)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        if self.in_place:  # no gradient-sized temporaries: the kernels read the raw gradients
+            norm = ops.sqrt(ops.addn(self.hyper_map(ops.partial(_square_sum_kernel, self.square_sum, divisor),
+                                                    grads)))
+        else:
+            grads = self.hyper_map(ops.partial(_unscale, divisor), grads)
+            norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
         finite = ops.isfinite(norm)
+        coef = ops.ones((), ms.float32)
         if self.clip_grad > 0:
             coef = ops.minimum(self.clip_grad / (norm + 1e-6), 1.0)  # torch.nn.utils.clip_grad_norm_
-            grads = self.hyper_map(ops.partial(_scale, coef), grads)
         if finite:
-            loss = ops.depend(loss, self.optimizer(grads, lr))
-            if self.use_ema:
-                loss = ops.depend(loss, self.ema())
+            if self.in_place:
+                done = self.optimizer.update_in_place(grads, lr, divisor, coef, norm)
+                if self.use_ema:
+                    done = self.ema(done)
+                loss = ops.depend(loss, done)
+            else:
+                if self.clip_grad > 0:
+                    grads = self.hyper_map(ops.partial(_scale, coef), grads)
+                loss = ops.depend(loss, self.optimizer(grads, lr))
+                if self.use_ema:
+                    loss = ops.depend(loss, self.ema())
         if self.dynamic:
             loss = ops.depend(loss, self._update_scale(finite))
         return loss, terms, norm, finite, scale

@@ -1,0 +1,239 @@
+"""Backpropagation one PixArt block at a time: activation checkpointing at block boundaries, driven from the host.
+
+MindSpore's CPU backend keeps every activation and gradient buffer of a compiled graph alive for the whole launch
+(~1 GB per block at 256 px, batch 2; `recompute` does not lower it), so one graph of the 28-block training step
+does not fit in 24 GB. Here a training step is a loop over small compiled graphs:
+
+    head     noising, patch / timestep / caption embedders           -> x_t, tokens, t, t0, caption tokens
+    blocks   block 1 .. D forward, each block's input kept            -> tokens
+    tail     final layer and loss, and their vector-Jacobian product  -> loss, d tokens, d t
+    blocks   block D .. 1 vjp, recomputing the block from its input   -> d tokens; d t0, d caption summed
+    head     vjp                                                      -> the embedders' gradients
+
+All blocks of one structure (Σ-KV models have two) share ONE forward graph and ONE vjp graph, compiled on a template
+copy of the block whose Parameters are pointed at block i's tensors before each launch (`Parameter.set_data` with
+a Parameter shares its storage: no copy), so compilation does not grow with depth. Memory: parameters, gradients,
+optimizer state, the D block inputs (N x T x D each) and one block's working set. The forward pass runs the
+inference kernels (an eval-mode template), the vjp the differentiable ops: gradients equal the whole-graph ones up
+to float rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in the two passes: refused.
+"""
+from __future__ import annotations
+
+import copy
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
+
+from pixart.backend import Method
+from pixart.models.pixart import caption_mask
+
+
+class _Head(nn.Cell):
+    def __init__(self, loss_fn):
+        super().__init__(auto_prefix=False)  # the model's parameter names, as in the whole-graph step
+        self.loss_fn = loss_fn
+
+    def construct(self, x0, t, noise, y, drop, img_hw, aspect_ratio):
+        model = self.loss_fn.model
+        x_t = self.loss_fn.noised(x0, t, noise)
+        x, temb, t0 = model.embed(x_t, t.astype(ms.float32), {"img_hw": img_hw, "aspect_ratio": aspect_ratio})
+        return x_t, x, temb, t0, model.embed_caption(y, drop)
+
+
+class _Block(nn.Cell):
+    def __init__(self, block):
+        super().__init__(auto_prefix=False)
+        self.block = block
+
+    def construct(self, x, y, t0, mask, hw):
+        mask = caption_mask(mask, x.shape[0], y.shape[1])
+        return self.block(x, self.block.cross_attn.caption_kv(y), t0, mask, hw)
+
+
+class _Tail(nn.Cell):
+    def __init__(self, loss_fn):
+        super().__init__(auto_prefix=False)
+        self.loss_fn = loss_fn
+
+    def construct(self, x, temb, x0, x_t, t, noise, scale, hw):
+        loss, terms = self.loss_fn.terms(self.loss_fn.model.final(x, temb, hw), x0, x_t, t, noise)
+        return loss * scale, terms
+
+
+class _Vjp(nn.Cell):
+    """(stage inputs..., sens) -> (gradients w.r.t. every input, gradients w.r.t. `weights`); recomputes the stage."""
+
+    def __init__(self, stage: nn.Cell, weights):
+        super().__init__(auto_prefix=False)
+        self.stage = stage
+        self.weights = ParameterTuple(weights)
+        self.has_weights = bool(weights)
+        self.grad = ops.GradOperation(get_all=True, get_by_list=self.has_weights, sens_param=True)
+
+    def construct(self, *args):
+        if self.has_weights:
+            return self.grad(self.stage, self.weights)(*args)
+        return self.grad(self.stage)(*args), ()
+
+
+class _TailVjp(_Vjp):
+    """The loss (times the loss scale), its per-sample terms, and its gradients (sens 1 on the loss, 0 on terms)."""
+
+    def construct(self, *args):
+        scaled, terms = self.stage(*args)
+        grads, weight_grads = super().construct(*args, (ops.ones_like(scaled), ops.zeros_like(terms)))
+        return scaled, terms, grads, weight_grads
+
+
+def _shares_primitives(cell: nn.Cell) -> dict:
+    """A deepcopy memo mapping every primitive of `cell` to itself: copies share kernels (Custom ops can't be copied)."""
+    memo = {}
+
+    def visit(value):
+        if isinstance(value, ops.Primitive):
+            memo[id(value)] = value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+    for _, sub in cell.cells_and_names():
+        for value in vars(sub).values():
+            visit(value)
+    return memo
+
+
+class _Template:
+    """One structure of block: a forward graph (inference kernels) and a vjp graph, pointed at any such block."""
+
+    def __init__(self, block: nn.Cell, trainable: set):
+        self.fwd_block = copy.deepcopy(block, _shares_primitives(block))
+        self.vjp_block = copy.deepcopy(block, _shares_primitives(block))
+        self.fwd_block.set_train(False)
+        self.vjp_block.set_train(True)
+        self.fwd_params = list(self.fwd_block.get_parameters())
+        self.vjp_params = list(self.vjp_block.get_parameters())
+        self.grad_slots = [i for i, p in enumerate(block.get_parameters()) if id(p) in trainable]
+        self.forward = _Block(self.fwd_block)
+        self.vjp = _Vjp(_Block(self.vjp_block), [self.vjp_params[i] for i in self.grad_slots])
+        self.pointed = None
+
+    def point(self, index: int, params: list) -> None:
+        """Make both graphs compute with block `index`'s Parameters (shared storage, no copy)."""
+        if self.pointed != index:
+            for mine in (self.fwd_params, self.vjp_params):
+                for p, q in zip(mine, params):
+                    p.set_data(q)
+            self.pointed = index
+
+
+def _structure(block: nn.Cell, prefix: str, trainable: set) -> tuple:
+    """What a compiled graph of the block depends on: its parameters' names (without `prefix`), shapes, dtypes and
+    whether they are trained, and the attention's KV compression."""
+    params = tuple((p.name[len(prefix):] if p.name.startswith(prefix) else p.name, tuple(p.shape), str(p.dtype),
+                    id(p) in trainable) for p in block.get_parameters())
+    return params, block.attn.sampling, block.attn.sr_ratio, block.attn.qk_norm
+
+
+class BlockwiseGrad:
+    """What `ms.value_and_grad(loss * scale, None, weights, has_aux=True)` gives for a DiffusionLoss, computed block
+    by block: `(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)` -> ((loss * scale, (3, N) terms),
+    gradients in `weights`' order)."""
+
+    def __init__(self, loss_fn, weights):
+        model = loss_fn.model
+        self.model = model
+        self.weights = list(weights)
+        for _, cell in model.cells_and_names():
+            if isinstance(cell, nn.Dropout):
+                raise ValueError("block-by-block backpropagation recomputes each block, and dropout (LoRA dropout) "
+                                 "would draw a different mask the second time: train with dropout 0 or without "
+                                 "block-by-block backpropagation (--blockwise false)")
+        trainable = {id(p) for p in self.weights}
+        self.block_params = [list(b.get_parameters()) for b in model.blocks]
+        tail_params = list(model.final_layer.get_parameters())
+        in_blocks_or_tail = {id(p) for ps in self.block_params + [tail_params] for p in ps}
+        head_params = [p for p in model.get_parameters() if id(p) not in in_blocks_or_tail]
+        covered = {id(p) for p in model.get_parameters()}
+        stray = [p.name for p in self.weights if id(p) not in covered]
+        if stray:
+            raise ValueError(f"parameters to train that are not the model's: {', '.join(stray[:5])}")
+
+        self.head = _Head(loss_fn)
+        self.head_weights = [p for p in head_params if id(p) in trainable]
+        self.head_vjp = _Vjp(_Head(loss_fn), self.head_weights)
+        self.tail_weights = [p for p in tail_params if id(p) in trainable]
+        self.tail_vjp = _TailVjp(_Tail(loss_fn), self.tail_weights)
+        self.templates, by_structure = [], {}
+        for i, block in enumerate(model.blocks):
+            key = _structure(block, f"blocks.{i}.", trainable)
+            if key not in by_structure:
+                by_structure[key] = _Template(block, trainable)
+            self.templates.append(by_structure[key])
+        self.position = {id(p): k for k, p in enumerate(self.weights)}
+
+    def compiled_graphs(self) -> int:
+        """Graphs compiled so far (per input shape: head, head vjp, tail vjp, and a forward + vjp per structure)."""
+        cells = [self.head, self.head_vjp, self.tail_vjp]
+        cells += [c for t in {id(t): t for t in self.templates}.values() for c in (t.forward, t.vjp)]
+        return sum(len(c.compile_cache) for c in cells)
+
+    def __call__(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale):
+        x0, t = x0.astype(ms.float32), t.astype(ms.int32)
+        hw = self.model.token_grid(x0)
+        head_inputs = (x0, t, noise, y, drop, img_hw, aspect_ratio)
+        x_t, x, temb, t0, caption = self.head(*head_inputs)
+        inputs = []
+        for i, template in enumerate(self.templates):
+            template.point(i, self.block_params[i])
+            inputs.append(x)
+            x = template.forward(x, caption, t0, mask, hw)
+        scaled, terms, (dx, dtemb, *_), tail_grads = self.tail_vjp(x, temb, x0, x_t, t, noise, scale, hw)
+        grads = [None] * len(self.weights)
+        self._place(self.tail_weights, tail_grads, grads)
+        dcaption, dt0 = None, None
+        for i in reversed(range(len(self.templates))):
+            template = self.templates[i]
+            template.point(i, self.block_params[i])
+            (dx, dc, dt, *_), block_grads = template.vjp(inputs[i], caption, t0, mask, hw, dx)
+            inputs[i] = None  # its activations are no longer needed
+            dcaption = dc if dcaption is None else dcaption + dc
+            dt0 = dt if dt0 is None else dt0 + dt
+            self._place([self.block_params[i][k] for k in template.grad_slots], block_grads, grads)
+        zeros = ops.zeros_like(x_t)
+        _, head_grads = self.head_vjp(*head_inputs, ms.mutable((zeros, dx, dtemb, dt0, dcaption)))  # variable
+        self._place(self.head_weights, head_grads, grads)
+        missing = [self.weights[k].name for k, g in enumerate(grads) if g is None]
+        if missing:
+            raise RuntimeError(f"no gradient for {', '.join(missing[:5])}")
+        return (scaled, terms), tuple(grads)
+
+    def _place(self, params, values, grads) -> None:
+        for p, g in zip(params, values):
+            grads[self.position[id(p)]] = g
+
+
+class BlockwiseTrainStep:
+    """A `TrainStep` whose gradients come from `BlockwiseGrad`; everything after them (all-reduce, clipping,
+    optimizer, EMA, loss scale) is the step's own `update`, compiled as one graph. Same call and results."""
+
+    def __init__(self, step):
+        self.step = step
+        self.grad = BlockwiseGrad(step.loss_fn, list(step.weights))
+        self.update = Method(step, "update")
+
+    def __call__(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, lr, apply=True):
+        scale = Tensor(self.step.loss_scale.asnumpy())
+        (scaled, terms), grads = self.grad(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)
+        return self.update(scaled, terms, ms.mutable(grads), scale, lr, apply)
+
+    def set_train(self, mode: bool = True):
+        self.step.set_train(mode)
+        return self
+
+    def state_parameters(self) -> list:
+        return self.step.state_parameters()
+
+    def compiled_graphs(self) -> int:
+        return self.grad.compiled_graphs() + len(self.update.compile_cache)
