@@ -3,7 +3,7 @@ vs diffusers' PixArtTransformer2DModel + torch.optim.AdamW (PyTorch), 256 px, ba
 one process tree.
 
     python bench/bench_train.py --depth 28 --runs 2 --steps 3
-    python bench/bench_train.py --depth 28 --recompute            # ours: block by block (train.py --recompute)
+    python bench/bench_train.py --depth 28 --sides ours,ours_blocks,torch  # + ours as train.py --recompute runs it
     python bench/bench_train.py --depth 8                         # a cheaper look
 
 A step is forward, loss (ours: MSE + the learned-variance bound, as train.py; PyTorch: the same MSE plus a squared
@@ -52,7 +52,7 @@ def batch(size: int, n: int = 2, tokens: int = 120):
 def child(side: str, a) -> dict:
     watchdog(a.max_rss_gb)
     b = batch(a.size)
-    if side == "ours":
+    if side in ("ours", "ours_blocks"):
         import mindspore as ms
         from mindspore import Tensor
         from pixart import backend
@@ -63,7 +63,8 @@ def child(side: str, a) -> dict:
         from pixart.training.blockwise import BlockwiseTrainStep
         backend.setup("CPU", a.mode, threads=a.threads or None)
         model = PixArt(preset_config("PixArt-XL-2-256x256", depth=a.depth))
-        host_recompute = a.recompute and backend.host_driven_recompute()  # as train.py --recompute
+        # ours_blocks: train.py --recompute on CPU graph mode, backpropagation block by block from the host
+        host_recompute = (side == "ours_blocks" or a.recompute) and backend.host_driven_recompute()
         if a.recompute and not host_recompute:
             for block in model.blocks:
                 block.recompute()
@@ -125,6 +126,10 @@ def main():
     print()
     print(table(f"Training step, PixArt-XL/2 depth {a.depth}, {a.size} px, batch 2, fp32, AdamW"
                 f"{', recompute' if a.recompute else ''} (ours: {a.mode})", rows))
+    if "ours_blocks" in results and "torch" in results and "ours_blocks" not in over:
+        o, t = summary(results["ours_blocks"]), summary(results["torch"])
+        print(f"ours_blocks (block by block) / torch: time {o['median'] / t['median']:.2f}x, "
+              f"peak RSS {o['rss'] / t['rss']:.2f}x")
     for side in over:
         print(f"{side}: stopped above {a.max_rss_gb} GiB resident (does not fit)")
     print(f"machine: {machine()}")

@@ -1,8 +1,9 @@
 """Backpropagation one PixArt block at a time: activation checkpointing at block boundaries, driven from the host.
 
-MindSpore's CPU backend keeps every activation and gradient buffer of a compiled graph alive for the whole launch
-(~1 GB per block at 256 px, batch 2; `recompute` does not lower it), so one graph of the 28-block training step
-does not fit in 24 GB. Here a training step is a loop over small compiled graphs:
+MindSpore's CPU backend keeps every intermediate of a compiled graph alive until the graph ends, and `recompute`
+inside one graph does not lower that. One graph of the whole training step holds every block's activations and
+gradients (~0.28 GB per block at 256 px, batch 2; 4x that at 512 px). Here a training step is a loop over small
+compiled graphs instead (train.py --recompute on MindSpore CPU graph mode):
 
     head     noising, patch / timestep / caption embedders           -> x_t, tokens, t, t0, caption tokens
     blocks   block 1 .. D forward, each block's input kept            -> tokens
@@ -12,19 +13,22 @@ does not fit in 24 GB. Here a training step is a loop over small compiled graphs
 
 All blocks of one structure (Σ-KV models have two) share ONE forward graph and ONE vjp graph, compiled on a template
 copy of the block whose Parameters are pointed at block i's tensors before each launch (`Parameter.set_data` with
-a Parameter shares its storage: no copy), so compilation does not grow with depth. Memory: parameters, gradients,
-optimizer state, the D block inputs (N x T x D each) and one block's working set. The forward pass runs the
-inference kernels (an eval-mode template), the vjp the differentiable ops: gradients equal the whole-graph ones up
-to float rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in the two passes: refused.
+a Parameter shares its storage: no copy), so compilation does not grow with depth. Each vjp writes (or, for later
+micro-batches, adds) its weights' gradients into persistent buffers that the update graph reads in place, so no
+gradient-sized tensor is allocated per step. Memory: parameters, gradient buffers, optimizer state, the D block
+inputs (N x T x D each) and one block's working set (depth 28, 256 px: 10.25 GiB peak vs PyTorch's 11.1). The
+forward pass runs the inference kernels (an eval-mode template), the vjp the differentiable ops: gradients equal
+the whole-graph ones up to float rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in the
+two passes: refused (train.py then recomputes inside one graph).
 """
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import mindspore as ms
-from mindspore import ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart.backend import Method
 from pixart.models.pixart import caption_mask
 
 
@@ -60,29 +64,60 @@ class _Tail(nn.Cell):
         return loss * scale, terms
 
 
-class _Vjp(nn.Cell):
-    """(stage inputs..., sens) -> (gradients w.r.t. every input, gradients w.r.t. `weights`); recomputes the stage."""
+_copy_into = ops.MultitypeFuncGraph("copy_into")
+_add_into = ops.MultitypeFuncGraph("add_into")
 
-    def __init__(self, stage: nn.Cell, weights):
+
+@_copy_into.register("Tensor", "Tensor")
+def _copy_into_fn(buffer, g):
+    return ops.assign(buffer, g)
+
+
+@_add_into.register("Tensor", "Tensor")
+def _add_into_fn(buffer, g):
+    return ops.assign_add(buffer, g)
+
+
+class _Vjp(nn.Cell):
+    """(add, stage inputs..., sens) -> gradients w.r.t. every input; the gradients w.r.t. `weights` are written into
+    `buffers` (added to them when `add`: the later micro-batches of an accumulated step). Recomputes the stage."""
+
+    def __init__(self, stage: nn.Cell, weights, buffers):
         super().__init__(auto_prefix=False)
         self.stage = stage
         self.weights = ParameterTuple(weights)
+        self.buffers = ParameterTuple(buffers)
         self.has_weights = bool(weights)
         self.grad = ops.GradOperation(get_all=True, get_by_list=self.has_weights, sens_param=True)
+        self.hyper_map = ops.HyperMap()
 
-    def construct(self, *args):
-        if self.has_weights:
-            return self.grad(self.stage, self.weights)(*args)
-        return self.grad(self.stage)(*args), ()
+    def construct(self, add, *args):
+        if not self.has_weights:
+            return self.grad(self.stage)(*args)
+        grads, weight_grads = self.grad(self.stage, self.weights)(*args)
+        if add:
+            return ops.depend(grads, self.hyper_map(_add_into, self.buffers, weight_grads))
+        return ops.depend(grads, self.hyper_map(_copy_into, self.buffers, weight_grads))
 
 
 class _TailVjp(_Vjp):
     """The loss (times the loss scale), its per-sample terms, and its gradients (sens 1 on the loss, 0 on terms)."""
 
-    def construct(self, *args):
+    def construct(self, add, *args):
         scaled, terms = self.stage(*args)
-        grads, weight_grads = super().construct(*args, (ops.ones_like(scaled), ops.zeros_like(terms)))
-        return scaled, terms, grads, weight_grads
+        return scaled, terms, super().construct(add, *args, (ops.ones_like(scaled), ops.zeros_like(terms)))
+
+
+class _Update(nn.Cell):
+    """`TrainStep.update` on the gradient buffers (Parameters of this graph: no gradient-sized inputs)."""
+
+    def __init__(self, step, buffers):
+        super().__init__(auto_prefix=False)
+        self.step = step
+        self.buffers = ParameterTuple(buffers)
+
+    def construct(self, scaled, terms, scale, lr, apply):
+        return self.step.update(scaled, terms, self.buffers, scale, lr, apply, True)
 
 
 def _shares_primitives(cell: nn.Cell) -> dict:
@@ -115,20 +150,30 @@ class _Template:
         self.fwd_params = list(self.fwd_block.get_parameters())
         self.vjp_params = list(self.vjp_block.get_parameters())
         self.grad_slots = [i for i, p in enumerate(block.get_parameters()) if id(p) in trainable]
+        weights = [self.vjp_params[i] for i in self.grad_slots]
+        self.buffers = _buffers(weights, "template_grad")
         self.forward = _Block(self.fwd_block)
-        self.vjp = _Vjp(_Block(self.vjp_block), [self.vjp_params[i] for i in self.grad_slots])
+        self.vjp = _Vjp(_Block(self.vjp_block), weights, self.buffers)
         self.pointed = None
 
-    def point(self, index: int, params: list) -> None:
-        """Make both graphs compute with block `index`'s Parameters (shared storage, no copy)."""
+    def point(self, index: int, params: list, buffers: list) -> None:
+        """Make both graphs compute with block `index`'s Parameters and write its gradient buffers (shared storage,
+        no copy)."""
         if self.pointed != index:
             for mine in (self.fwd_params, self.vjp_params):
                 for p, q in zip(mine, params):
                     p.set_data(q)
+            for b, q in zip(self.buffers, buffers):
+                b.set_data(q)
             self.pointed = index
 
 
-def _structure(block: nn.Cell, prefix: str, trainable: set) -> tuple:
+def _buffers(params, prefix: str) -> list:
+    return [Parameter(Tensor(np.zeros(tuple(p.shape), np.float32)), name=f"{prefix}.{p.name}", requires_grad=False)
+            for p in params]
+
+
+def _structure(block: nn.Cell, prefix: str, trainable) -> tuple:
     """What a compiled graph of the block depends on: its parameters' names (without `prefix`), shapes, dtypes and
     whether they are trained, and the attention's KV compression."""
     params = tuple((p.name[len(prefix):] if p.name.startswith(prefix) else p.name, tuple(p.shape), str(p.dtype),
@@ -137,20 +182,20 @@ def _structure(block: nn.Cell, prefix: str, trainable: set) -> tuple:
 
 
 class BlockwiseGrad:
-    """What `ms.value_and_grad(loss * scale, None, weights, has_aux=True)` gives for a DiffusionLoss, computed block
-    by block: `(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)` -> ((loss * scale, (3, N) terms),
-    gradients in `weights`' order)."""
+    """The gradients of a DiffusionLoss's `loss * scale` w.r.t. `weights`, computed block by block and written into
+    `buffers` (float32 Parameters in `weights`' order; added to them with `add=True`):
+    `(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale, add)` -> (loss * scale, (3, N) terms)."""
 
-    def __init__(self, loss_fn, weights):
+    def __init__(self, loss_fn, weights, buffers=None):
         model = loss_fn.model
         self.model = model
         self.weights = list(weights)
+        self.buffers = list(buffers) if buffers is not None else _buffers(self.weights, "grad")
         for _, cell in model.cells_and_names():
             if isinstance(cell, nn.Dropout):
                 raise ValueError("block-by-block backpropagation recomputes each block, and dropout (LoRA dropout) "
-                                 "would draw a different mask the second time: train with dropout 0 or without "
-                                 "block-by-block backpropagation (--blockwise false)")
-        trainable = {id(p) for p in self.weights}
+                                 "would draw a different mask the second time")
+        buffer_of = {id(p): b for p, b in zip(self.weights, self.buffers)}
         self.block_params = [list(b.get_parameters()) for b in model.blocks]
         tail_params = list(model.final_layer.get_parameters())
         in_blocks_or_tail = {id(p) for ps in self.block_params + [tail_params] for p in ps}
@@ -160,18 +205,20 @@ class BlockwiseGrad:
         if stray:
             raise ValueError(f"parameters to train that are not the model's: {', '.join(stray[:5])}")
 
+        def trained(params):
+            return [p for p in params if id(p) in buffer_of]
         self.head = _Head(loss_fn)
-        self.head_weights = [p for p in head_params if id(p) in trainable]
-        self.head_vjp = _Vjp(_Head(loss_fn), self.head_weights)
-        self.tail_weights = [p for p in tail_params if id(p) in trainable]
-        self.tail_vjp = _TailVjp(_Tail(loss_fn), self.tail_weights)
+        head_weights, tail_weights = trained(head_params), trained(tail_params)
+        self.head_vjp = _Vjp(_Head(loss_fn), head_weights, [buffer_of[id(p)] for p in head_weights])
+        self.tail_vjp = _TailVjp(_Tail(loss_fn), tail_weights, [buffer_of[id(p)] for p in tail_weights])
         self.templates, by_structure = [], {}
         for i, block in enumerate(model.blocks):
-            key = _structure(block, f"blocks.{i}.", trainable)
+            key = _structure(block, f"blocks.{i}.", buffer_of)
             if key not in by_structure:
-                by_structure[key] = _Template(block, trainable)
+                by_structure[key] = _Template(block, buffer_of)
             self.templates.append(by_structure[key])
-        self.position = {id(p): k for k, p in enumerate(self.weights)}
+        self.block_buffers = [[buffer_of[id(ps[k])] for k in t.grad_slots]
+                              for ps, t in zip(self.block_params, self.templates)]
 
     def compiled_graphs(self) -> int:
         """Graphs compiled so far (per input shape: head, head vjp, tail vjp, and a forward + vjp per structure)."""
@@ -179,54 +226,46 @@ class BlockwiseGrad:
         cells += [c for t in {id(t): t for t in self.templates}.values() for c in (t.forward, t.vjp)]
         return sum(len(c.compile_cache) for c in cells)
 
-    def __call__(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale):
+    def __call__(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale, add=False):
         x0, t = x0.astype(ms.float32), t.astype(ms.int32)
         hw = self.model.token_grid(x0)
         head_inputs = (x0, t, noise, y, drop, img_hw, aspect_ratio)
         x_t, x, temb, t0, caption = self.head(*head_inputs)
         inputs = []
         for i, template in enumerate(self.templates):
-            template.point(i, self.block_params[i])
+            template.point(i, self.block_params[i], self.block_buffers[i])
             inputs.append(x)
             x = template.forward(x, caption, t0, mask, hw)
-        scaled, terms, (dx, dtemb, *_), tail_grads = self.tail_vjp(x, temb, x0, x_t, t, noise, scale, hw)
-        grads = [None] * len(self.weights)
-        self._place(self.tail_weights, tail_grads, grads)
+        scaled, terms, (dx, dtemb, *_) = self.tail_vjp(add, x, temb, x0, x_t, t, noise, scale, hw)
         dcaption, dt0 = None, None
         for i in reversed(range(len(self.templates))):
             template = self.templates[i]
-            template.point(i, self.block_params[i])
-            (dx, dc, dt, *_), block_grads = template.vjp(inputs[i], caption, t0, mask, hw, dx)
+            template.point(i, self.block_params[i], self.block_buffers[i])
+            dx, dc, dt, *_ = template.vjp(add, inputs[i], caption, t0, mask, hw, dx)
             inputs[i] = None  # its activations are no longer needed
             dcaption = dc if dcaption is None else dcaption + dc
             dt0 = dt if dt0 is None else dt0 + dt
-            self._place([self.block_params[i][k] for k in template.grad_slots], block_grads, grads)
-        zeros = ops.zeros_like(x_t)
-        _, head_grads = self.head_vjp(*head_inputs, ms.mutable((zeros, dx, dtemb, dt0, dcaption)))  # variable
-        self._place(self.head_weights, head_grads, grads)
-        missing = [self.weights[k].name for k, g in enumerate(grads) if g is None]
-        if missing:
-            raise RuntimeError(f"no gradient for {', '.join(missing[:5])}")
-        return (scaled, terms), tuple(grads)
-
-    def _place(self, params, values, grads) -> None:
-        for p, g in zip(params, values):
-            grads[self.position[id(p)]] = g
+        self.head_vjp(add, *head_inputs, ms.mutable((ops.zeros_like(x_t), dx, dtemb, dt0, dcaption)))  # variable
+        return scaled, terms
 
 
 class BlockwiseTrainStep:
-    """A `TrainStep` whose gradients come from `BlockwiseGrad`; everything after them (all-reduce, clipping,
-    optimizer, EMA, loss scale) is the step's own `update`, compiled as one graph. Same call and results."""
+    """A `TrainStep` whose gradients come from `BlockwiseGrad` (into the step's accumulation buffers, or buffers of
+    its own); everything after them (all-reduce, clipping, optimizer, EMA, loss scale) is the step's own `update`,
+    compiled as one graph that reads the buffers in place. Same call and results as the step."""
 
     def __init__(self, step):
         self.step = step
-        self.grad = BlockwiseGrad(step.loss_fn, list(step.weights))
-        self.update = Method(step, "update")
+        buffers = list(step.grad_buffers) if step.accumulate > 1 else None
+        self.grad = BlockwiseGrad(step.loss_fn, list(step.weights), buffers)
+        self.update = _Update(step, self.grad.buffers)
+        self.micro = 0  # micro-batches summed into the buffers since the last update
 
     def __call__(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop, lr, apply=True):
         scale = Tensor(self.step.loss_scale.asnumpy())
-        (scaled, terms), grads = self.grad(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)
-        return self.update(scaled, terms, ms.mutable(grads), scale, lr, apply)
+        scaled, terms = self.grad(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale, self.micro > 0)
+        self.micro = 0 if apply else self.micro + 1
+        return self.update(scaled, terms, scale, lr, apply)
 
     def set_train(self, mode: bool = True):
         self.step.set_train(mode)

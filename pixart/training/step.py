@@ -125,16 +125,19 @@ class TrainStep(nn.Cell):
         (scaled, terms), grads = self.grad_fn(x0, t, noise, y, mask, img_hw, aspect_ratio, drop, scale)
         return self.update(scaled, terms, grads, scale, lr, apply)
 
-    def update(self, scaled, terms, grads, scale, lr, apply=True):
-        """Everything after the gradients (`grads` of `loss * scale` w.r.t. `self.weights`, in their order)."""
+    def update(self, scaled, terms, grads, scale, lr, apply=True, summed=False):
+        """Everything after the gradients (`grads` of `loss * scale` w.r.t. `self.weights`, in their order; with
+        `summed`, already the sum over the step's micro-batches, as block-by-block backpropagation leaves them)."""
         loss = scaled / scale
         terms = self._mean_over_ranks(terms.mean(1))  # (3,): loss, mse, vb
         divisor = scale  # the gradients are those of loss * scale, summed over the micro-batches when accumulating
         if self.accumulate > 1:
             if not apply:
-                done = self.hyper_map(_add_into, self.grad_buffers, grads)
-                return ops.depend(loss, done), terms, ops.zeros((), ms.float32), ops.ones((), ms.bool_), scale
-            grads = self.hyper_map(_sum_and_clear, self.grad_buffers, grads)
+                if not summed:
+                    loss = ops.depend(loss, self.hyper_map(_add_into, self.grad_buffers, grads))
+                return loss, terms, ops.zeros((), ms.float32), ops.ones((), ms.bool_), scale
+            if not summed:
+                grads = self.hyper_map(_sum_and_clear, self.grad_buffers, grads)
             divisor = scale * self.accumulate
         if self.distributed:
             grads = self.grad_reducer(grads)
