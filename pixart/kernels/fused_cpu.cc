@@ -10,6 +10,7 @@
 // relies on infinities or NaNs.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -33,6 +34,13 @@ Rows rows_of(int ndim, const int64_t *shape) {
 // exp with its argument clamped to [-80, 80]: the result stays a normal float, so glibc's vectorised expf keeps its
 // fast path (over- and underflowing inputs take a slow one: a GELU went 4 ms -> 37 ms on large activations); no
 // result here changes beyond rounding (v / (1 + e^80) and e^-80 are ~0 next to what they are added to).
+// Whether the first n buffers are float32 (the training kernels refuse anything else rather than misread it).
+bool all_float32(int n, const char **dtypes) {
+  for (int i = 0; i < n; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
 inline float clamped_exp(float x) { return std::exp(std::fmax(std::fmin(x, 80.0f), -80.0f)); }
 
 }  // namespace
@@ -280,8 +288,8 @@ int GroupNormSiLU(int nparam, void **params, int *ndims, int64_t **shapes, const
 // ---------------------------------------------------------------------------------------------------------------
 
 // out (1,) = sum((x / scale)^2), accumulated in double; x any shape, scale (1,).
-int SquareSum(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 3) return 1;
+int SquareSum(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !all_float32(3, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const double inv = 1.0 / static_cast<double>(static_cast<const float *>(params[1])[0]);
   const int64_t n = numel(ndims[0], shapes[0]);
@@ -297,8 +305,8 @@ int SquareSum(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 
 // PyTorch's AdamW on param, exp_avg m, exp_avg_sq v (same shape) with g = grad * (coef / scale), in place;
 // hyper (9,) = [lr, beta1, beta2, eps, weight_decay, step, scale, coef, after] (`after`: ordering only). out (1,) = 0.
-int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 6) return 1;
+int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 6 || !all_float32(6, dtypes)) return 1;
   float *p = static_cast<float *>(params[0]);
   float *m = static_cast<float *>(params[1]);
   float *v = static_cast<float *>(params[2]);
@@ -323,8 +331,8 @@ int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const c
 }
 
 // average = average * rate + param * (1 - rate), in place; hyper (2,) = [rate, after]. out (1,) = 0.
-int EmaUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 4) return 1;
+int EmaUpdate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 4 || !all_float32(4, dtypes)) return 1;
   float *avg = static_cast<float *>(params[0]);
   const float *p = static_cast<const float *>(params[1]);
   const float rate = static_cast<const float *>(params[2])[0];

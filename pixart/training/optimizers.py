@@ -46,7 +46,7 @@ def _adamw_update(lr, step, beta1, beta2, eps, weight_decay, param, m, v, grad):
 
 @_adamw_in_place.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
 def _adamw_in_place_update(kernel, hyper, param, m, v, grad):
-    return kernel(param, m, v, grad, hyper)
+    return kernel(param, m, v, grad.astype(ms.float32), hyper)  # the kernel reads float32 (a no-op cast when it is)
 
 
 def _rms(x):

@@ -32,7 +32,7 @@ def _square_sum_fn(g):
 
 @_square_sum_kernel.register("Function", "Tensor", "Tensor")
 def _square_sum_kernel_fn(kernel, divisor, g):
-    return kernel(g, divisor.astype(ms.float32).reshape(1)).reshape(())
+    return kernel(g.astype(ms.float32), divisor.astype(ms.float32).reshape(1)).reshape(())  # the kernel reads float32
 
 
 @_scale.register("Tensor", "Tensor")
