@@ -67,6 +67,15 @@ def fused_cpu() -> bool:
     return device_target() == "CPU" and kernels.available()
 
 
+def in_place_kernel(name: str, params):
+    """The fused CPU training kernel `name` (SquareSum, AdamWUpdate, EmaUpdate: one dummy (1,) output, the real results
+    written in place) where it applies: MindSpore CPU with the kernels built and every one of `params` float32; else
+    None (the caller keeps MindSpore ops)."""
+    if fused_cpu() and all(p.dtype == ms.float32 for p in params):
+        return kernels.op(name, out_shape=lambda *_: (1,))
+    return None
+
+
 def use_flash_attention() -> bool:
     flag = _STATE["flash_attention"]
     return on_ascend() if flag is None else bool(flag)

@@ -31,9 +31,6 @@ Rows rows_of(int ndim, const int64_t *shape) {
   return {d, count, count / shape[0]};
 }
 
-// exp with its argument clamped to [-80, 80]: the result stays a normal float, so glibc's vectorised expf keeps its
-// fast path (over- and underflowing inputs take a slow one: a GELU went 4 ms -> 37 ms on large activations); no
-// result here changes beyond rounding (v / (1 + e^80) and e^-80 are ~0 next to what they are added to).
 // Whether the first n buffers are float32 (the training kernels refuse anything else rather than misread it).
 bool all_float32(int n, const char **dtypes) {
   for (int i = 0; i < n; ++i)
@@ -41,6 +38,9 @@ bool all_float32(int n, const char **dtypes) {
   return true;
 }
 
+// exp with its argument clamped to [-80, 80]: the result stays a normal float, so glibc's vectorised expf keeps its
+// fast path (over- and underflowing inputs take a slow one: a GELU went 4 ms -> 37 ms on large activations); no
+// result here changes beyond rounding (v / (1 + e^80) and e^-80 are ~0 next to what they are added to).
 inline float clamped_exp(float x) { return std::exp(std::fmax(std::fmin(x, 80.0f), -80.0f)); }
 
 }  // namespace

@@ -30,6 +30,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from pixart.models.pixart import caption_mask
+from pixart.training.step import _add_into  # the step's own accumulation into buffers
 
 
 class _Head(nn.Cell):
@@ -65,17 +66,11 @@ class _Tail(nn.Cell):
 
 
 _copy_into = ops.MultitypeFuncGraph("copy_into")
-_add_into = ops.MultitypeFuncGraph("add_into")
 
 
 @_copy_into.register("Tensor", "Tensor")
 def _copy_into_fn(buffer, g):
     return ops.assign(buffer, g)
-
-
-@_add_into.register("Tensor", "Tensor")
-def _add_into_fn(buffer, g):
-    return ops.assign_add(buffer, g)
 
 
 class _Vjp(nn.Cell):
@@ -181,6 +176,13 @@ def _structure(block: nn.Cell, prefix: str, trainable) -> tuple:
     return params, block.attn.sampling, block.attn.sr_ratio, block.attn.qk_norm
 
 
+def refusal(model) -> str | None:
+    """Why `model` can not be trained block by block, or None."""
+    if any(isinstance(cell, nn.Dropout) for _, cell in model.cells_and_names()):
+        return "dropout (LoRA dropout) would draw a different mask when a block is recomputed"
+    return None
+
+
 class BlockwiseGrad:
     """The gradients of a DiffusionLoss's `loss * scale` w.r.t. `weights`, computed block by block and written into
     `buffers` (float32 Parameters in `weights`' order; added to them with `add=True`):
@@ -191,10 +193,9 @@ class BlockwiseGrad:
         self.model = model
         self.weights = list(weights)
         self.buffers = list(buffers) if buffers is not None else _buffers(self.weights, "grad")
-        for _, cell in model.cells_and_names():
-            if isinstance(cell, nn.Dropout):
-                raise ValueError("block-by-block backpropagation recomputes each block, and dropout (LoRA dropout) "
-                                 "would draw a different mask the second time")
+        reason = refusal(model)
+        if reason:
+            raise ValueError(f"block-by-block backpropagation: {reason}")
         buffer_of = {id(p): b for p, b in zip(self.weights, self.buffers)}
         self.block_params = [list(b.get_parameters()) for b in model.blocks]
         tail_params = list(model.final_layer.get_parameters())

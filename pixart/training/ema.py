@@ -9,8 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart import kernels
-from pixart.backend import fused_cpu
+from pixart.backend import in_place_kernel
 
 _ema = ops.MultitypeFuncGraph("ema")
 _ema_in_place = ops.MultitypeFuncGraph("ema_in_place")
@@ -38,8 +37,7 @@ class EMA(nn.Cell):
                                                   requires_grad=False) for p in self.params])
         self.hyper_map = ops.HyperMap()
         # MindSpore CPU: one in-place kernel per parameter, no parameter-sized temporaries (see AdamW.update_in_place)
-        self.kernel = (kernels.op("EmaUpdate", out_shape=lambda *_: (1,))
-                       if fused_cpu() and all(p.dtype == ms.float32 for p in self.params) else None)
+        self.kernel = in_place_kernel("EmaUpdate", self.params)
 
     def construct(self, after=None):
         """Average in the current weights; `after` (a scalar from the in-place optimizer update) orders the in-place

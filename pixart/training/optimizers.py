@@ -21,8 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart import kernels
-from pixart.backend import fused_cpu
+from pixart.backend import in_place_kernel
 
 _adamw = ops.MultitypeFuncGraph("adamw")
 _came_matrix = ops.MultitypeFuncGraph("came_matrix")
@@ -152,8 +151,7 @@ class AdamW(Optimizer):
         self.exp_avg = _zeros_like(self.parameters, "adamw.exp_avg")
         self.exp_avg_sq = _zeros_like(self.parameters, "adamw.exp_avg_sq")
         # MindSpore CPU: the update as one in-place kernel per parameter (`update_in_place`), fp32 parameters only
-        self.kernel = (kernels.op("AdamWUpdate", out_shape=lambda *_: (1,))
-                       if fused_cpu() and all(p.dtype == ms.float32 for p in self.parameters) else None)
+        self.kernel = in_place_kernel("AdamWUpdate", self.parameters)
 
     def construct(self, grads, lr):
         step = self.step + 1.0

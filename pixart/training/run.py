@@ -382,7 +382,7 @@ def build_model(args, data: Data, log, pretrained=None):
 def for_training(model, args):
     """Recompute (per block) and mixed precision: the Cell the loss runs. Call after any layer surgery (LoRA).
     Where recompute is host-driven (`build_optimisation`), the blocks are left as they are."""
-    if args.recompute and not _host_recompute(args):
+    if args.recompute and not _host_recompute(args, model):
         for block in model.blocks:
             block.recompute()
     if args.mixed_precision == "fp32":
@@ -393,11 +393,14 @@ def for_training(model, args):
     return ms.amp.auto_mixed_precision(model, "auto", dtype)
 
 
-def _host_recompute(args) -> bool:
+def _host_recompute(args, model) -> bool:
     """--recompute as block-by-block backpropagation from the host (pixart.training.blockwise): MindSpore CPU graph
-    mode with fp32 weights (mixed precision wraps the model, which the block graphs do not see through)."""
+    mode with fp32 weights (mixed precision wraps the model, which the block graphs do not see through), for a
+    model it can train (no LoRA dropout)."""
     from pixart import backend
-    return backend.host_driven_recompute() and args.mixed_precision == "fp32"
+    from pixart.training.blockwise import refusal
+    return (args.recompute and backend.host_driven_recompute() and args.mixed_precision == "fp32"
+            and refusal(model) is None)
 
 
 @dataclasses.dataclass
@@ -412,6 +415,7 @@ class Optimisation:
 
 def build_optimisation(args, compute_model, params, ctx, global_batch: int, log, use_ema: bool) -> Optimisation:
     """Optimizer over `params`, EMA, loss scaling and the train step (see pixart.training.step)."""
+    from pixart import backend
     from pixart.diffusion.loss import DiffusionLoss
     from pixart.training.ema import EMA
     from pixart.training.optimizers import auto_scale_lr, build_optimizer
@@ -431,15 +435,13 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     step_cell = TrainStep(DiffusionLoss(compute_model), optimizer, ema, args.clip_grad, args.grad_accumulation,
                           ctx.world_size, init_scale, dynamic, scale_window=args.loss_scale_window)
     step_cell.set_train(True)
-    if args.recompute and _host_recompute(args):
+    if _host_recompute(args, compute_model):
         from pixart.training.blockwise import BlockwiseTrainStep
-        try:
-            step_cell = BlockwiseTrainStep(step_cell)
-            log.info("recompute: block by block (one compiled forward and backward graph per block structure)")
-        except ValueError as e:  # LoRA dropout
-            log.info(f"recompute: {e}; recomputing inside one graph instead (it saves no memory on CPU)")
-            for block in compute_model.blocks:
-                block.recompute()
+        step_cell = BlockwiseTrainStep(step_cell)
+        log.info("recompute: block by block (one compiled forward and backward graph per block structure)")
+    elif args.recompute and args.mixed_precision == "fp32" and backend.host_driven_recompute():
+        from pixart.training.blockwise import refusal
+        log.info(f"recompute: inside one graph (it saves no memory on CPU): {refusal(compute_model)}")
     return Optimisation(optimizer, ema, step_cell, lr, effective, dynamic)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart import kernels
+from pixart.backend import in_place_kernel
 
 _square_sum = ops.MultitypeFuncGraph("square_sum")
 _square_sum_kernel = ops.MultitypeFuncGraph("square_sum_kernel")
@@ -109,7 +109,7 @@ class TrainStep(nn.Cell):
         # optimizer (and the EMA) has them, else as MindSpore ops (Ascend, CAME, fp16 parameters)
         self.in_place = (getattr(optimizer, "kernel", None) is not None
                          and (ema is None or ema.kernel is not None))
-        self.square_sum = kernels.op("SquareSum", out_shape=lambda *_: (1,)) if self.in_place else None
+        self.square_sum = in_place_kernel("SquareSum", self.weights) if self.in_place else None
 
     def state_parameters(self) -> list:
         """The step's own state: loss scale and its counter (gradient buffers are empty between steps)."""
