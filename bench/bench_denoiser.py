@@ -5,11 +5,13 @@ weights, a classifier-free-guidance batch of 2, both in this one process tree.
     python bench/bench_denoiser.py --size 512 --runs 2 --steps 2
 
 Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's cross-attention keys/values once per
-prompt, timed apart, then one compiled denoiser graph per step); `--entry call` times the whole forward pass
-(caption work included in every call) instead, `--mode pynative` PyNative. Each run is a fresh child process (its
-own peak RSS), sides alternate (`--sides ours,ours_amx,torch` adds ours with the opt-in AMX bf16x3
-matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX); the first call (ours: graph compilation) is reported
-apart from the timed steps, with the number of graphs compiled (it must not grow across steps).
+prompt, timed apart, then the compiled denoiser: on CPU graph mode embedders, graphs shared by runs of 4 blocks,
+final layer); `--entry call` times the whole forward pass (caption work included in every call) instead, `--mode
+pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
+`ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0) and `ours_amx` (the opt-in AMX bf16x3
+matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX), e.g. `--sides ours,ours_whole,torch`. The first call
+(ours: graph compilation) is reported apart from the timed steps, with the number of graphs compiled (it must not
+grow across steps).
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ def child(side: str, a) -> dict:
     x, t, y, mask = inputs(a.size)
     extra = {}
     if side.startswith("ours"):
+        import os
         if side == "ours_amx":  # the opt-in AMX bf16x3 matmul instead of MindSpore's fp32 MatMul
-            import os
             os.environ["PIXART_CPU_GEMM"] = "bf16x3"
+        if side == "ours_whole":  # the whole denoiser as one graph instead of graphs shared by runs of blocks
+            os.environ["PIXART_BLOCKS_PER_GRAPH"] = "0"
         import mindspore as ms
         from pixart import backend
         from pixart.models.pixart import PixArt, preset_config
@@ -105,12 +109,12 @@ def main():
     if "ours_amx" in results:
         o, f = summary(results["ours_amx"])["median"], summary(results["ours"])["median"]
         print(f"ours_amx (AMX bf16x3 matmul) / ours (MindSpore fp32 MatMul): {o / f:.2f}x")
-    if "ours" in results:
-        c = [(r["compiles_after_first"], r["compiles_after_all"]) for r in results["ours"]]
-        print(f"graphs compiled (ours) after the first step / after all steps: {c}")
+    for side in (s for s in sides if s.startswith("ours")):
+        c = [(r["compiles_after_first"], r["compiles_after_all"]) for r in results[side]]
+        print(f"graphs compiled ({side}) after the first step / after all steps: {c}")
         if a.entry == "sample":
-            cap = [(round(r["caption_first_s"], 2), round(r["caption_s"], 3)) for r in results["ours"]]
-            print(f"ours, caption keys/values once per prompt (first call incl. compile, second) s: {cap}")
+            cap = [(round(r["caption_first_s"], 2), round(r["caption_s"], 3)) for r in results[side]]
+            print(f"{side}, caption keys/values once per prompt (first call incl. compile, second) s: {cap}")
     print(f"machine: {machine()}")
 
 

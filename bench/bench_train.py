@@ -126,10 +126,6 @@ def main():
     print()
     print(table(f"Training step, PixArt-XL/2 depth {a.depth}, {a.size} px, batch 2, fp32, AdamW"
                 f"{', recompute' if a.recompute else ''} (ours: {a.mode})", rows))
-    if "ours_blocks" in results and "torch" in results and "ours_blocks" not in over:
-        o, t = summary(results["ours_blocks"]), summary(results["torch"])
-        print(f"ours_blocks (block by block) / torch: time {o['median'] / t['median']:.2f}x, "
-              f"peak RSS {o['rss'] / t['rss']:.2f}x")
     for side in over:
         print(f"{side}: stopped above {a.max_rss_gb} GiB resident (does not fit)")
     print(f"machine: {machine()}")

@@ -94,15 +94,16 @@ def fmt_row(name: str, s: dict, first_label: bool = True) -> str:
 
 def table(title: str, rows: list[tuple[str, dict]], ours: str = "ours", ref: str = "torch",
           first_header: str = "first call s (ours: compile)") -> str:
-    """The markdown table the scripts print: one row per side, then the ratios."""
+    """The markdown table the scripts print: one row per side, then each `ours*` side's ratios to `ref`."""
     lines = [f"**{title}**", "", f"| side | s per call: median (min-max) | {first_header} | peak RSS GiB |",
              "|---|---|---|---|"]
     by = dict(rows)
     lines += [fmt_row(name, s) for name, s in rows]
-    if ours in by and ref in by:
-        o, t = by[ours], by[ref]
-        lines.append(f"| **ratio {ours} / {ref}** | **{o['median'] / t['median']:.2f}x** | | "
-                     f"**{o['rss'] / t['rss']:.2f}x** |")
+    for name, o in rows:  # every variant of ours (ours, ours_amx, ours_whole, ...) against the reference
+        if name.startswith(ours) and ref in by:
+            t = by[ref]
+            lines.append(f"| **ratio {name} / {ref}** | **{o['median'] / t['median']:.2f}x** | | "
+                         f"**{o['rss'] / t['rss']:.2f}x** |")
     load = max(s["load"] for _, s in rows)
     lines.append("")
     lines.append(f"max 1-minute load before a run: {load:.1f} on {os.cpu_count()} cores"

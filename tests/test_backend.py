@@ -49,9 +49,13 @@ def test_ascend_selects_mint_kernels_flash_attention_and_half_precision(fake_asc
     assert model.blocks[0].attn.attention.flash and model.blocks[0].cross_attn.attention.flash
 
 
-def test_sampling_compiles_the_transformer_once_per_shape(tmp_path, graph_mode):
+@pytest.mark.parametrize("blocks_per_graph, caption, graphs", [("0", 1, 1), ("1", 2, 3)])
+def test_sampling_compiles_the_transformer_once_per_shape(tmp_path, graph_mode, monkeypatch, blocks_per_graph,
+                                                          caption, graphs):
     """No recompiles across steps, prompts, seeds and samplers of the same shape (counts MindSpore's own
-    compile cache, not time)."""
+    compile cache, not time): caption keys/values and denoiser as one graph each, or as graphs shared by the
+    blocks (caption MLP + one keys/values projection; embedders + one run of blocks + final layer)."""
+    monkeypatch.setenv("PIXART_BLOCKS_PER_GRAPH", blocks_per_graph)
     demo.build(tmp_path, log=lambda *_: None)
     from pixart.pipelines.text_to_image import PixArtPipeline
     comp = tmp_path / demo.COMPONENTS
@@ -61,14 +65,14 @@ def test_sampling_compiles_the_transformer_once_per_shape(tmp_path, graph_mode):
     common = dict(height=64, width=64, use_resolution_binning=False, progress=False)
     pipe("a red square", sampler="dpm", num_inference_steps=3, seed=1, **common)
     first = pipe.transformer.compile_count()
-    assert first == 2  # the caption's keys/values once per prompt, and the denoiser: one graph each
+    assert first == caption + graphs  # the caption's keys/values once per prompt, and the denoiser's graphs
     pipe("a blue circle", sampler="ddim", num_inference_steps=2, seed=2, **common)
     pipe("a green tree", sampler="sa", num_inference_steps=2, seed=3, guidance_scale=7.0, **common)
     assert pipe.transformer.compile_count() == first
     assert len(pipe.vae.compile_cache) == 1
     pipe("a red square", sampler="dpm", num_inference_steps=2, seed=1, height=64, width=96,
          use_resolution_binning=False, progress=False)
-    assert pipe.transformer.compile_count() == first + 1  # a new image shape: the denoiser once more, no more
+    assert pipe.transformer.compile_count() == first + graphs  # a new image shape: the denoiser once more
 
 
 # ---------------------------------------------------------------------------------------------------------------

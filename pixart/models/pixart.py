@@ -14,7 +14,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from pixart.backend import Attention, Conv2d, GatedResidual, LayerNorm, Linear, Method, chunk, expand_as
+from pixart.backend import (Attention, Conv2d, GatedResidual, LayerNorm, Linear, Method, blocks_per_graph, chunk,
+                            expand_as)
 
 
 #################################################################################
@@ -312,11 +313,19 @@ class PixArt(nn.Cell):
 
     def sampler_parts(self):
         """(encode_caption, denoise) as callables for sampling: in graph mode each is compiled on its own, so a
-        prompt's caption work is done once and each step runs one compiled graph; in PyNative the methods."""
+        prompt's caption work is done once and each step runs the compiled denoiser (one graph, or on MindSpore's CPU
+        backend a few shared by the blocks: `backend.blocks_per_graph`); in PyNative the methods."""
         if ms.get_context("mode") != ms.GRAPH_MODE:
             return self.encode_caption, self.denoise
         if not self.compiled_parts:
-            self.compiled_parts.update(encode_caption=Method(self, "encode_caption"), denoise=Method(self, "denoise"))
+            from pixart.shared_graphs import GroupedCaptionEncoder, GroupedDenoiser  # they build on this module
+            size = blocks_per_graph(len(self.blocks))
+            if size is None:
+                self.compiled_parts.update(encode_caption=Method(self, "encode_caption"),
+                                           denoise=Method(self, "denoise"))
+            else:
+                self.compiled_parts.update(encode_caption=GroupedCaptionEncoder(self),
+                                           denoise=GroupedDenoiser(self, size))
         encode = self.compiled_parts["encode_caption"]
         # mutable: a tuple of Tensors passed to a graph is otherwise a constant, and new values would recompile it
         return (lambda y, force_drop_ids=None: ms.mutable(encode(y, force_drop_ids))), self.compiled_parts["denoise"]

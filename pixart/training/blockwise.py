@@ -11,25 +11,24 @@ compiled graphs instead (train.py --recompute on MindSpore CPU graph mode):
     blocks   block D .. 1 vjp, recomputing the block from its input   -> d tokens; d t0, d caption summed
     head     vjp                                                      -> the embedders' gradients
 
-All blocks of one structure (Σ-KV models have two) share ONE forward graph and ONE vjp graph, compiled on a template
-copy of the block whose Parameters are pointed at block i's tensors before each launch (`Parameter.set_data` with
-a Parameter shares its storage: no copy), so compilation does not grow with depth. Each vjp writes (or, for later
-micro-batches, adds) its weights' gradients into persistent buffers that the update graph reads in place, so no
-gradient-sized tensor is allocated per step. Memory: parameters, gradient buffers, optimizer state, the D block
-inputs (N x T x D each) and one block's working set (depth 28, 256 px: 10.25 GiB peak vs PyTorch's 11.1). The
-forward pass runs the inference kernels (an eval-mode template), the vjp the differentiable ops: gradients equal
-the whole-graph ones up to float rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in the
-two passes: refused (train.py then recomputes inside one graph).
+All blocks of one structure (Σ-KV models have two) share ONE forward graph and ONE vjp graph, compiled on a copy of
+the block whose Parameters are pointed at block i's before each launch (`pixart.shared_graphs`: shared storage, no
+copy), so compilation does not grow with depth. Each vjp writes (or, for later micro-batches, adds) its weights'
+gradients into persistent buffers that the update graph reads in place, so no gradient-sized tensor is allocated
+per step. Memory: parameters, gradient buffers, optimizer state, the D block inputs (N x T x D each) and one
+block's working set (depth 28, 256 px: 10.25 GiB peak vs PyTorch's 11.1). The forward pass runs the inference
+kernels (an eval-mode copy), the vjp the differentiable ops: gradients equal the whole-graph ones up to float
+rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in the two passes: refused (train.py
+then recomputes inside one graph).
 """
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from pixart.models.pixart import caption_mask
+from pixart.shared_graphs import aliasing_copy, point, structure
 from pixart.training.step import _add_into  # the step's own accumulation into buffers
 
 
@@ -115,33 +114,12 @@ class _Update(nn.Cell):
         return self.step.update(scaled, terms, self.buffers, scale, lr, apply, True)
 
 
-def _shares_primitives(cell: nn.Cell) -> dict:
-    """A deepcopy memo mapping every primitive of `cell` to itself: copies share kernels (Custom ops can't be copied)."""
-    memo = {}
-
-    def visit(value):
-        if isinstance(value, ops.Primitive):
-            memo[id(value)] = value
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-    for _, sub in cell.cells_and_names():
-        for value in vars(sub).values():
-            visit(value)
-    return memo
-
-
 class _Template:
     """One structure of block: a forward graph (inference kernels) and a vjp graph, pointed at any such block."""
 
     def __init__(self, block: nn.Cell, trainable: set):
-        self.fwd_block = copy.deepcopy(block, _shares_primitives(block))
-        self.vjp_block = copy.deepcopy(block, _shares_primitives(block))
-        self.fwd_block.set_train(False)
-        self.vjp_block.set_train(True)
+        self.fwd_block = aliasing_copy(block, train=False)
+        self.vjp_block = aliasing_copy(block, train=True)
         self.fwd_params = list(self.fwd_block.get_parameters())
         self.vjp_params = list(self.vjp_block.get_parameters())
         self.grad_slots = [i for i, p in enumerate(block.get_parameters()) if id(p) in trainable]
@@ -149,31 +127,18 @@ class _Template:
         self.buffers = _buffers(weights, "template_grad")
         self.forward = _Block(self.fwd_block)
         self.vjp = _Vjp(_Block(self.vjp_block), weights, self.buffers)
-        self.pointed = None
 
-    def point(self, index: int, params: list, buffers: list) -> None:
-        """Make both graphs compute with block `index`'s Parameters and write its gradient buffers (shared storage,
-        no copy)."""
-        if self.pointed != index:
-            for mine in (self.fwd_params, self.vjp_params):
-                for p, q in zip(mine, params):
-                    p.set_data(q)
-            for b, q in zip(self.buffers, buffers):
-                b.set_data(q)
-            self.pointed = index
+    def point(self, params: list, buffers: list) -> None:
+        """Make both graphs compute with a block's Parameters and write its gradient buffers (shared storage, no copy;
+        every launch: the model's weights may have been replaced since)."""
+        point(self.fwd_params, params)
+        point(self.vjp_params, params)
+        point(self.buffers, buffers)
 
 
 def _buffers(params, prefix: str) -> list:
     return [Parameter(Tensor(np.zeros(tuple(p.shape), np.float32)), name=f"{prefix}.{p.name}", requires_grad=False)
             for p in params]
-
-
-def _structure(block: nn.Cell, prefix: str, trainable) -> tuple:
-    """What a compiled graph of the block depends on: its parameters' names (without `prefix`), shapes, dtypes and
-    whether they are trained, and the attention's KV compression."""
-    params = tuple((p.name[len(prefix):] if p.name.startswith(prefix) else p.name, tuple(p.shape), str(p.dtype),
-                    id(p) in trainable) for p in block.get_parameters())
-    return params, block.attn.sampling, block.attn.sr_ratio, block.attn.qk_norm
 
 
 def refusal(model) -> str | None:
@@ -214,7 +179,7 @@ class BlockwiseGrad:
         self.tail_vjp = _TailVjp(_Tail(loss_fn), tail_weights, [buffer_of[id(p)] for p in tail_weights])
         self.templates, by_structure = [], {}
         for i, block in enumerate(model.blocks):
-            key = _structure(block, f"blocks.{i}.", buffer_of)
+            key = structure(block, f"blocks.{i}.", buffer_of)
             if key not in by_structure:
                 by_structure[key] = _Template(block, buffer_of)
             self.templates.append(by_structure[key])
@@ -234,14 +199,14 @@ class BlockwiseGrad:
         x_t, x, temb, t0, caption = self.head(*head_inputs)
         inputs = []
         for i, template in enumerate(self.templates):
-            template.point(i, self.block_params[i], self.block_buffers[i])
+            template.point(self.block_params[i], self.block_buffers[i])
             inputs.append(x)
             x = template.forward(x, caption, t0, mask, hw)
         scaled, terms, (dx, dtemb, *_) = self.tail_vjp(add, x, temb, x0, x_t, t, noise, scale, hw)
         dcaption, dt0 = None, None
         for i in reversed(range(len(self.templates))):
             template = self.templates[i]
-            template.point(i, self.block_params[i], self.block_buffers[i])
+            template.point(self.block_params[i], self.block_buffers[i])
             dx, dc, dt, *_ = template.vjp(add, inputs[i], caption, t0, mask, hw, dx)
             inputs[i] = None  # its activations are no longer needed
             dcaption = dc if dcaption is None else dcaption + dc

@@ -1,0 +1,162 @@
+"""One compiled graph for every PixArt block of the same structure (MindSpore's CPU graph mode).
+
+MindSpore compiles a graph per Cell, and its CPU runtime keeps every intermediate of a graph alive until the graph
+ends. A graph of all 28 blocks takes ~20 s to compile and holds ~17 MB per block between kernels at 256 px
+(sampling) or ~0.3 GB per block (training). Here a copy of a block, or of a run of consecutive blocks, whose
+Parameters alias the storage of any structurally equal blocks (`Parameter.set_data(param)` shares it: no copy)
+compiles once and serves them all; pointing it at other blocks before a launch costs microseconds per Parameter.
+
+- `GroupedDenoiser`: sampling's denoiser as embedders -> runs of `size` blocks -> final layer, one graph each
+  (`backend.blocks_per_graph()` picks the size); `GroupedCaptionEncoder`: the caption's keys/values, one graph for
+  all blocks.
+- `pixart.training.blockwise`: training's backward pass one block at a time.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from pixart.backend import Method
+
+
+def aliasing_copy(cell: nn.Cell, train: bool) -> nn.Cell:
+    """A copy of `cell` (in training mode or not) that shares its primitives (Custom kernels can not be copied) and
+    whose Parameters alias `cell`'s storage until `point` moves them: no weight is copied, even for a moment."""
+    memo = {}
+
+    def share(value):
+        if isinstance(value, ops.Primitive):
+            memo[id(value)] = value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                share(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                share(v)
+    for _, sub in cell.cells_and_names():
+        for value in vars(sub).values():
+            share(value)
+    for p in cell.get_parameters():
+        alias = Parameter(Tensor(np.zeros((1,)), p.dtype), name=p.name, requires_grad=p.requires_grad)  # set_data casts
+        alias.set_data(p)
+        memo[id(p)] = alias
+    twin = copy.deepcopy(cell, memo)
+    twin.set_train(train)
+    return twin
+
+
+def point(aliases, params) -> None:
+    """Make each of `aliases` (a copy's Parameters) compute with the storage of the matching one of `params`."""
+    for alias, param in zip(aliases, params):
+        alias.set_data(param)
+
+
+def structure(cell: nn.Cell, prefix: str, trainable=frozenset()) -> tuple:
+    """What a compiled graph of `cell` depends on: its Parameters' names (without `prefix`), shapes, dtypes and
+    whether they are trained (ids in `trainable`); for a PixArt block also the self-attention's KV compression and
+    qk-norm (the KV compression "ave" / "uniform" has no Parameters)."""
+    params = tuple((p.name[len(prefix):] if p.name.startswith(prefix) else p.name, tuple(p.shape), str(p.dtype),
+                    id(p) in trainable) for p in cell.get_parameters())
+    attn = getattr(cell, "attn", None)
+    return params, getattr(attn, "sampling", None), getattr(attn, "sr_ratio", None), getattr(attn, "qk_norm", None)
+
+
+class SharedGraphs:
+    """Groups of Cells run through one compiled graph per structure: `wrap(copies)` is built once per distinct
+    `keys` entry, on aliasing copies of the first such group; `pointed(i)` is group i's graph, pointed at group i's
+    Parameters (every time: the model's weights may have been replaced since)."""
+
+    def __init__(self, groups: list, keys: list, wrap, train: bool):
+        shared, self.plan = {}, []
+        for cells, key in zip(groups, keys):
+            if key not in shared:
+                graph = wrap([aliasing_copy(cell, train) for cell in cells])
+                shared[key] = graph, list(graph.get_parameters())
+            self.plan.append((*shared[key], [p for cell in cells for p in cell.get_parameters()]))
+        self.graphs = [graph for graph, _ in shared.values()]
+
+    def pointed(self, i: int, train: bool) -> nn.Cell:
+        graph, aliases, params = self.plan[i]
+        if graph.training != train:
+            graph.set_train(train)
+        point(aliases, params)
+        return graph
+
+
+class _Run(nn.Cell):
+    """Consecutive PixArt blocks as one graph: (tokens, their caption keys/values, t0, mask, hw) -> tokens."""
+
+    def __init__(self, blocks):
+        super().__init__(auto_prefix=False)
+        self.blocks = nn.CellList(blocks)
+
+    def construct(self, x, caption_kv, t0, mask, hw):
+        for block, kv in zip(self.blocks, caption_kv):
+            x = block(x, kv, t0, mask, hw)  # (N, T, D)
+        return x
+
+
+class _Apply(nn.Cell):
+    """One layer as a graph."""
+
+    def __init__(self, layers):
+        super().__init__(auto_prefix=False)
+        self.layer = layers[0]
+
+    def construct(self, x):
+        return self.layer(x)
+
+
+class _Graphs:
+    graphs: list
+
+    @property
+    def compile_cache(self) -> list:
+        """Every graph compiled so far (one entry each), as a Cell's `compile_cache` counts them."""
+        return [key for graph in self.graphs for key in graph.compile_cache]
+
+
+class GroupedCaptionEncoder(_Graphs):
+    """`PixArt.encode_caption` as the caption MLP's graph and one graph for every block's keys/values projection
+    (28 launches of one compiled (N, L, D) x (D, 2D) product instead of a graph of 28)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.embed = Method(model, "embed_caption")
+        layers = [block.cross_attn.kv_linear for block in model.blocks]
+        keys = [structure(layer, f"blocks.{i}.cross_attn.kv_linear.") for i, layer in enumerate(layers)]
+        self.kv = SharedGraphs([[layer] for layer in layers], keys, _Apply, model.training)
+        self.graphs = [self.embed, *self.kv.graphs]
+
+    def __call__(self, y, force_drop_ids=None):
+        caption = self.embed(y, force_drop_ids)  # (N, L, D)
+        return tuple(self.kv.pointed(i, self.model.training)(caption) for i in range(len(self.model.blocks)))
+
+
+class GroupedDenoiser(_Graphs):
+    """`PixArt.denoise` as a few compiled graphs: the embedders, runs of `size` consecutive blocks, the final layer.
+    Runs of equal structure (all of them but Σ-KV's, which has two kinds) share one graph, so compilation does not
+    grow with depth, and each launch frees its intermediates for the next. Same results as the one-graph `denoise`
+    (the same kernels in the same order)."""
+
+    def __init__(self, model, size: int):
+        from pixart.models.pixart import caption_mask
+        self.model, self.caption_mask = model, caption_mask
+        self.embed, self.final = Method(model, "embed"), Method(model, "final")
+        depth = len(model.blocks)
+        self.runs = [range(start, min(start + size, depth)) for start in range(0, depth, size)]
+        keys = [tuple(structure(model.blocks[i], f"blocks.{i}.") for i in run) for run in self.runs]
+        self.blocks = SharedGraphs([[model.blocks[i] for i in run] for run in self.runs], keys, _Run, model.training)
+        self.graphs = [self.embed, self.final, *self.blocks.graphs]
+
+    def __call__(self, x, timestep, caption_kv, mask=None, data_info=None):
+        hw = self.model.token_grid(x)
+        mask = self.caption_mask(mask, x.shape[0], caption_kv[0].shape[1])
+        x, t, t0 = self.embed(x, timestep, data_info)
+        for k, run in enumerate(self.runs):
+            x = self.blocks.pointed(k, self.model.training)(x, ms.mutable(tuple(caption_kv[i] for i in run)), t0,
+                                                            mask, hw)
+        return self.final(x, t, hw)
