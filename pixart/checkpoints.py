@@ -35,26 +35,38 @@ def read_safetensors_metadata(path) -> dict[str, str]:
         return dict(_safetensors_header(f, path).get("__metadata__") or {})
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
-    """Read a .safetensors file without torch; bf16 tensors are widened to fp32 exactly."""
+def safetensors_entries(path) -> dict:
+    """{name: (shape, read)} for one .safetensors file, reading only the header: `read()` reads that one tensor
+    (bf16 widened to fp32 exactly), so a caller can hold one tensor at a time."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: weight file missing (listed in the folder's index?)")
     with open(path, "rb") as f:
         header = _safetensors_header(f, path)
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw = data[start:end]
-        if info["dtype"] == "BF16":
-            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _ST_DTYPES:
-            arr = np.frombuffer(raw, _ST_DTYPES[info["dtype"]])
-        else:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"]).copy()
-    return out
+        base = f.tell()
+    header.pop("__metadata__", None)
+
+    def reader(name, info):
+        def read():
+            start, end = info["data_offsets"]
+            dt = np.uint16 if info["dtype"] == "BF16" else _ST_DTYPES.get(info["dtype"])
+            if dt is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            with open(path, "rb") as f:
+                f.seek(base + start)
+                arr = np.fromfile(f, dt, (end - start) // np.dtype(dt).itemsize)
+            if info["dtype"] == "BF16":
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            return arr.reshape(info["shape"])
+        return read
+
+    return {name: (tuple(info["shape"]), reader(name, info)) for name, info in header.items()}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """Read a .safetensors file without torch, one tensor at a time (no copy of the whole file in memory); bf16
+    tensors are widened to fp32 exactly."""
+    return {name: read() for name, (_, read) in safetensors_entries(path).items()}
 
 
 def write_safetensors(state: dict[str, np.ndarray], path, metadata: dict | None = None) -> None:
@@ -160,10 +172,13 @@ def read_config(folder) -> dict:
 
 
 def load_into(cell, state: dict[str, np.ndarray], what: str = "model", strict: bool = True,
-              ignore: tuple[str, ...] = ()) -> None:
+              ignore: tuple[str, ...] = (), share: bool = False) -> None:
     """Copy `state` into `cell`'s parameters by name, casting to each parameter's dtype.
 
     With `strict`, any missing or unexpected key or shape mismatch raises a CheckpointError listing them all.
+    `share`: a parameter whose dtype the array already has takes the array's memory instead of a copy (loading a
+    model for inference from a state dict read for it: one copy of the weights in memory, not two); the arrays must
+    then not be written, nor given to a second model.
     """
     import mindspore as ms
     params = {p.name: p for p in cell.get_parameters()}
@@ -175,7 +190,11 @@ def load_into(cell, state: dict[str, np.ndarray], what: str = "model", strict: b
         raise CheckpointError(describe_mismatch(what, missing, unexpected, mismatched))
     for k, p in params.items():
         if k in state and tuple(state[k].shape) == tuple(p.shape):
-            p.set_data(ms.Tensor(state[k]).astype(p.dtype))
+            arr = state[k]
+            if share and arr.dtype == ms.dtype_to_nptype(p.dtype) and arr.flags.c_contiguous:
+                p.set_data(ms.from_numpy(arr))
+            else:
+                p.set_data(ms.Tensor(arr).astype(p.dtype))
 
 
 def describe_mismatch(what, missing, unexpected, mismatched, limit: int = 8) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import struct
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from .. import backend
 from ..backend import GELU, Embedding, Linear
-from ..checkpoints import _ST_DTYPES, CheckpointError, describe_mismatch, read_config, read_state_dict
+from ..checkpoints import CheckpointError, describe_mismatch, read_config, read_state_dict, safetensors_entries
 
 _ACTIVATIONS = {"relu": None, "gelu": "none", "gelu_new": "tanh"}  # HF activation name -> GELU approximation
 _FP16_SAFE = 64504.0  # HF clamps overflowed fp16 activations to finfo(fp16).max - 1000
@@ -231,45 +230,16 @@ class T5EncoderModel(nn.Cell):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-def _safetensors_entries(path: Path) -> dict:
-    """{name: (shape, read)} for one .safetensors file; `read()` reads that one tensor (bf16 widened to fp32)."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: weight file missing (listed in the folder's index?)")
-    with open(path, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        except (struct.error, ValueError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-
-    def reader(info):
-        def read():
-            start, end = info["data_offsets"]
-            dt = np.uint16 if info["dtype"] == "BF16" else _ST_DTYPES.get(info["dtype"])
-            if dt is None:
-                raise CheckpointError(f"{path}: unsupported dtype {info['dtype']}")
-            with open(path, "rb") as f:
-                f.seek(8 + n + start)
-                arr = np.fromfile(f, dt, (end - start) // np.dtype(dt).itemsize)
-            if info["dtype"] == "BF16":
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-            return arr.reshape(info["shape"])
-        return read
-
-    return {name: (tuple(info["shape"]), reader(info)) for name, info in header.items()}
-
-
 def _weight_entries(folder: Path) -> dict:
     """{name: (shape, read)} for an HF folder: safetensors are read lazily one tensor at a time, others eagerly."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         entries = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            entries.update(_safetensors_entries(folder / shard))
+            entries.update(safetensors_entries(folder / shard))
         return entries
     if (folder / "model.safetensors").exists():
-        return _safetensors_entries(folder / "model.safetensors")
+        return safetensors_entries(folder / "model.safetensors")
     state = read_state_dict(folder)  # .bin: needs everything in memory once
     return {k: (tuple(v.shape), lambda k=k: state.pop(k)) for k, v in state.items()}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
+from mindspore.nn.utils import no_init_parameters
 
 from pixart import backend
 from pixart.backend import Attention, Conv2d, GroupNorm, Linear
@@ -323,12 +324,13 @@ def load_vae(folder, dtype: str = "fp32") -> AutoencoderKL:
     if not folder.is_dir():
         raise CheckpointError(f"VAE folder not found: {folder}")
     ms_dtype = backend.dtype(dtype)
-    model = AutoencoderKL(VAEConfig.from_dict(read_config(folder)))
+    with no_init_parameters():  # every weight comes from the folder (strict load below)
+        model = AutoencoderKL(VAEConfig.from_dict(read_config(folder)))
     if ms_dtype != ms.float32:
         for _, cell in model.cells_and_names():
             if not isinstance(cell, mint.nn.GroupNorm):
                 for p in cell.get_parameters(expand=False):
                     p.set_dtype(ms_dtype)
-    load_into(model, convert_legacy_attention(read_state_dict(folder)), what=f"VAE in {folder}")
+    load_into(model, convert_legacy_attention(read_state_dict(folder)), what=f"VAE in {folder}", share=True)
     model.set_train(False)
     return model

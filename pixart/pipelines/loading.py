@@ -5,6 +5,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from mindspore.nn.utils import no_init_parameters
+
 from pixart import backend
 from pixart.checkpoints import CheckpointError, convert_pixart, fill_null_caption, load_into, match_preset
 from pixart.models.pixart import PRESETS, PixArt, preset_config
@@ -37,8 +39,9 @@ def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: d
         cfg.kv_compress_config = kv_compress
     if (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
         log(f"note: {checkpoint} is a reduced {model} (depth {cfg.depth}, width {cfg.hidden_size})")
-    net = PixArt(cfg)
-    load_into(net, state, what=f"{model} transformer")
+    with no_init_parameters():  # no random weights: the checkpoint's arrays become the parameters (no copy)
+        net = PixArt(cfg)
+    load_into(net, state, what=f"{model} transformer", share=True)
     if lora_path:
         from pixart.models.lora import load_lora
         load_lora(net, lora_path, lora_scale, log)  # before the cast, so the LoRA weights take `dtype` too
