@@ -66,8 +66,8 @@ def blocks_per_graph(depth: int) -> int | None:
     """How many PixArt blocks sampling compiles into one graph (`shared_graphs.GroupedDenoiser`), or None: the whole
     denoiser as one graph. On MindSpore's CPU backend in graph mode, 4 (`PIXART_BLOCKS_PER_GRAPH` overrides, 0 = all):
     its runtime keeps a graph's intermediates until the graph ends and compiles each block of a graph anew (depth 28,
-    256 px, measured: one graph 3.34 GiB peak, ~18 s to compile; 4 blocks per graph 2.92 GiB, ~5 s, step time within
-    the VM's noise). Elsewhere (Ascend, PyNative) None."""
+    256 px, measured: one graph 3.36 GiB peak, ~16 s to compile; 4 blocks per graph 2.90 GiB, ~4 s, the same step
+    time; 1 block per graph ~1.3x slower). Elsewhere (Ascend, PyNative) None."""
     if device_target() != "CPU" or ms.get_context("mode") != ms.GRAPH_MODE:
         return None
     value = os.environ.get("PIXART_BLOCKS_PER_GRAPH", "4")
