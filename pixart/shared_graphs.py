@@ -20,6 +20,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from pixart.backend import Method
+from pixart.models.pixart import caption_mask  # pixart.py imports this module only when sampling
 
 
 def aliasing_copy(cell: nn.Cell, train: bool) -> nn.Cell:
@@ -143,8 +144,7 @@ class GroupedDenoiser(_Graphs):
     (the same kernels in the same order)."""
 
     def __init__(self, model, size: int):
-        from pixart.models.pixart import caption_mask
-        self.model, self.caption_mask = model, caption_mask
+        self.model = model
         self.embed, self.final = Method(model, "embed"), Method(model, "final")
         depth = len(model.blocks)
         self.runs = [range(start, min(start + size, depth)) for start in range(0, depth, size)]
@@ -154,7 +154,7 @@ class GroupedDenoiser(_Graphs):
 
     def __call__(self, x, timestep, caption_kv, mask=None, data_info=None):
         hw = self.model.token_grid(x)
-        mask = self.caption_mask(mask, x.shape[0], caption_kv[0].shape[1])
+        mask = caption_mask(mask, x.shape[0], caption_kv[0].shape[1])
         x, t, t0 = self.embed(x, timestep, data_info)
         for k, run in enumerate(self.runs):
             x = self.blocks.pointed(k, self.model.training)(x, ms.mutable(tuple(caption_kv[i] for i in run)), t0,
