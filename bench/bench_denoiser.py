@@ -8,8 +8,9 @@ Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's c
 prompt, timed apart, then the compiled denoiser: on CPU graph mode embedders, graphs shared by runs of 4 blocks,
 final layer); `--entry call` times the whole forward pass (caption work included in every call) instead, `--mode
 pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
-`ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0) and `ours_amx` (the opt-in AMX bf16x3
-matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX), e.g. `--sides ours,ours_whole,torch`. The first call
+`ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0), `ours_matmul` (MindSpore's MatMul for
+Linear layers instead of the AVX-512 GEMM kernel, PIXART_CPU_GEMM=matmul) and `ours_amx` (the opt-in AMX bf16x3
+matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX), e.g. `--sides ours,ours_matmul,torch`. The first call
 (ours: graph compilation) is reported apart from the timed steps, with the number of graphs compiled (it must not
 grow across steps).
 """
@@ -41,8 +42,8 @@ def child(side: str, a) -> dict:
     extra = {}
     if side.startswith("ours"):
         import os
-        if side == "ours_amx":  # the opt-in AMX bf16x3 matmul instead of MindSpore's fp32 MatMul
-            os.environ["PIXART_CPU_GEMM"] = "bf16x3"
+        if side in ("ours_amx", "ours_matmul"):  # another product for Linear layers than the default (AVX-512)
+            os.environ["PIXART_CPU_GEMM"] = {"ours_amx": "bf16x3", "ours_matmul": "matmul"}[side]
         if side == "ours_whole":  # the whole denoiser as one graph instead of graphs shared by runs of blocks
             os.environ["PIXART_BLOCKS_PER_GRAPH"] = "0"
         import mindspore as ms

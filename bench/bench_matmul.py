@@ -1,7 +1,7 @@
 """The matmuls of a PixArt-XL/2 step (256 px, CFG batch 2: 512 tokens x 1152 wide) three ways: PyTorch's F.linear
-(MKL, fp32), MindSpore's MatMul (graph mode, fp32) and this port's Linear on CPU (graph mode: the AMX bf16x3 kernel
-where the CPU has AMX, else MatMul); plus the machine's fp32 FMA peak (bench/fma_peak.c, compiled here) and what it
-means for a whole step. Each side runs in its own child process (thread pools of different libraries in one process
+(MKL, fp32), MindSpore's MatMul (graph mode, fp32) and this port's Linear on CPU (graph mode: the AVX-512 GEMM kernel
+pixart/kernels/gemm_cpu.cc by default, the AMX bf16x3 kernel with PIXART_CPU_GEMM=bf16x3); plus the machine's fp32
+FMA peak (bench/fma_peak.c, compiled here) and what it means for a whole step. Each side runs in its own child process (thread pools of different libraries in one process
 spin against each other), sides alternate, `--runs` times.
 
     python bench/bench_matmul.py               # 3 runs per side, 20 calls per shape
@@ -80,7 +80,7 @@ def child(side: str, a) -> dict:
         medians.append(float(np.median(times)))
     result = dict(side=side, medians=medians, times=[sum(medians)])
     if side == "ours":
-        result["amx"] = kernels.amx_gemm()
+        result["gemm"] = kernels.cpu_gemm()
     return result
 
 
@@ -94,11 +94,11 @@ def main():
     sides = ("ours", "mindspore", "torch")
     results = run_children(__file__, sides, a.runs, ["--calls", str(a.calls)])
     med = {s: [float(np.median([r["medians"][i] for r in results[s]])) for i in range(len(SHAPES))] for s in sides}
-    amx = results["ours"][0].get("amx")
+    gemm = results["ours"][0].get("gemm")
     threads = os.cpu_count() or 1
     peaks = {t: fma_peak(t) for t in sorted({1, threads})}
     print(f"\n**Step matmuls, fp32 in and out, {threads} threads (median over {a.runs} runs x {a.calls} calls per "
-          f"side); ours = {'AMX bf16x3' if amx else 'MindSpore MatMul (no AMX here)'}**\n")
+          f"side); ours = Linear with PIXART_CPU_GEMM's choice: {gemm}**\n")
     print("| (M, K, N) | layers | torch GFLOP/s | MindSpore MatMul GFLOP/s | ours GFLOP/s | ours / torch time |")
     print("|---|---|---|---|---|---|")
     for i, ((m, k, n), _, names) in enumerate(SHAPES):

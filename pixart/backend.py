@@ -149,14 +149,16 @@ class Linear(nn.Cell):
 
     On CPU a transposed-B MatMul on a 2-D view is ~8x faster in PyNative than mint's Linear kernel (measured at
     64x4096 @ 4096x4096: 0.15 s vs 1.2 s) and as fast in graph mode; bias and activation then run as one fused
-    kernel where `fused_cpu()` (measured on (512, 4608): 2.5 ms vs 18 ms for BiasAdd + the six GELU ops). On CPUs
-    with Intel AMX and PIXART_CPU_GEMM=bf16x3 (`kernels.amx_gemm()`, opt-in), fp32 inference takes the product
-    (and the bias) from the AMX bf16x3 kernel instead: ~5e-6 relative error per product; `amx=False` keeps strict
-    fp32 regardless (the T5 encoder: it runs once per prompt). Ascend uses mint's fused Linear.
+    kernel where `fused_cpu()` (measured on (512, 4608): 2.5 ms vs 18 ms for BiasAdd + the six GELU ops). With the
+    fused kernels, fp32 inference takes the product (and the bias) from `kernels.linear_product`: the AVX-512 GEMM
+    (pixart/kernels/gemm_cpu.cc, strict fp32, ~1.3x MindSpore MatMul's speed on the step's shapes) where the CPU has
+    AVX-512, or with PIXART_CPU_GEMM=bf16x3 on CPUs with Intel AMX the bf16x3 kernel (~5e-6 relative error per
+    product; `strict=True` refuses it: the T5 encoder runs once per prompt). Training keeps MatMul (the kernels have
+    no gradient). Ascend uses mint's fused Linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
-                 amx: bool = True):
+                 strict: bool = False):
         super().__init__()
         bound = 1 / math.sqrt(in_features)
         self.in_features, self.out_features = in_features, out_features
@@ -167,8 +169,8 @@ class Linear(nn.Cell):
         self.activation = GELU("tanh") if activation else None
         self.use_mint = on_ascend()
         self.matmul = ops.MatMul(transpose_b=True)
-        self.amx_matmul = kernels.linear_bf16x3() if amx and fused_cpu() and kernels.amx_gemm() else None
-        self.amx_adds_bias = self.amx_matmul is not None and bias and activation is None  # else the epilogue adds it
+        self.kernel = kernels.linear_product(strict) if fused_cpu() else None
+        self.kernel_adds_bias = self.kernel is not None and bias and activation is None  # else the epilogue adds it
         self.fused_gelu = kernels.op("BiasGeluTanh") if activation and bias and fused_cpu() else None
 
     def construct(self, x):
@@ -177,16 +179,16 @@ class Linear(nn.Cell):
             return self.activation(y) if self.activation is not None else y
         return self.epilogue(self.product(x.reshape(-1, self.in_features)), x.shape)
 
-    def on_amx(self, dtype) -> bool:
-        """Whether this call takes the AMX kernel: CPU with AMX, inference (no gradient), fp32."""
-        return self.amx_matmul is not None and not self.training and dtype == ms.float32
+    def on_kernel(self, dtype) -> bool:
+        """Whether this call takes the CPU GEMM kernel: one was chosen, inference (no gradient), fp32."""
+        return self.kernel is not None and not self.training and dtype == ms.float32
 
     def product(self, x2d):
-        """x W^T for x (M, in) as (M, out); plus the bias where the AMX kernel adds it (`epilogue` then does not)."""
-        if self.on_amx(x2d.dtype):
-            if self.amx_adds_bias:
-                return self.amx_matmul(x2d, self.weight, self.bias)
-            return self.amx_matmul(x2d, self.weight)
+        """x W^T for x (M, in) as (M, out); plus the bias where the kernel adds it (`epilogue` then does not)."""
+        if self.on_kernel(x2d.dtype):
+            if self.kernel_adds_bias:
+                return self.kernel(x2d, self.weight, self.bias)
+            return self.kernel(x2d, self.weight)
         return self.matmul(x2d, self.weight)
 
     def epilogue(self, y, in_shape):
@@ -195,7 +197,7 @@ class Linear(nn.Cell):
         if self.fused_gelu is not None and not self.training and y.dtype == ms.float32:
             y = self.fused_gelu(y, self.bias)
         else:
-            if self.bias is not None and not (self.amx_adds_bias and self.on_amx(y.dtype)):
+            if self.bias is not None and not (self.kernel_adds_bias and self.on_kernel(y.dtype)):
                 y = ops.bias_add(y, self.bias.astype(y.dtype))  # BiasAdd: a broadcast Add costs ~4 output buffers
             if self.activation is not None:
                 y = self.activation(y)

@@ -115,7 +115,7 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
         fused, plain = _pair(plain_kernels, lambda: backend.Linear(32, 48, activation="gelu_tanh"))
         assert fused.fused_gelu is not None and plain.fused_gelu is None
         # with the AMX matmul (bf16x3, ~1e-5) the product itself differs by more than rounding
-        assert rel_err(fused(x).asnumpy(), plain(x).asnumpy()) <= (2e-5 if fused.amx_matmul is not None else 1e-6)
+        assert rel_err(fused(x).asnumpy(), plain(x).asnumpy()) <= (2e-5 if kernels.cpu_gemm() == "bf16x3" else 1e-6)
         fused, plain = _pair(plain_kernels, lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False))
         got, want = fused.modulated(x, shift, scale), plain.modulated(x, shift, scale)
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
@@ -142,48 +142,55 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
         backend.setup("CPU", "pynative")
 
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_amx_matmul_is_fp32_accurate_on_any_shape(mode, rng, monkeypatch):
-    """Linear's AMX bf16x3 product (pixart/kernels/amx_gemm.cc) against float64 on shapes with every kind of edge
-    (M, N, K not multiples of the 32x32 blocks or of the 32-wide K steps, K spanning several K blocks); training
-    mode keeps MindSpore's fp32 MatMul (the kernel has no gradient)."""
+@pytest.mark.parametrize("gemm, mode", [("auto", "pynative"), ("auto", "graph"), ("bf16x3", "graph")])
+def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
+    """Linear's CPU GEMM kernels (auto: pixart/kernels/gemm_cpu.cc on AVX-512; bf16x3: amx_gemm.cc) against float64
+    on shapes with every kind of edge (M, N not multiples of the micro-tiles, K spanning several K blocks or shorter
+    than one); training mode keeps MindSpore's fp32 MatMul (the kernels have no gradient)."""
     from pixart import kernels
-    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "amx"})  # restored after
-    monkeypatch.setenv("PIXART_CPU_GEMM", "bf16x3")
-    if not kernels.amx_gemm():
-        pytest.skip("this CPU has no AMX: Linear always uses MindSpore's fp32 MatMul")
+    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "gemm"})  # restored after
+    monkeypatch.setenv("PIXART_CPU_GEMM", gemm)
+    want_kernel = {"auto": "avx512", "bf16x3": "bf16x3"}[gemm]
+    if want_kernel == "bf16x3" and "amx_bf16" not in kernels._cpu_id():
+        pytest.skip("this CPU has no AMX")
+    if want_kernel == "avx512" and "avx512f" not in kernels._cpu_id():
+        pytest.skip("this CPU has no AVX-512: Linear uses MindSpore's fp32 MatMul")
+    assert kernels.cpu_gemm() == want_kernel
     backend.setup("CPU", mode)
     try:
-        for (m, k, n), bias in zip([(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65)], [1, 0, 1, 0, 1]):
+        shapes = [(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65), (29, 800, 70)]
+        for (m, k, n), bias in zip(shapes, [1, 0, 1, 0, 1, 1]):
             layer = backend.Linear(k, n, bias=bool(bias))
-            assert layer.amx_matmul is not None
+            assert layer.kernel is not None
             layer.set_train(False)
             x = rng.standard_normal((m, k)).astype(np.float32)
             want = x.astype(np.float64) @ layer.weight.asnumpy().astype(np.float64).T
             if bias:
                 want += layer.bias.asnumpy()
-            assert rel_err(layer(ms.Tensor(x)).asnumpy(), want) <= 2e-5, (m, k, n, bias)
+            assert rel_err(layer(ms.Tensor(x)).asnumpy(), want) <= (2e-5 if gemm == "bf16x3" else 2e-6), (m, k, n)
         layer.set_train(True)
         plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(ms.Tensor(x), layer.weight), layer.bias).asnumpy()
         np.testing.assert_array_equal(layer(ms.Tensor(x)).asnumpy(), plain)
+        assert backend.Linear(4, 4, strict=True).kernel is not None  # strict: the AVX-512 product, never bf16x3
     finally:
         backend.setup("CPU", "pynative")
 
 
-def test_amx_matmul_is_opt_in(monkeypatch):
-    """Strict fp32 MatMul unless PIXART_CPU_GEMM=bf16x3; a bad value is a clear error; no fused kernels, no AMX."""
+def test_cpu_gemm_choice(monkeypatch):
+    """PIXART_CPU_GEMM: "matmul" keeps MindSpore's MatMul; a bad value is a clear error; no fused kernels, no GEMM
+    kernel either."""
     from pixart import kernels
-    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "amx"})
-    monkeypatch.delenv("PIXART_CPU_GEMM", raising=False)
-    assert not kernels.amx_gemm() and backend.Linear(4, 4).amx_matmul is None
+    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "gemm"})
+    monkeypatch.setenv("PIXART_CPU_GEMM", "matmul")
+    assert kernels.cpu_gemm() == "matmul" and backend.Linear(4, 4).kernel is None
     monkeypatch.setattr(kernels, "_STATE", {})
     monkeypatch.setenv("PIXART_CPU_GEMM", "bf17")
-    with pytest.raises(ValueError, match="PIXART_CPU_GEMM must be 'fp32' or 'bf16x3', got 'bf17'"):
-        kernels.amx_gemm()
+    with pytest.raises(ValueError, match="PIXART_CPU_GEMM must be one of auto, matmul, bf16x3; got 'bf17'"):
+        kernels.cpu_gemm()
     monkeypatch.setattr(kernels, "_STATE", {})
-    monkeypatch.setenv("PIXART_CPU_GEMM", "bf16x3")
+    monkeypatch.setenv("PIXART_CPU_GEMM", "auto")
     monkeypatch.setenv("PIXART_FUSED_KERNELS", "0")
-    assert not kernels.amx_gemm()
+    assert kernels.cpu_gemm() == "matmul" and backend.Linear(4, 4).kernel is None
 
 
 def test_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):

@@ -1,13 +1,13 @@
-"""CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc) and, on CPUs with Intel
-AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
+"""CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM on
+AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
 compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and pixart/backend.py keeps its
-unfused MindSpore ops, which compute the same functions. `amx_gemm()` says whether Linear layers use the AMX
-matmul: opt-in with `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX and the kernel grants the tile state (default:
-strict fp32 MindSpore MatMul; on the 2-core VM measured, the AMX kernel was 1.3x faster per step in one A/B and 1.12x
-slower in another, see docs/benchmarks.md).
+unfused MindSpore ops, which compute the same functions. `cpu_gemm()` says which product Linear layers use,
+chosen by `PIXART_CPU_GEMM`: "auto" (default) = the AVX-512 GEMM where the CPU has AVX-512, else MindSpore's MatMul;
+"matmul" = MindSpore's MatMul; "bf16x3" = the AMX kernel where the CPU has AMX (opt-in: on the 2-core VM measured
+it was 1.3x faster per step in one A/B and 1.12x slower in another, see docs/benchmarks.md), else as "auto".
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fused_cpu.cc")
 AMX_SOURCE = Path(__file__).with_name("amx_gemm.cc")
+GEMM_SOURCE = Path(__file__).with_name("gemm_cpu.cc")
+GEMMS = ("auto", "matmul", "bf16x3")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]  # fast-math: libmvec expf
 _STATE: dict = {}
 
@@ -73,21 +75,37 @@ def available() -> bool:
     return _STATE["ok"]
 
 
-def amx_gemm() -> bool:
-    """Whether Linear layers use the AMX bf16x3 matmul in this process (PIXART_CPU_GEMM=bf16x3, AMX, fused kernels)."""
-    if "amx" not in _STATE:
-        _STATE["amx"] = False
-        gemm = os.environ.get("PIXART_CPU_GEMM", "fp32")
-        if gemm not in ("fp32", "bf16x3"):
-            raise ValueError(f"PIXART_CPU_GEMM must be 'fp32' or 'bf16x3', got {gemm!r}")
-        if gemm == "bf16x3" and available() and "amx_bf16" in _cpu_id():
-            try:
-                path = build(source=AMX_SOURCE)
-                if ctypes.CDLL(str(path)).AmxAvailable() == 1:  # the kernel granted this process the tile state
-                    _STATE["amx_path"], _STATE["amx"] = path, True
-            except (OSError, RuntimeError) as err:
-                warnings.warn(f"AMX matmul unavailable, using MindSpore's fp32 MatMul: {err}", stacklevel=2)
-    return _STATE["amx"]
+def _library(source: Path, probe: str) -> Path | None:
+    """The built library of `source` when its `probe()` returns 1 (the CPU has what it needs), else None."""
+    try:
+        path = build(source=source)
+        return path if getattr(ctypes.CDLL(str(path)), probe)() == 1 else None
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"{source.name} unavailable, using MindSpore's fp32 MatMul: {err}", stacklevel=3)
+        return None
+
+
+def cpu_gemm() -> str:
+    """The product Linear layers use on CPU in this process: "avx512" (gemm_cpu.cc, strict fp32), "bf16x3" (AMX,
+    ~5e-6 relative) or "matmul" (MindSpore's MatMul). Needs the fused kernels (`available()`); see PIXART_CPU_GEMM
+    in the module docstring."""
+    if "gemm" not in _STATE:
+        choice = os.environ.get("PIXART_CPU_GEMM", "auto")
+        if choice not in GEMMS:
+            raise ValueError(f"PIXART_CPU_GEMM must be one of {', '.join(GEMMS)}; got {choice!r}")
+        _STATE["gemm"] = "matmul"
+        if choice != "matmul" and available():
+            if choice == "bf16x3" and "amx_bf16" in _cpu_id():
+                _STATE["amx_path"] = _library(AMX_SOURCE, "AmxAvailable")  # 1 once the kernel granted the tiles
+            _STATE["gemm"] = "bf16x3" if _STATE.get("amx_path") else "avx512" if _avx512() else "matmul"
+    return _STATE["gemm"]
+
+
+def _avx512() -> Path | None:
+    """The AVX-512 GEMM library, where the CPU has AVX-512 and it builds (remembered)."""
+    if "gemm_path" not in _STATE:
+        _STATE["gemm_path"] = _library(GEMM_SOURCE, "GemmAvailable") if "avx512f" in _cpu_id() else None
+    return _STATE["gemm_path"]
 
 
 def _same(*shapes):
@@ -96,14 +114,21 @@ def _same(*shapes):
 
 def op(name: str, out_shape=_same, out_dtype=_same, library: str = "path"):
     """The `ops.Custom` primitive running kernel `name` of the fused library (call only when `available()`), or of
-    the AMX one with library="amx_path" (only when `amx_gemm()`)."""
+    the GEMM libraries with library="gemm_path" / "amx_path" (only as `cpu_gemm()` says)."""
     from mindspore import ops
     return ops.Custom(f"{_STATE[library]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
-def linear_bf16x3():
-    """x (M, K), W (N, K) [, b (N)] -> x W^T [+ b] (M, N) on AMX tiles."""
-    return op("LinearBf16x3", out_shape=lambda x, w, *b: (x[0], w[0]), library="amx_path")
+def linear_product(strict: bool = False):
+    """The `ops.Custom` primitive x (M, K), W (N, K) [, b (N)] -> x W^T [+ b] (M, N) of `cpu_gemm()`, or None where
+    Linear keeps MindSpore's MatMul; `strict` refuses the bf16x3 product (then the AVX-512 one, when it builds)."""
+    gemm = cpu_gemm()
+    if gemm == "bf16x3" and strict:
+        gemm = "avx512" if _avx512() else "matmul"
+    if gemm == "matmul":
+        return None
+    name, library = ("LinearBf16x3", "amx_path") if gemm == "bf16x3" else ("LinearXWt", "gemm_path")
+    return op(name, out_shape=lambda x, w, *b: (x[0], w[0]), library=library)
 
 
 def to_heads(num_heads: int):

@@ -102,10 +102,10 @@ class T5Attention(nn.Cell):
         super().__init__()
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
         inner = cfg.num_heads * cfg.d_kv
-        self.q = Linear(cfg.d_model, inner, bias=False, amx=False)
-        self.k = Linear(cfg.d_model, inner, bias=False, amx=False)
-        self.v = Linear(cfg.d_model, inner, bias=False, amx=False)
-        self.o = Linear(inner, cfg.d_model, bias=False, amx=False)
+        self.q = Linear(cfg.d_model, inner, bias=False, strict=True)
+        self.k = Linear(cfg.d_model, inner, bias=False, strict=True)
+        self.v = Linear(cfg.d_model, inner, bias=False, strict=True)
+        self.o = Linear(inner, cfg.d_model, bias=False, strict=True)
         if has_relative_bias:
             self.max_positions = max_positions
             self.relative_attention_bias = Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
@@ -149,11 +149,11 @@ class T5DenseActDense(nn.Cell):
         super().__init__()
         self.gated = cfg.gated
         if self.gated:
-            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False, amx=False)
-            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False, amx=False)
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False, strict=True)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False, strict=True)
         else:
-            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False, amx=False)
-        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False, amx=False)  # only its weight is used, in fp32
+            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False, strict=True)
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False, strict=True)  # only its weight is used, in fp32
         self.matmul_t = ops.MatMul(transpose_b=True)  # x @ W.T, 2-D; in PyNative on CPU far faster than mint's linear
         act = cfg.activation
         self.act = nn.ReLU() if act == "relu" else GELU(_ACTIVATIONS[act])

@@ -1,0 +1,256 @@
+// Strict fp32 GEMM on AVX-512 for MindSpore's CPU backend (ops.Custom, func_type "aot"; same calling convention as
+// fused_cpu.cc).
+//
+// Why: a PixArt-XL/2 step is ~80% Linear matmuls, and MindSpore's CPU MatMul reaches ~90-140 GFLOP/s on the
+// step's shapes on the 2-core VM measured, where PyTorch's MKL reaches ~160-210 and the FMA units ~260. This is the
+// textbook blocked GEMM (Goto / BLIS): operands packed into panels, a register-blocked micro-kernel of 14 rows x 32
+// columns (28 zmm accumulators, one broadcast per row and k, two vector loads per k), the packed B panel (384 x 32
+// fp32, 48 KB) in L1, each thread's C slice in L2 across K blocks. Every product is an fp32 FMA: the result
+// differs from MindSpore's MatMul only by summation order.
+//
+// C (M, N) = op(A) op(B) (+ bias), row-major; op(A) is A (M, K) or A^T for A (K, M), op(B) is B (K, N) or B^T for
+// B (N, K). Entry points: LinearXWt (x W^T + b, PyTorch's Linear layout), MatMulXW (dY W: a Linear's input
+// gradient), MatMulXtW (dY^T X: its weight gradient).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <omp.h>
+
+namespace {
+
+constexpr int kRows = 14;     // micro-tile rows (MR): 14 x 2 accumulators + 2 B vectors + a broadcast = 31 zmm
+constexpr int kCols = 32;     // micro-tile columns (NR): two zmm
+constexpr int kBlockK = 384;  // K block (KC): a packed B panel is 384 x 32 x 4 B = 48 KB
+
+struct Operand {
+  const float *data;
+  int64_t ld;  // row stride
+  bool transposed;
+  float at(int64_t r, int64_t c) const { return transposed ? data[c * ld + r] : data[r * ld + c]; }
+};
+
+float *aligned_floats(int64_t count) {
+  return static_cast<float *>(std::aligned_alloc(64, ((count * 4 + 63) / 64) * 64));
+}
+
+// A micro-panel: ap[kk * kRows + i] = op(A)(m0 + i, k0 + kk), zeros past M.
+void pack_a(const Operand &a, int64_t m, int64_t m0, int64_t k0, int kc, float *ap) {
+  const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
+  if (a.transposed) {  // op(A) row i is column m0 + i of A: contiguous along i for each k
+    for (int kk = 0; kk < kc; ++kk) {
+      const float *src = a.data + (k0 + kk) * a.ld + m0;
+      for (int i = 0; i < kRows; ++i) ap[kk * kRows + i] = i < rows ? src[i] : 0.0f;
+    }
+    return;
+  }
+  for (int i = 0; i < kRows; ++i) {
+    const float *src = a.data + (m0 + i) * a.ld + k0;
+    for (int kk = 0; kk < kc; ++kk) ap[kk * kRows + i] = i < rows ? src[kk] : 0.0f;
+  }
+}
+
+// In-register 16 x 16 transpose of r[0..15].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// B panel: bp[kk * kCols + j] = op(B)(k0 + kk, n0 + j), zeros past N.
+void pack_b(const Operand &b, int64_t n, int64_t n0, int64_t k0, int kc, float *bp) {
+  const int cols = static_cast<int>(n - n0 < kCols ? n - n0 : kCols);
+  if (!b.transposed) {  // rows of B are contiguous along n: masked copies
+    const __mmask16 lo = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+    const __mmask16 hi = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+    for (int kk = 0; kk < kc; ++kk) {
+      const float *src = b.data + (k0 + kk) * b.ld + n0;
+      _mm512_store_ps(bp + kk * kCols, _mm512_maskz_loadu_ps(lo, src));
+      _mm512_store_ps(bp + kk * kCols + 16, _mm512_maskz_loadu_ps(hi, src + 16));
+    }
+    return;
+  }
+  for (int j0 = 0; j0 < kCols; j0 += 16) {  // B (N, K): 16 x 16 blocks transposed in registers
+    int kk = 0;
+    for (; kk + 16 <= kc; kk += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = j0 + j < cols ? _mm512_loadu_ps(b.data + (n0 + j0 + j) * b.ld + k0 + kk) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int q = 0; q < 16; ++q) _mm512_store_ps(bp + (kk + q) * kCols + j0, r[q]);
+    }
+    for (; kk < kc; ++kk)
+      for (int j = 0; j < 16; ++j) bp[kk * kCols + j0 + j] = j0 + j < cols ? b.at(k0 + kk, n0 + j0 + j) : 0.0f;
+  }
+}
+
+// One 14 x 32 tile of C (row stride ldc): C = [C or bias or 0] + ap bp over kc.
+void micro_tile(const float *__restrict ap, const float *__restrict bp, int kc, float *c, int64_t ldc,
+                bool accumulate, const float *bias) {
+  __m512 acc[kRows][2];
+  const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
+  for (int i = 0; i < kRows; ++i) {
+    acc[i][0] = accumulate ? _mm512_loadu_ps(c + i * ldc) : b0;
+    acc[i][1] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16) : b1;
+  }
+  for (int kk = 0; kk < kc; ++kk) {
+    const __m512 v0 = _mm512_load_ps(bp + kk * kCols), v1 = _mm512_load_ps(bp + kk * kCols + 16);
+#pragma GCC unroll 14
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 a = _mm512_set1_ps(ap[kk * kRows + i]);
+      acc[i][0] = _mm512_fmadd_ps(a, v0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, v1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
+// C (m, n) = op(A) op(B) (+ bias (n)) with inner dimension k.
+// Returns false when out of memory.
+bool gemm(const Operand &a, const Operand &b, const float *bias, float *c, int64_t m, int64_t n, int64_t k) {
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * n + j] = bias ? bias[j] : 0.0f;
+    return true;
+  }
+  const int64_t tiles = (m + kRows - 1) / kRows, panels = (n + kCols - 1) / kCols;
+  const int64_t blocks = (k + kBlockK - 1) / kBlockK;
+  // op(A) packed once per call, shared by the threads: [K block][row tile][kk][kRows]
+  float *ap = aligned_floats(blocks * tiles * kBlockK * kRows);
+  if (ap == nullptr) return false;
+  bool ok = true;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t s = 0; s < blocks; ++s)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int kc = static_cast<int>(k - s * kBlockK < kBlockK ? k - s * kBlockK : kBlockK);
+      pack_a(a, m, t * kRows, s * kBlockK, kc, ap + (s * tiles + t) * kBlockK * kRows);
+    }
+#pragma omp parallel
+  {
+    // Work items: a panel of 32 columns x a chunk of rows (half of M when M is large), each run through all K
+    // blocks by one thread (the item's slice of C stays in L2; no two threads write the same C), handed out
+    // dynamically: on a shared VM one core often runs slower than the other, and a static split waits for it.
+    const int64_t chunks = tiles >= 24 ? 2 : 1;
+    float *bp = aligned_floats(kBlockK * kCols + kRows * kCols + kCols);
+    if (bp == nullptr) {
+#pragma omp atomic write
+      ok = false;
+    }
+    float *scratch = bp + kBlockK * kCols, *bias_pad = scratch + kRows * kCols;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < panels * chunks; ++item) {
+      if (bp == nullptr) continue;
+      const int64_t p = item / chunks, chunk = item % chunks;
+      const int64_t t_lo = tiles * chunk / chunks, t_hi = tiles * (chunk + 1) / chunks;
+      const int64_t n0 = p * kCols;
+      const int cols = static_cast<int>(n - n0 < kCols ? n - n0 : kCols);
+      if (bias != nullptr)
+        for (int j = 0; j < kCols; ++j) bias_pad[j] = j < cols ? bias[n0 + j] : 0.0f;
+      for (int64_t s = 0; s < blocks; ++s) {
+        const int64_t k0 = s * kBlockK;
+        const int kc = static_cast<int>(k - k0 < kBlockK ? k - k0 : kBlockK);
+        pack_b(b, n, n0, k0, kc, bp);
+        const float *tile_bias = bias != nullptr && s == 0 ? bias_pad : nullptr;
+        for (int64_t t = t_lo; t < t_hi; ++t) {
+          const int64_t m0 = t * kRows;
+          const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
+          const float *apt = ap + (s * tiles + t) * kBlockK * kRows;
+          float *ct = c + m0 * n + n0;
+          if (rows == kRows && cols == kCols) {
+            micro_tile(apt, bp, kc, ct, n, s > 0, tile_bias);
+          } else {  // an edge tile goes through a full-size scratch tile
+            if (s > 0)
+              for (int i = 0; i < rows; ++i) std::memcpy(scratch + i * kCols, ct + i * n, cols * 4);
+            micro_tile(apt, bp, kc, scratch, kCols, s > 0, tile_bias);
+            for (int i = 0; i < rows; ++i) std::memcpy(ct + i * n, scratch + i * kCols, cols * 4);
+          }
+        }
+      }
+    }
+    std::free(bp);
+  }
+  std::free(ap);
+  return ok;
+}
+
+bool float32_2d(int count, int *ndims, const char **dtypes) {
+  for (int i = 0; i < count; ++i)
+    if (ndims[i] != 2 || std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+int GemmAvailable() { return 1; }
+
+// y = x W^T (+ b); x (M, K), W (N, K), b (N), y (M, N).
+int LinearXWt(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  const bool with_bias = nparam == 4;
+  if ((nparam != 3 && !with_bias) || !float32_2d(2, ndims, dtypes)) return 1;
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+  if (shapes[1][1] != k || (with_bias && shapes[2][0] != n)) return 1;
+  const Operand x{static_cast<const float *>(params[0]), k, false}, w{static_cast<const float *>(params[1]), k, true};
+  const float *b = with_bias ? static_cast<const float *>(params[2]) : nullptr;
+  return gemm(x, w, b, static_cast<float *>(params[nparam - 1]), m, n, k) ? 0 : 1;
+}
+
+// y = x W; x (M, K), W (K, N), y (M, N).
+int MatMulXW(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !float32_2d(2, ndims, dtypes)) return 1;
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][1];
+  if (shapes[1][0] != k) return 1;
+  const Operand x{static_cast<const float *>(params[0]), k, false}, w{static_cast<const float *>(params[1]), n, false};
+  return gemm(x, w, nullptr, static_cast<float *>(params[2]), m, n, k) ? 0 : 1;
+}
+
+// y = x^T W; x (K, M), W (K, N), y (M, N).
+int MatMulXtW(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !float32_2d(2, ndims, dtypes)) return 1;
+  const int64_t k = shapes[0][0], m = shapes[0][1], n = shapes[1][1];
+  if (shapes[1][0] != k) return 1;
+  const Operand x{static_cast<const float *>(params[0]), m, true}, w{static_cast<const float *>(params[1]), n, false};
+  return gemm(x, w, nullptr, static_cast<float *>(params[2]), m, n, k) ? 0 : 1;
+}
+
+}  // extern "C"
+
+#else  // no AVX-512: the Python side never selects these kernels (GemmAvailable() == 0)
+
+extern "C" {
+int GemmAvailable() { return 0; }
+int LinearXWt(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int MatMulXW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int MatMulXtW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+}
+
+#endif
