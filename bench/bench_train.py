@@ -4,6 +4,7 @@ one process tree.
 
     python bench/bench_train.py --depth 28 --runs 2 --steps 3
     python bench/bench_train.py --depth 28 --sides ours,ours_blocks,torch  # + ours as train.py --recompute runs it
+    python bench/bench_train.py --depth 28 --sides ours,ours_matmul,torch  # + ours with MindSpore's MatMul
     python bench/bench_train.py --depth 8                         # a cheaper look
 
 A step is forward, loss (ours: MSE + the learned-variance bound, as train.py; PyTorch: the same MSE plus a squared
@@ -52,7 +53,9 @@ def batch(size: int, n: int = 2, tokens: int = 120):
 def child(side: str, a) -> dict:
     watchdog(a.max_rss_gb)
     b = batch(a.size)
-    if side in ("ours", "ours_blocks"):
+    if side.startswith("ours"):
+        if side == "ours_matmul":  # MindSpore's MatMul for Linear layers instead of the AVX-512 GEMM kernel
+            os.environ["PIXART_CPU_GEMM"] = "matmul"
         import mindspore as ms
         from mindspore import Tensor
         from pixart import backend

@@ -153,8 +153,8 @@ class Linear(nn.Cell):
     fused kernels, fp32 inference takes the product (and the bias) from `kernels.linear_product`: the AVX-512 GEMM
     (pixart/kernels/gemm_cpu.cc, strict fp32, ~1.3x MindSpore MatMul's speed on the step's shapes) where the CPU has
     AVX-512, or with PIXART_CPU_GEMM=bf16x3 on CPUs with Intel AMX the bf16x3 kernel (~5e-6 relative error per
-    product; `strict=True` refuses it: the T5 encoder runs once per prompt). Training keeps MatMul (the kernels have
-    no gradient). Ascend uses mint's fused Linear.
+    product; `strict=True` refuses it: the T5 encoder runs once per prompt). Training takes the AVX-512 product too
+    (its gradient comes from the same kernel); the bf16x3 one is inference only. Ascend uses mint's fused Linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
@@ -169,9 +169,10 @@ class Linear(nn.Cell):
         self.activation = GELU("tanh") if activation else None
         self.use_mint = on_ascend()
         self.matmul = ops.MatMul(transpose_b=True)
-        self.kernel = kernels.linear_product(strict) if fused_cpu() else None
-        self.kernel_adds_bias = self.kernel is not None and bias and activation is None  # else the epilogue adds it
-        self.fused_gelu = kernels.op("BiasGeluTanh") if activation and bias and fused_cpu() else None
+        adds_bias = bias and activation is None  # else the epilogue adds it (fused with GELU)
+        self.kernel, self.kernel_trains = kernels.linear_product(strict, adds_bias) if fused_cpu() else (None, False)
+        self.kernel_adds_bias = self.kernel is not None and adds_bias
+        self.fused_gelu = kernels.bias_gelu_tanh() if activation and bias and fused_cpu() else None
 
     def construct(self, x):
         if self.use_mint:
@@ -180,8 +181,8 @@ class Linear(nn.Cell):
         return self.epilogue(self.product(x.reshape(-1, self.in_features)), x.shape)
 
     def on_kernel(self, dtype) -> bool:
-        """Whether this call takes the CPU GEMM kernel: one was chosen, inference (no gradient), fp32."""
-        return self.kernel is not None and not self.training and dtype == ms.float32
+        """Whether this call takes the CPU GEMM kernel: one was chosen, fp32, and inference unless it has a gradient."""
+        return self.kernel is not None and (self.kernel_trains or not self.training) and dtype == ms.float32
 
     def product(self, x2d):
         """x W^T for x (M, in) as (M, out); plus the bias where the kernel adds it (`epilogue` then does not)."""
@@ -194,7 +195,7 @@ class Linear(nn.Cell):
     def epilogue(self, y, in_shape):
         """`product`'s (M, out) -> + bias, activation, reshaped to in_shape[:-1] + (out,) (LoRA adds its update to
         the product first, so that LoRA at scale 0 equals the base layer bit for bit)."""
-        if self.fused_gelu is not None and not self.training and y.dtype == ms.float32:
+        if self.fused_gelu is not None and y.dtype == ms.float32:  # with its gradient: training takes it too
             y = self.fused_gelu(y, self.bias)
         else:
             if self.bias is not None and not (self.kernel_adds_bias and self.on_kernel(y.dtype)):

@@ -169,28 +169,59 @@ def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
                 want += layer.bias.asnumpy()
             assert rel_err(layer(ms.Tensor(x)).asnumpy(), want) <= (2e-5 if gemm == "bf16x3" else 2e-6), (m, k, n)
         layer.set_train(True)
-        plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(ms.Tensor(x), layer.weight), layer.bias).asnumpy()
-        np.testing.assert_array_equal(layer(ms.Tensor(x)).asnumpy(), plain)
+        if gemm == "bf16x3":  # inference only: training keeps MindSpore's MatMul
+            plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(ms.Tensor(x), layer.weight), layer.bias)
+            np.testing.assert_array_equal(layer(ms.Tensor(x)).asnumpy(), plain.asnumpy())
         assert backend.Linear(4, 4, strict=True).kernel is not None  # strict: the AVX-512 product, never bf16x3
     finally:
         backend.setup("CPU", "pynative")
 
 
-def test_cpu_gemm_choice(monkeypatch):
-    """PIXART_CPU_GEMM: "matmul" keeps MindSpore's MatMul; a bad value is a clear error; no fused kernels, no GEMM
-    kernel either."""
+class _Chain(ms.nn.Cell):
+    """sum(f(x) * dy) for f = Linear(70, 45) -> Linear(45, 45, GELU) -> Linear(45, 45, no bias): the three kinds of
+    kernel call (bias in the kernel, bias in the epilogue, no bias) in one graph."""
+
+    def __init__(self, dy):
+        super().__init__()
+        self.layers = ms.nn.CellList([backend.Linear(70, 45), backend.Linear(45, 45, activation="gelu_tanh"),
+                                      backend.Linear(45, 45, bias=False)])
+        self.dy = dy
+
+    def construct(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return (x * self.dy).sum()
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_cpu_gemm_gradients(mode, rng):
+    """In training, Linear's AVX-512 product has a gradient from the same kernel (dx = dy W, dW = dy^T x, db), and the
+    fused bias + GELU one from BiasGeluTanhGrad: the gradients through Linears of every kind equal those of
+    MindSpore's MatMul, BiasAdd and GELU ops."""
     from pixart import kernels
-    monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "gemm"})
-    monkeypatch.setenv("PIXART_CPU_GEMM", "matmul")
-    assert kernels.cpu_gemm() == "matmul" and backend.Linear(4, 4).kernel is None
-    monkeypatch.setattr(kernels, "_STATE", {})
-    monkeypatch.setenv("PIXART_CPU_GEMM", "bf17")
-    with pytest.raises(ValueError, match="PIXART_CPU_GEMM must be one of auto, matmul, bf16x3; got 'bf17'"):
-        kernels.cpu_gemm()
-    monkeypatch.setattr(kernels, "_STATE", {})
-    monkeypatch.setenv("PIXART_CPU_GEMM", "auto")
-    monkeypatch.setenv("PIXART_FUSED_KERNELS", "0")
-    assert kernels.cpu_gemm() == "matmul" and backend.Linear(4, 4).kernel is None
+    if kernels.cpu_gemm() != "avx512":
+        pytest.skip("Linear's product is not the AVX-512 kernel on this CPU")
+    backend.setup("CPU", mode)
+    try:
+        x = ms.Tensor(rng.standard_normal((2, 33, 70)).astype(np.float32))
+        dy = ms.Tensor(rng.standard_normal((2, 33, 45)).astype(np.float32))
+        ours, with_matmul = _Chain(dy), _Chain(dy)
+        assert [(la.kernel_trains, la.kernel_adds_bias) for la in ours.layers] == [(True, True), (True, False),
+                                                                                    (True, False)]
+        for a, b in zip(ours.get_parameters(), with_matmul.get_parameters()):
+            b.set_data(a.data.copy())
+        for layer in with_matmul.layers:  # MindSpore's MatMul, BiasAdd and GELU as plain ops
+            layer.kernel = layer.fused_gelu = None
+        grads = []
+        for net in (ours, with_matmul):
+            net.set_train(True)
+            _, (dx, weights) = ms.value_and_grad(net, 0, net.trainable_params())(x)
+            grads.append([dx.asnumpy()] + [w.asnumpy() for w in weights])
+        assert len(grads[0]) == 1 + 5
+        for got, want in zip(*grads):
+            assert rel_err(got, want) <= 2e-6
+    finally:
+        backend.setup("CPU", "pynative")
 
 
 def test_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):

@@ -112,23 +112,48 @@ def _same(*shapes):
     return shapes[0]
 
 
-def op(name: str, out_shape=_same, out_dtype=_same, library: str = "path"):
+def op(name: str, out_shape=_same, out_dtype=_same, library: str = "path", bprop=None):
     """The `ops.Custom` primitive running kernel `name` of the fused library (call only when `available()`), or of
-    the GEMM libraries with library="gemm_path" / "amx_path" (only as `cpu_gemm()` says)."""
+    the GEMM libraries with library="gemm_path" / "amx_path" (only as `cpu_gemm()` says); `bprop(*inputs, out,
+    dout)` gives it a gradient."""
     from mindspore import ops
-    return ops.Custom(f"{_STATE[library]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+    return ops.Custom(f"{_STATE[library]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
+                      bprop=bprop)
 
 
-def linear_product(strict: bool = False):
-    """The `ops.Custom` primitive x (M, K), W (N, K) [, b (N)] -> x W^T [+ b] (M, N) of `cpu_gemm()`, or None where
-    Linear keeps MindSpore's MatMul; `strict` refuses the bf16x3 product (then the AVX-512 one, when it builds)."""
+def linear_product(strict: bool = False, bias: bool = False):
+    """(primitive, has_gradient) for Linear's product on CPU, or (None, False) where Linear keeps MindSpore's MatMul.
+    The primitive maps x (M, K), W (N, K) [, b (N) when `bias`] to x W^T [+ b] (M, N) with `cpu_gemm()`'s kernel;
+    `strict` refuses the bf16x3 product (then the AVX-512 one, when it builds). The AVX-512 product has a gradient
+    from the same kernel: dx = dy W, dW = dy^T x, db = the sum of dy over rows; the bf16x3 one has none."""
     gemm = cpu_gemm()
     if gemm == "bf16x3" and strict:
         gemm = "avx512" if _avx512() else "matmul"
+    shape = lambda x, w, *b: (x[0], w[0])  # noqa: E731
     if gemm == "matmul":
-        return None
-    name, library = ("LinearBf16x3", "amx_path") if gemm == "bf16x3" else ("LinearXWt", "gemm_path")
-    return op(name, out_shape=lambda x, w, *b: (x[0], w[0]), library=library)
+        return None, False
+    if gemm == "bf16x3":
+        return op("LinearBf16x3", out_shape=shape, library="amx_path"), False
+    x_w = op("MatMulXW", out_shape=lambda a, b: (a[0], b[1]), library="gemm_path")
+    xt_w = op("MatMulXtW", out_shape=lambda a, b: (a[1], b[1]), library="gemm_path")
+    if bias:
+        def bprop(x, w, b, out, dout):
+            return x_w(dout, w), xt_w(dout, x), dout.sum(0)
+    else:
+        def bprop(x, w, out, dout):
+            return x_w(dout, w), xt_w(dout, x)
+    # two kernel names: MindSpore treats Custom primitives of one name as one operator with one gradient function
+    return op("LinearXWtBias" if bias else "LinearXWt", out_shape=shape, library="gemm_path", bprop=bprop), True
+
+
+def bias_gelu_tanh():
+    """x (..., C), b (C) -> gelu_tanh(x + b), with its gradient (BiasGeluTanhGrad; b's is summed over rows)."""
+    grad = op("BiasGeluTanhGrad", out_shape=lambda x, b, dy: x)
+
+    def bprop(x, b, out, dout):
+        dx = grad(x, b, dout)
+        return dx, dx.reshape(-1, dx.shape[-1]).sum(0)
+    return op("BiasGeluTanh", bprop=bprop)
 
 
 def to_heads(num_heads: int):

@@ -68,6 +68,30 @@ int BiasGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return 0;
 }
 
+// BiasGeluTanh's gradient: dx = dy * gelu_tanh'(x + b), with gelu_tanh'(v) = s + v s (1 - s) (c1 + 3 c3 v^2) for
+// s = sigmoid(c1 v + c3 v^3) (the gradient for b is dx summed over rows); x, dy, dx (..., C), b (C).
+int BiasGeluTanhGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  const int64_t c = shapes[1][0], rows = numel(ndims[0], shapes[0]) / c;
+  const float c1 = 1.5957691216057308f, c3 = c1 * 0.044715f;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * c, *dyr = dy + r * c;
+    float *dxr = dx + r * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) {
+      const float v = xr[j] + b[j], v2 = v * v;
+      const float s = 1.0f / (1.0f + clamped_exp(-v * (c1 + c3 * v2)));
+      dxr[j] = dyr[j] * (s + v * s * (1.0f - s) * (c1 + 3.0f * c3 * v2));
+    }
+  }
+  return 0;
+}
+
 // adaLN: y = LayerNorm(x) * (1 + scale[n]) + shift[n]; x (N, T, D), shift and scale (N, D) (any shape of N*D
 // elements), eps (1,). The LayerNorm has no affine parameters (PixArt's norm1 / norm2 / norm_final).
 int LayerNormModulate(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {

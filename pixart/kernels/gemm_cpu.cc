@@ -9,8 +9,8 @@
 // differs from MindSpore's MatMul only by summation order.
 //
 // C (M, N) = op(A) op(B) (+ bias), row-major; op(A) is A (M, K) or A^T for A (K, M), op(B) is B (K, N) or B^T for
-// B (N, K). Entry points: LinearXWt (x W^T + b, PyTorch's Linear layout), MatMulXW (dY W: a Linear's input
-// gradient), MatMulXtW (dY^T X: its weight gradient).
+// B (N, K). Entry points: LinearXWt / LinearXWtBias (x W^T [+ b], PyTorch's Linear layout), MatMulXW (dY W: a
+// Linear's input gradient), MatMulXtW (dY^T X: its weight gradient).
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -224,6 +224,12 @@ int LinearXWt(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   return gemm(x, w, b, static_cast<float *>(params[nparam - 1]), m, n, k) ? 0 : 1;
 }
 
+// The same with the bias required: a second name, because MindSpore takes two Custom primitives of one kernel name
+// for the same operator and would give both the same gradient function (which differs with and without a bias).
+int LinearXWtBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *a, void *b) {
+  return nparam == 4 ? LinearXWt(nparam, params, ndims, shapes, dtypes, a, b) : 1;
+}
+
 // y = x W; x (M, K), W (K, N), y (M, N).
 int MatMulXW(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 3 || !float32_2d(2, ndims, dtypes)) return 1;
@@ -249,6 +255,7 @@ int MatMulXtW(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 extern "C" {
 int GemmAvailable() { return 0; }
 int LinearXWt(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int LinearXWtBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int MatMulXW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int MatMulXtW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
