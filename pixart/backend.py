@@ -220,7 +220,7 @@ class LayerNorm(nn.Cell):
             self.weight = Tensor(np.ones(dim, np.float32))
             self.bias = Tensor(np.zeros(dim, np.float32))
         self.cpu_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-        self.fused = kernels.op("LayerNormModulate") if fused_cpu() and not elementwise_affine else None
+        self.fused = kernels.layer_norm_modulate() if fused_cpu() and not elementwise_affine else None
         self.eps_tensor = Tensor([eps], ms.float32)
 
     def construct(self, x):
@@ -234,7 +234,7 @@ class LayerNorm(nn.Cell):
 
     def modulated(self, x, shift, scale):
         """x (N, T, D), shift and scale (N, 1, D) -> norm(x) * (1 + scale) + shift."""
-        if self.fused is not None and not self.training and x.dtype == ms.float32:
+        if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x, shift, scale, self.eps_tensor)
         return self.normalize(x) * expand_as(1 + scale, x) + expand_as(shift, x)
 
@@ -245,10 +245,10 @@ class GatedResidual(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.fused = kernels.op("GatedResidual") if fused_cpu() else None
+        self.fused = kernels.gated_residual() if fused_cpu() else None
 
     def construct(self, x, gate, y):
-        if self.fused is not None and not self.training and x.dtype == ms.float32:
+        if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x, gate, y)
         return x + expand_as(gate, x) * y
 
@@ -358,7 +358,7 @@ class Attention(nn.Cell):
         self.fused = fused_cpu() and not self.flash
         if self.fused:
             self.to_heads, self.from_heads = kernels.to_heads(num_heads), kernels.from_heads()
-            self.masked_softmax, self.softmax = kernels.op("MaskedSoftmax"), kernels.op("Softmax")
+            self.masked_softmax, self.softmax = kernels.softmax(masked=True), kernels.softmax(masked=False)
             self.scales = (Tensor([self.scale], ms.float32), Tensor([1.0], ms.float32))
 
     def construct(self, q, k, v, mask=None):
@@ -369,7 +369,7 @@ class Attention(nn.Cell):
                 drop = drop.broadcast_to((mask.shape[0], 1, q.shape[1], mask.shape[1]))
             return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=drop, scalar_value=self.scale,
                                              input_layout="BSH")
-        fused = self.fused and not self.training and q.dtype == ms.float32
+        fused = self.fused and q.dtype == ms.float32
         q, k, v = self._heads(q, True, fused), self._heads(k, False, fused), self._heads(v, False, fused)
         keep = None if mask is None else mask.astype(ms.float32)  # (B, Nk)
         h, g = self.num_heads, self.head_group

@@ -142,6 +142,51 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
         backend.setup("CPU", "pynative")
 
 
+class _Weighted(ms.nn.Cell):
+    """sum(layer.<method>(*inputs) * dy), in training mode: a scalar whose input gradients are the layer's vjp."""
+
+    def __init__(self, layer, method, dy):
+        super().__init__()
+        self.layer, self.method, self.dy = layer, method, dy
+        self.set_train(True)
+
+    def construct(self, *inputs):
+        return (getattr(self.layer, self.method)(*inputs) * self.dy).sum()
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng):
+    """Training takes the fused adaLN, gated residual and attention kernels (layouts, masked softmax) too: their
+    gradients (LayerNormModulateGrad, GatedResidualGrad, SoftmaxGrad, the layout kernels' inverses) equal those of
+    the plain ops, w.r.t. every input."""
+    backend.setup("CPU", mode)
+    try:
+        t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+        x, y, gate, shift, scale = t(2, 12, 32), t(2, 12, 32), t(2, 1, 32), t(2, 1, 32), t(2, 1, 32)
+        q, k, v = t(2, 20, 32), t(2, 7, 32), t(2, 7, 32)
+        mask = ms.Tensor(np.array([[1, 1, 1, 0, 0, 0, 0], [1] * 7], np.int32))
+
+        def grouped():
+            layer = backend.Attention(4, 8)
+            layer.per_head_min_tokens, layer.head_group = 1, 2  # long-sequence path: two heads at a time
+            return layer
+        cases = [(lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False), "modulated", (x, shift, scale)),
+                 (backend.GatedResidual, "construct", (x, gate, y)),
+                 (lambda: backend.Attention(4, 8), "construct", (q, k, v)),
+                 (lambda: backend.Attention(4, 8), "construct", (q, k, v, mask)),
+                 (grouped, "construct", (q, k, v, mask))]
+        for make, method, inputs in cases:
+            fused, plain = _pair(plain_kernels, make)
+            dy = t(*getattr(fused, method)(*inputs).shape)
+            differentiable = tuple(range(3))  # not the mask
+            got = ms.grad(_Weighted(fused, method, dy), differentiable)(*inputs)
+            want = ms.grad(_Weighted(plain, method, dy), differentiable)(*inputs)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert rel_err(a.asnumpy(), b.asnumpy()) <= 2e-6, (type(fused).__name__, method, i)
+    finally:
+        backend.setup("CPU", "pynative")
+
+
 @pytest.mark.parametrize("gemm, mode", [("auto", "pynative"), ("auto", "graph"), ("bf16x3", "graph")])
 def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
     """Linear's CPU GEMM kernels (auto: pixart/kernels/gemm_cpu.cc on AVX-512; bf16x3: amx_gemm.cc) against float64

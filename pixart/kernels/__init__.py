@@ -156,11 +156,58 @@ def bias_gelu_tanh():
     return op("BiasGeluTanh", bprop=bprop)
 
 
+def layer_norm_modulate():
+    """x (N, T, D), shift, scale (N*D elements), eps (1,) -> LayerNorm(x) * (1 + scale) + shift, with its gradient
+    (LayerNormModulateGrad: dx, dshift, dscale in one kernel)."""
+    grad = op("LayerNormModulateGrad", out_shape=lambda x, sh, sc, e, dy: (x, sh, sc),
+              out_dtype=lambda x, sh, sc, e, dy: (x, sh, sc))
+
+    def bprop(x, shift, scale, eps, out, dout):
+        dx, dshift, dscale = grad(x, shift, scale, eps, dout)
+        return dx, dshift, dscale, eps * 0
+    return op("LayerNormModulate", bprop=bprop)
+
+
+def gated_residual():
+    """x, y (N, T, D), gate (N*D elements) -> x + gate * y, with its gradient (GatedResidualGrad: dgate, dy)."""
+    grad = op("GatedResidualGrad", out_shape=lambda g, y, d: (g, y), out_dtype=lambda g, y, d: (g, y))
+
+    def bprop(x, gate, y, out, dout):
+        dgate, dy = grad(gate, y, dout)
+        return dout, dgate, dy
+    return op("GatedResidual", bprop=bprop)
+
+
+def softmax(masked: bool):
+    """Softmax over the last axis of (B, H, Nq, Nk) scores [, keys kept where keep (B, Nk) is not 0], with its
+    gradient (SoftmaxGrad, from the probabilities)."""
+    grad = op("SoftmaxGrad")
+    if masked:
+        def bprop(x, keep, out, dout):
+            return grad(out, dout), keep * 0
+        return op("MaskedSoftmax", bprop=bprop)
+
+    def bprop_plain(x, out, dout):
+        return (grad(out, dout),)
+    return op("Softmax", bprop=bprop_plain)
+
+
 def to_heads(num_heads: int):
-    """(B, S, H*d), scale (1,) -> (B, H, S, d) times scale."""
-    return op("ToHeads", out_shape=lambda x, s: (x[0], num_heads, x[1], x[2] // num_heads))
+    """(B, S, H*d), scale (1,) -> (B, H, S, d) times scale; its gradient is FromHeadsScaled."""
+    back = op("FromHeadsScaled", out_shape=lambda x, s: (x[0], x[2], x[1] * x[3]))
+
+    def bprop(x, scale, out, dout):
+        return back(dout, scale), scale * 0
+    return op("ToHeads", out_shape=lambda x, s: (x[0], num_heads, x[1], x[2] // num_heads), bprop=bprop)
 
 
 def from_heads():
-    """(B, H, S, d) -> (B, S, H*d)."""
-    return op("FromHeads", out_shape=lambda x: (x[0], x[2], x[1] * x[3]))
+    """(B, H, S, d) -> (B, S, H*d); its gradient is ToHeadsAs (heads first, shaped as the input)."""
+    import numpy as np
+    from mindspore import Tensor
+    forth = op("ToHeadsAs", out_shape=lambda x, like, s: like, out_dtype=lambda x, like, s: x)
+    one = Tensor(np.ones(1, np.float32))
+
+    def bprop(x, out, dout):
+        return (forth(dout, x, one),)
+    return op("FromHeads", out_shape=lambda x: (x[0], x[2], x[1] * x[3]), bprop=bprop)

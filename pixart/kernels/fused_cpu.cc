@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 
 namespace {
 
@@ -144,12 +145,8 @@ int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const
 }
 
 // Heads first: x (B, S, H*d) * scale -> out (B, H, S, d); H is read from the output's shape; scale (1,).
-int ToHeads(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 3) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float scale = *static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[2]);
-  const int64_t b = shapes[2][0], h = shapes[2][1], s = shapes[2][2], d = shapes[2][3];
+static void to_heads(const float *x, float scale, float *out, const int64_t *out_shape) {
+  const int64_t b = out_shape[0], h = out_shape[1], s = out_shape[2], d = out_shape[3];
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t t = 0; t < s; ++t) {
@@ -161,15 +158,11 @@ int ToHeads(int nparam, void **params, int *, int64_t **shapes, const char **, v
       }
     }
   }
-  return 0;
 }
 
-// Heads back: x (B, H, S, d) -> out (B, S, H*d).
-int FromHeads(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 2) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  float *out = static_cast<float *>(params[1]);
-  const int64_t b = shapes[0][0], h = shapes[0][1], s = shapes[0][2], d = shapes[0][3];
+// Heads back: x (B, H, S, d) * scale -> out (B, S, H*d).
+static void from_heads(const float *x, float scale, float *out, const int64_t *in_shape) {
+  const int64_t b = in_shape[0], h = in_shape[1], s = in_shape[2], d = in_shape[3];
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t t = 0; t < s; ++t) {
@@ -177,10 +170,41 @@ int FromHeads(int nparam, void **params, int *, int64_t **shapes, const char **,
       for (int64_t k = 0; k < h; ++k) {
         const float *src = x + ((i * h + k) * s + t) * d;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) dst[k * d + j] = src[j];
+        for (int64_t j = 0; j < d; ++j) dst[k * d + j] = src[j] * scale;
       }
     }
   }
+}
+
+// x (B, S, H*d), scale (1,) -> (B, H, S, d).
+int ToHeads(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3) return 1;
+  to_heads(static_cast<const float *>(params[0]), *static_cast<const float *>(params[1]),
+           static_cast<float *>(params[2]), shapes[2]);
+  return 0;
+}
+
+// ToHeads shaped as a template: x (B, S, H*d), like (B, H, S, d; only its shape is used), scale (1,) ->
+// (B, H, S, d) (FromHeads's gradient, which knows H from its input's shape).
+int ToHeadsAs(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  to_heads(static_cast<const float *>(params[0]), *static_cast<const float *>(params[2]),
+           static_cast<float *>(params[3]), shapes[3]);
+  return 0;
+}
+
+// x (B, H, S, d) -> (B, S, H*d).
+int FromHeads(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 2) return 1;
+  from_heads(static_cast<const float *>(params[0]), 1.0f, static_cast<float *>(params[1]), shapes[0]);
+  return 0;
+}
+
+// x (B, H, S, d), scale (1,) -> (B, S, H*d) times scale (ToHeads's gradient).
+int FromHeadsScaled(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3) return 1;
+  from_heads(static_cast<const float *>(params[0]), *static_cast<const float *>(params[1]),
+             static_cast<float *>(params[2]), shapes[0]);
   return 0;
 }
 
@@ -302,6 +326,129 @@ int GroupNorm(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 
 int GroupNormSiLU(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   return nparam == 5 ? group_norm(params, ndims, shapes, true) : 1;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gradients of the fused kernels above (training: each kernel's bprop in pixart/kernels/__init__.py). Gradients of
+// per-sample vectors (shift, scale, gate) are sums over the sample's rows: the threads split the columns, and each
+// adds its columns over the rows in order, so results do not depend on the thread count.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kColumnChunk = 64;
+
+// LayerNormModulate's gradient: x (N, T, D), shift and scale (N*D elements), eps (1,), dy (N, T, D) -> dx (N, T, D),
+// dshift, dscale (shaped as shift and scale). With xhat = (x - mean) * inv and g = dy * (1 + scale):
+// dx = inv * (g - mean(g) - xhat * mean(g * xhat)), dshift = sum over T of dy, dscale = sum over T of dy * xhat.
+int LayerNormModulateGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                          void *) {
+  if (nparam != 8 || !all_float32(8, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *scale = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  const float *dy = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]), *dshift = static_cast<float *>(params[6]);
+  float *dscale = static_cast<float *>(params[7]);
+  const Rows rows = rows_of(ndims[0], shapes[0]);
+  const int64_t d = rows.d, samples = rows.count / rows.per_sample;
+  float *stats = new (std::nothrow) float[2 * rows.count];  // mean, inv per row
+  if (stats == nullptr) return 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows.count; ++r) {
+    const float *xr = x + r * d, *dyr = dy + r * d, *sc = scale + (r / rows.per_sample) * d;
+    float *dxr = dx + r * d;
+    double sum = 0.0;
+    for (int64_t j = 0; j < d; ++j) sum += xr[j];
+    const float mean = static_cast<float>(sum / d);
+    double sq = 0.0;
+    for (int64_t j = 0; j < d; ++j) {
+      const float c = xr[j] - mean;
+      sq += c * c;
+    }
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sq / d) + eps);
+    float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+    for (int64_t j = 0; j < d; ++j) {
+      const float g = dyr[j] * (1.0f + sc[j]);
+      g_sum += g;
+      gx_sum += g * (xr[j] - mean) * inv;
+    }
+    const float g_mean = g_sum / d, gx_mean = gx_sum / d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j)
+      dxr[j] = inv * (dyr[j] * (1.0f + sc[j]) - g_mean - (xr[j] - mean) * inv * gx_mean);
+    stats[2 * r] = mean;
+    stats[2 * r + 1] = inv;
+  }
+  const int64_t chunks = (d + kColumnChunk - 1) / kColumnChunk;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < samples; ++n)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t j0 = c * kColumnChunk, j1 = j0 + kColumnChunk < d ? j0 + kColumnChunk : d;
+      float *ds = dshift + n * d, *dc = dscale + n * d;
+      for (int64_t j = j0; j < j1; ++j) ds[j] = dc[j] = 0.0f;
+      for (int64_t r = n * rows.per_sample; r < (n + 1) * rows.per_sample; ++r) {
+        const float *xr = x + r * d, *dyr = dy + r * d;
+        const float mean = stats[2 * r], inv = stats[2 * r + 1];
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          ds[j] += dyr[j];
+          dc[j] += dyr[j] * (xr[j] - mean) * inv;
+        }
+      }
+    }
+  delete[] stats;
+  return 0;
+}
+
+// GatedResidual's gradient for gate and y (x's is dout itself): gate (N*D elements), y (N, T, D), dout (N, T, D)
+// -> dgate (shaped as gate) = sum over T of dout * y, dy = gate * dout.
+int GatedResidualGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || !all_float32(5, dtypes)) return 1;
+  const float *gate = static_cast<const float *>(params[0]);
+  const float *y = static_cast<const float *>(params[1]);
+  const float *dout = static_cast<const float *>(params[2]);
+  float *dgate = static_cast<float *>(params[3]), *dy = static_cast<float *>(params[4]);
+  const Rows rows = rows_of(ndims[1], shapes[1]);
+  const int64_t d = rows.d, samples = rows.count / rows.per_sample, chunks = (d + kColumnChunk - 1) / kColumnChunk;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < samples; ++n)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t j0 = c * kColumnChunk, j1 = j0 + kColumnChunk < d ? j0 + kColumnChunk : d;
+      const float *g = gate + n * d;
+      float *dg = dgate + n * d;
+      for (int64_t j = j0; j < j1; ++j) dg[j] = 0.0f;
+      for (int64_t r = n * rows.per_sample; r < (n + 1) * rows.per_sample; ++r) {
+        const float *yr = y + r * d, *dr = dout + r * d;
+        float *dyr = dy + r * d;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          dg[j] += dr[j] * yr[j];
+          dyr[j] = g[j] * dr[j];
+        }
+      }
+    }
+  return 0;
+}
+
+// Softmax's (and MaskedSoftmax's) gradient over the last axis: p, dp (..., Nk) -> ds = p * (dp - sum(p * dp)).
+// Masked keys have p = 0 and get 0.
+int SoftmaxGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !all_float32(3, dtypes)) return 1;
+  const float *p = static_cast<const float *>(params[0]);
+  const float *dp = static_cast<const float *>(params[1]);
+  float *ds = static_cast<float *>(params[2]);
+  const int64_t nk = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / nk;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *pr = p + r * nk, *dpr = dp + r * nk;
+    float *dsr = ds + r * nk;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < nk; ++j) dot += pr[j] * dpr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) dsr[j] = pr[j] * (dpr[j] - dot);
+  }
+  return 0;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ the block whose Parameters are pointed at block i's before each launch (`pixart.
 copy), so compilation does not grow with depth. Each vjp writes (or, for later micro-batches, adds) its weights'
 gradients into persistent buffers that the update graph reads in place, so no gradient-sized tensor is allocated
 per step. Memory: parameters, gradient buffers, optimizer state, the D block inputs (N x T x D each) and one
-block's working set (depth 28, 256 px: 10.25 GiB peak vs PyTorch's 11.1). The forward pass runs the inference
-kernels (an eval-mode copy), the vjp the differentiable ops: gradients equal the whole-graph ones up to float
-rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in the two passes: refused (train.py
-then recomputes inside one graph).
+block's working set (depth 28, 256 px: 10.25 GiB peak vs PyTorch's 11.1). The forward pass runs an eval-mode
+copy (no autodiff bookkeeping), the vjp recomputes with the same fused kernels and their gradients: gradients equal
+the whole-graph ones up to float rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in
+the two passes: refused (train.py then recomputes inside one graph).
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class _Update(nn.Cell):
 
 
 class _Template:
-    """One structure of block: a forward graph (inference kernels) and a vjp graph, pointed at any such block."""
+    """One structure of block: a forward graph (eval mode) and a vjp graph, pointed at any such block."""
 
     def __init__(self, block: nn.Cell, trainable: set):
         self.fwd_block = aliasing_copy(block, train=False)
