@@ -109,7 +109,7 @@ def main():
     print(table(title, rows))
     if "ours_amx" in results:
         o, f = summary(results["ours_amx"])["median"], summary(results["ours"])["median"]
-        print(f"ours_amx (AMX bf16x3 matmul) / ours (MindSpore fp32 MatMul): {o / f:.2f}x")
+        print(f"ours_amx (AMX bf16x3 matmul) / ours (AVX-512 GEMM): {o / f:.2f}x")
     for side in (s for s in sides if s.startswith("ours")):
         c = [(r["compiles_after_first"], r["compiles_after_all"]) for r in results[side]]
         print(f"graphs compiled ({side}) after the first step / after all steps: {c}")
