@@ -144,36 +144,30 @@ int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const
   return 0;
 }
 
-// Heads first: x (B, S, H*d) * scale -> out (B, H, S, d); H is read from the output's shape; scale (1,).
-static void to_heads(const float *x, float scale, float *out, const int64_t *out_shape) {
-  const int64_t b = out_shape[0], h = out_shape[1], s = out_shape[2], d = out_shape[3];
+// Attention's layout change times scale: heads first, x (B, S, H*d) -> out (B, H, S, d), or back, x (B, H, S, d) ->
+// out (B, S, H*d); heads_shape is the (B, H, S, d) side's shape.
+static void relayout_heads(const float *x, float scale, float *out, const int64_t *heads_shape, bool heads_first) {
+  const int64_t b = heads_shape[0], h = heads_shape[1], s = heads_shape[2], d = heads_shape[3];
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < b; ++i) {
     for (int64_t t = 0; t < s; ++t) {
-      const float *src = x + (i * s + t) * h * d;
       for (int64_t k = 0; k < h; ++k) {
-        float *dst = out + ((i * h + k) * s + t) * d;
+        const int64_t tokens_major = ((i * s + t) * h + k) * d, heads_major = ((i * h + k) * s + t) * d;
+        const float *src = x + (heads_first ? tokens_major : heads_major);
+        float *dst = out + (heads_first ? heads_major : tokens_major);
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) dst[j] = src[k * d + j] * scale;
+        for (int64_t j = 0; j < d; ++j) dst[j] = src[j] * scale;
       }
     }
   }
 }
 
-// Heads back: x (B, H, S, d) * scale -> out (B, S, H*d).
+static void to_heads(const float *x, float scale, float *out, const int64_t *out_shape) {
+  relayout_heads(x, scale, out, out_shape, true);
+}
+
 static void from_heads(const float *x, float scale, float *out, const int64_t *in_shape) {
-  const int64_t b = in_shape[0], h = in_shape[1], s = in_shape[2], d = in_shape[3];
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < b; ++i) {
-    for (int64_t t = 0; t < s; ++t) {
-      float *dst = out + (i * s + t) * h * d;
-      for (int64_t k = 0; k < h; ++k) {
-        const float *src = x + ((i * h + k) * s + t) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) dst[k * d + j] = src[j] * scale;
-      }
-    }
-  }
+  relayout_heads(x, scale, out, in_shape, false);
 }
 
 // x (B, S, H*d), scale (1,) -> (B, H, S, d).
