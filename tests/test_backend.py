@@ -223,6 +223,13 @@ def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
             plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(ms.Tensor(x), layer.weight), layer.bias)
             np.testing.assert_array_equal(layer(ms.Tensor(x)).asnumpy(), plain.asnumpy())
         assert backend.Linear(4, 4, strict=True).kernel is not None  # strict: the AVX-512 product, never bf16x3
+        if gemm == "auto":  # above kernel_max_rows rows Linear keeps MatMul (bit for bit)
+            monkeypatch.setattr(backend.Linear, "kernel_max_rows", 16)
+            layer = backend.Linear(70, 45)
+            layer.set_train(False)
+            x = ms.Tensor(rng.standard_normal((33, 70)).astype(np.float32))
+            plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(x, layer.weight), layer.bias)
+            np.testing.assert_array_equal(layer(x).asnumpy(), plain.asnumpy())
     finally:
         backend.setup("CPU", "pynative")
 
