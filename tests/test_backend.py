@@ -104,7 +104,7 @@ def _pair(plain_kernels, make):
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
+def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng, monkeypatch):
     import mindspore as ms
     from pixart import kernels
     assert kernels.available() and backend.fused_cpu()  # this machine has g++: the fast path is the one tested
@@ -134,10 +134,21 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng):
         for m in (mask, None):
             np.testing.assert_allclose(fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy(), rtol=1e-5,
                                        atol=1e-6)
-        grouped = backend.Attention(4, 8)
-        grouped.per_head_min_tokens, grouped.head_group = 1, 2  # long-sequence path: two heads at a time
+        with monkeypatch.context() as patch:  # the long-sequence path of training: two heads at a time
+            patch.setattr(kernels, "attention", lambda masked: None)
+            grouped = backend.Attention(4, 8)
+        assert grouped.attend is None
+        grouped.per_head_min_tokens, grouped.head_group = 1, 2
         np.testing.assert_allclose(grouped(q, k, v, mask).asnumpy(), plain(q, k, v, mask).asnumpy(), rtol=1e-5,
                                    atol=1e-6)
+        if "avx512f" in kernels._cpu_id():  # inference attention in one kernel: blocks of <= 256 queries
+            assert fused.attend is not None and plain.attend is None
+            q, k, v = t(2, 300, 24), t(2, 45, 24), t(2, 45, 24)
+            mask = ms.Tensor(np.array([[1] * 5 + [0] * 40, [0] * 45], np.int32))  # sample 2: no key kept
+            fused, plain = _pair(plain_kernels, lambda: backend.Attention(3, 8))
+            for m in (mask, None):
+                np.testing.assert_allclose(fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy(), rtol=1e-5,
+                                           atol=1e-6)
     finally:
         backend.setup("CPU", "pynative")
 

@@ -1,5 +1,5 @@
-"""CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM on
-AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
+"""CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM and
+inference attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
@@ -144,6 +144,16 @@ def linear_product(strict: bool = False, bias: bool = False):
             return x_w(dout, w), xt_w(dout, x)
     # two kernel names: MindSpore treats Custom primitives of one name as one operator with one gradient function
     return op("LinearXWtBias" if bias else "LinearXWt", out_shape=shape, library="gemm_path", bprop=bprop), True
+
+
+def attention(masked: bool):
+    """Inference attention from the AVX-512 library, or None where it is not built: heads-first q (B, H, Nq, d)
+    (already scaled), k (B, H, Nk, d), v (B, H, Nk, dv) [, keep (B, Nk)] -> softmax(q k^T) v (B, H, Nq, dv), a block
+    of queries at a time (only a block's scores are ever live). No gradient: training keeps BatchMatMul + Softmax."""
+    if not available() or not _avx512():
+        return None
+    shape = lambda q, k, v, *keep: (q[0], q[1], q[2], v[3])  # noqa: E731
+    return op("AttendMasked" if masked else "Attend", out_shape=shape, library="gemm_path")
 
 
 def bias_gelu_tanh():

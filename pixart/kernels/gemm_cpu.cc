@@ -11,6 +11,7 @@
 // C (M, N) = op(A) op(B) (+ bias), row-major; op(A) is A (M, K) or A^T for A (K, M), op(B) is B (K, N) or B^T for
 // B (N, K). Entry points: LinearXWt / LinearXWtBias (x W^T [+ b], PyTorch's Linear layout), MatMulXW (dY W: a
 // Linear's input gradient), MatMulXtW (dY^T X: its weight gradient).
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -34,22 +35,6 @@ struct Operand {
 
 float *aligned_floats(int64_t count) {
   return static_cast<float *>(std::aligned_alloc(64, ((count * 4 + 63) / 64) * 64));
-}
-
-// A micro-panel: ap[kk * kRows + i] = op(A)(m0 + i, k0 + kk), zeros past M.
-void pack_a(const Operand &a, int64_t m, int64_t m0, int64_t k0, int kc, float *ap) {
-  const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
-  if (a.transposed) {  // op(A) row i is column m0 + i of A: contiguous along i for each k
-    for (int kk = 0; kk < kc; ++kk) {
-      const float *src = a.data + (k0 + kk) * a.ld + m0;
-      for (int i = 0; i < kRows; ++i) ap[kk * kRows + i] = i < rows ? src[i] : 0.0f;
-    }
-    return;
-  }
-  for (int i = 0; i < kRows; ++i) {
-    const float *src = a.data + (m0 + i) * a.ld + k0;
-    for (int kk = 0; kk < kc; ++kk) ap[kk * kRows + i] = i < rows ? src[kk] : 0.0f;
-  }
 }
 
 // In-register 16 x 16 transpose of r[0..15].
@@ -79,6 +64,28 @@ inline void transpose16(__m512 r[16]) {
     r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
     r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
   }
+}
+
+// A micro-panel: ap[kk * kRows + i] = op(A)(m0 + i, k0 + kk), zeros past M.
+void pack_a(const Operand &a, int64_t m, int64_t m0, int64_t k0, int kc, float *ap) {
+  const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
+  if (a.transposed) {  // op(A) row i is column m0 + i of A: contiguous along i for each k
+    for (int kk = 0; kk < kc; ++kk) {
+      const float *src = a.data + (k0 + kk) * a.ld + m0;
+      for (int i = 0; i < kRows; ++i) ap[kk * kRows + i] = i < rows ? src[i] : 0.0f;
+    }
+    return;
+  }
+  int kk = 0;
+  for (; kk + 16 <= kc; kk += 16) {  // rows of A along k: 16 x 16 blocks transposed in registers, 14 lanes stored
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = i < rows ? _mm512_loadu_ps(a.data + (m0 + i) * a.ld + k0 + kk) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int q = 0; q < 16; ++q) _mm512_mask_storeu_ps(ap + (kk + q) * kRows, (1u << kRows) - 1, r[q]);
+  }
+  for (; kk < kc; ++kk)
+    for (int i = 0; i < kRows; ++i) ap[kk * kRows + i] = i < rows ? a.data[(m0 + i) * a.ld + k0 + kk] : 0.0f;
 }
 
 // B panel: bp[kk * kCols + j] = op(B)(k0 + kk, n0 + j), zeros past N.
@@ -201,6 +208,84 @@ bool gemm(const Operand &a, const Operand &b, const float *bias, float *c, int64
   return ok;
 }
 
+// Softmax over each of `rows` rows of s (row stride nk) in place, keys where keep[j] == 0 excluded (probability 0;
+// a row with no key kept gets uniform weights, as fused_cpu.cc's MaskedSoftmax); keep may be null. Branch-free
+// loops (they vectorise); exp's argument is clamped to [-80, 80] (glibc's vectorised expf keeps its fast path, and
+// a masked key's e^(s - m) stays finite before it is zeroed).
+void softmax_rows(float *s, int64_t rows, int64_t nk, const float *keep) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float *sr = s + r * nk;
+    float m = -3.0e38f;
+    if (keep == nullptr) {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < nk; ++j) m = std::fmax(m, sr[j]);
+    } else {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < nk; ++j) m = std::fmax(m, keep[j] != 0.0f ? sr[j] : -3.0e38f);
+    }
+    if (m == -3.0e38f) {  // no key kept
+      for (int64_t j = 0; j < nk; ++j) sr[j] = 1.0f / static_cast<float>(nk);
+      continue;
+    }
+    float sum = 0.0f;
+    if (keep == nullptr) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nk; ++j) {
+        const float e = std::exp(std::fmax(sr[j] - m, -80.0f));
+        sr[j] = e;
+        sum += e;
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < nk; ++j) {
+        const float e = std::exp(std::fmin(std::fmax(sr[j] - m, -80.0f), 80.0f)) * (keep[j] != 0.0f ? 1.0f : 0.0f);
+        sr[j] = e;
+        sum += e;
+      }
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) sr[j] *= inv;
+  }
+}
+
+// Attention, inference only: out (B, H, Nq, dv) = softmax(q k^T, masked by keep) v for heads-first q (B, H, Nq, d)
+// (already scaled by 1/sqrt(d)), k (B, H, Nk, d), v (B, H, Nk, dv), keep (B, Nk) or null. Work items are blocks of
+// whole row tiles of queries (<= 256 rows) of one (batch, head), one per thread at a time, each two single-threaded
+// GEMMs around a softmax: only a block's scores (rows x Nk) are ever live, never all of (B, H, Nq, Nk) (2 GiB at
+// 1024 px, 34 GiB at 2K), and they stay in the thread's cache between the products.
+bool attention(const float *q, const float *k, const float *v, const float *keep, float *out, int64_t b, int64_t h,
+               int64_t nq, int64_t nk, int64_t d, int64_t dv) {
+  const int64_t tiles = (nq + kRows - 1) / kRows, blocks = (nq + 255) / 256;
+  const int64_t block_rows = (tiles + blocks - 1) / blocks * kRows;
+  bool ok = true;
+#pragma omp parallel
+  {
+    float *s = aligned_floats(block_rows * nk);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < b * h; ++bh)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t q0 = blk * block_rows, rows = nq - q0 < block_rows ? nq - q0 : block_rows;
+        if (rows <= 0) continue;
+        const Operand qa{q + (bh * nq + q0) * d, d, false}, kt{k + bh * nk * d, d, true};
+        const Operand pa{s, nk, false}, va{v + bh * nk * dv, dv, false};
+        // nested inside this parallel region, each gemm runs on the calling thread alone
+        if (s == nullptr || !gemm(qa, kt, nullptr, s, rows, nk, d)) {
+#pragma omp atomic write
+          ok = false;
+          continue;
+        }
+        softmax_rows(s, rows, nk, keep == nullptr ? nullptr : keep + (bh / h) * nk);
+        if (!gemm(pa, va, nullptr, out + (bh * nq + q0) * dv, rows, dv, nk)) {
+#pragma omp atomic write
+          ok = false;
+        }
+      }
+    std::free(s);
+  }
+  return ok;
+}
+
 bool float32_2d(int count, int *ndims, const char **dtypes) {
   for (int i = 0; i < count; ++i)
     if (ndims[i] != 2 || std::strcmp(dtypes[i], "float32") != 0) return false;
@@ -248,6 +333,28 @@ int MatMulXtW(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   return gemm(x, w, nullptr, static_cast<float *>(params[2]), m, n, k) ? 0 : 1;
 }
 
+// Attention for inference (see attention()): q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv) -> (B, H, Nq, dv).
+int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  const bool masked = nparam == 5;
+  if ((nparam != 4 && !masked) || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4) return 1;
+  for (int i = 0; i < nparam - 1; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return 1;
+  const int64_t *qs = shapes[0], *ks = shapes[1], *vs = shapes[2];
+  if (ks[0] != qs[0] || vs[0] != qs[0] || ks[1] != qs[1] || vs[1] != qs[1] || ks[3] != qs[3] || vs[2] != ks[2])
+    return 1;
+  if (masked && (ndims[3] != 2 || shapes[3][0] != qs[0] || shapes[3][1] != ks[2])) return 1;
+  return attention(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                   static_cast<const float *>(params[2]), masked ? static_cast<const float *>(params[3]) : nullptr,
+                   static_cast<float *>(params[nparam - 1]), qs[0], qs[1], qs[2], ks[2], qs[3], vs[3])
+             ? 0
+             : 1;
+}
+
+// The same with keep (B, Nk) required (a second name: one Custom operator per kernel name and input count).
+int AttendMasked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *a, void *b) {
+  return nparam == 5 ? Attend(nparam, params, ndims, shapes, dtypes, a, b) : 1;
+}
+
 }  // extern "C"
 
 #else  // no AVX-512: the Python side never selects these kernels (GemmAvailable() == 0)
@@ -258,6 +365,8 @@ int LinearXWt(int, void **, int *, int64_t **, const char **, void *, void *) { 
 int LinearXWtBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int MatMulXW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int MatMulXtW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int Attend(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendMasked(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
 
 #endif
