@@ -10,7 +10,8 @@ final layer); `--entry call` times the whole forward pass (caption work included
 pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
 `ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0), `ours_matmul` (MindSpore's MatMul for
 Linear layers instead of the AVX-512 GEMM kernel, PIXART_CPU_GEMM=matmul) and `ours_amx` (the opt-in AMX bf16x3
-matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX), e.g. `--sides ours,ours_matmul,torch`. The first call
+matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX) and `ours_bmm` (attention as BatchMatMul + softmax
+instead of the one-kernel attention), e.g. `--sides ours,ours_matmul,torch`. The first call
 (ours: graph compilation) is reported apart from the timed steps, with the number of graphs compiled (it must not
 grow across steps).
 """
@@ -21,7 +22,8 @@ import time
 
 import numpy as np
 
-from common import machine, parse_or_run_child, run_children, summary, table, timed, torch_pixart
+from common import (machine, parse_or_run_child, run_children, summary, table, timed, torch_pixart,
+                    without_attention_kernel)
 
 PRESET = {256: "PixArt-XL-2-256x256", 512: "PixArt-XL-2-512x512"}
 
@@ -50,6 +52,8 @@ def child(side: str, a) -> dict:
         from pixart import backend
         from pixart.models.pixart import PixArt, preset_config
         backend.setup("CPU", a.mode, threads=a.threads or None)
+        if side == "ours_bmm":
+            without_attention_kernel()
         model = PixArt(preset_config(PRESET[a.size], depth=a.depth))
         model.set_train(False)
         x, t, y, mask = ms.Tensor(x), ms.Tensor(t), ms.Tensor(y[:, None]), ms.Tensor(mask)

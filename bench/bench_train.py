@@ -5,6 +5,7 @@ one process tree.
     python bench/bench_train.py --depth 28 --runs 2 --steps 3
     python bench/bench_train.py --depth 28 --sides ours,ours_blocks,torch  # + ours as train.py --recompute runs it
     python bench/bench_train.py --depth 28 --sides ours,ours_matmul,torch  # + ours with MindSpore's MatMul
+    python bench/bench_train.py --depth 28 --sides ours,ours_bmm,torch     # + ours with attention as BatchMatMuls
     python bench/bench_train.py --depth 8                         # a cheaper look
 
 A step is forward, loss (ours: MSE + the learned-variance bound, as train.py; PyTorch: the same MSE plus a squared
@@ -22,7 +23,7 @@ import time
 import numpy as np
 
 from common import (emit, machine, parse_or_run_child, peak_rss_gb, run_children, summary, table, timed,
-                    torch_pixart)
+                    torch_pixart, without_attention_kernel)
 
 
 def watchdog(limit_gb: float) -> None:
@@ -65,6 +66,8 @@ def child(side: str, a) -> dict:
         from pixart.training.step import TrainStep
         from pixart.training.blockwise import BlockwiseTrainStep
         backend.setup("CPU", a.mode, threads=a.threads or None)
+        if side == "ours_bmm":
+            without_attention_kernel()
         model = PixArt(preset_config("PixArt-XL-2-256x256", depth=a.depth))
         # ours_blocks: train.py --recompute on CPU graph mode, backpropagation block by block from the host
         host_recompute = (side == "ours_blocks" or a.recompute) and backend.host_driven_recompute()

@@ -155,6 +155,13 @@ def parse_or_run_child(parser, child):
     return a
 
 
+def without_attention_kernel() -> None:
+    """Side `ours_bmm`: attention as BatchMatMul + softmax kernels, the path before the one-kernel attention
+    (`pixart.kernels.attention`, session 9); call before building the model."""
+    from pixart import kernels
+    kernels.attention = lambda masked: None
+
+
 def torch_pixart(depth: int, size: int, threads: int = 0):
     """diffusers' PixArtTransformer2DModel shaped as PixArt-XL/2 (α, no micro-conditions), random weights, at
     `size` px, with `threads` intra-op threads (0: PyTorch's default)."""

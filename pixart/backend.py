@@ -345,13 +345,14 @@ class Attention(nn.Cell):
 
     `mask` is an optional (B, Nk) keep-mask (1 = attend, 0 = padding). CPU/GPU: heads first, batched matmul, fp32
     softmax, batched matmul, heads back (the layout changes, scaling and masked softmax are fused kernels where
-    `fused_cpu()`). On CPUs with AVX-512, inference replaces the two products and the softmax with one kernel
-    (`kernels.attention`: a block of queries at a time, so the (B, H, Nq, Nk) scores never exist; measured: depth-8
-    steps ~10% faster at 256 and 512 px, 0.8 GiB less peak memory at 1024 px); training keeps the ops above, whose
-    gradients it needs. Ascend: FlashAttentionScore, whose softmax runs in fp32 internally.
+    `fused_cpu()`). On CPUs with AVX-512 one kernel replaces the two products and the softmax
+    (`kernels.attention`: a block of queries at a time, so the (B, H, Nq, Nk) scores never exist; its gradient
+    recomputes the probabilities; measured: depth-8 steps ~10% faster at 256 and 512 px, 0.8 GiB less peak memory at
+    1024 px, full-depth training steps 0.91x vs 1.09x PyTorch's time with the ops above); other CPUs keep the ops
+    above. Ascend: FlashAttentionScore, whose softmax runs in fp32 internally.
     """
 
-    # Without that kernel (training; CPUs without AVX-512; GPU): from this many query tokens on (512 px and up),
+    # Without that kernel (CPUs without AVX-512, GPU): from this many query tokens on (512 px and up),
     # `head_group` heads at a time, so that only their (B, g, Nq, Nk) scores are live rather than every head's
     # (2 x 16 x 4096^2 fp32 = 2 GiB at 1024 px)
     per_head_min_tokens = 1024
@@ -387,7 +388,7 @@ class Attention(nn.Cell):
         q, k, v = self._heads(q, True, fused), self._heads(k, False, fused), self._heads(v, False, fused)
         keep = None if mask is None else mask.astype(ms.float32)  # (B, Nk)
         h, g = self.num_heads, self.head_group
-        if fused and not self.training and self.attend is not None:
+        if fused and self.attend is not None:
             out = self.attend(q, k, v) if keep is None else self.attend_masked(q, k, v, keep)
         elif q.shape[2] < self.per_head_min_tokens or h % g:
             out = self._attend(q, k, v, keep, fused)

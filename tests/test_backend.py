@@ -166,28 +166,36 @@ class _Weighted(ms.nn.Cell):
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng):
-    """Training takes the fused adaLN, gated residual and attention kernels (layouts, masked softmax) too: their
-    gradients (LayerNormModulateGrad, GatedResidualGrad, SoftmaxGrad, the layout kernels' inverses) equal those of
-    the plain ops, w.r.t. every input."""
+def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng, monkeypatch):
+    """Training takes the fused adaLN, gated residual and attention kernels (layouts, the one-kernel attention on
+    AVX-512, else masked softmax) too: their gradients (LayerNormModulateGrad, GatedResidualGrad, AttendGrad,
+    SoftmaxGrad, the layout kernels' inverses) equal those of the plain ops, w.r.t. every input."""
     backend.setup("CPU", mode)
     try:
         t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
         x, y, gate, shift, scale = t(2, 12, 32), t(2, 12, 32), t(2, 1, 32), t(2, 1, 32), t(2, 1, 32)
         q, k, v = t(2, 20, 32), t(2, 7, 32), t(2, 7, 32)
         mask = ms.Tensor(np.array([[1, 1, 1, 0, 0, 0, 0], [1] * 7], np.int32))
+        q2, k2, v2 = t(2, 30, 24), t(2, 45, 24), t(2, 45, 24)  # sample 2 keeps no key: uniform weights
+        mask2 = ms.Tensor(np.array([[1] * 5 + [0] * 40, [0] * 45], np.int32))
 
-        def grouped():
-            layer = backend.Attention(4, 8)
-            layer.per_head_min_tokens, layer.head_group = 1, 2  # long-sequence path: two heads at a time
+        def grouped():  # without the attention kernel (CPUs without AVX-512): the long-sequence path
+            with monkeypatch.context() as patch:
+                patch.setattr(kernels, "attention", lambda masked: None)
+                layer = backend.Attention(4, 8)
+            layer.per_head_min_tokens, layer.head_group = 1, 2  # two heads at a time
             return layer
         cases = [(lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False), "modulated", (x, shift, scale)),
                  (backend.GatedResidual, "construct", (x, gate, y)),
                  (lambda: backend.Attention(4, 8), "construct", (q, k, v)),
                  (lambda: backend.Attention(4, 8), "construct", (q, k, v, mask)),
-                 (grouped, "construct", (q, k, v, mask))]
+                 (grouped, "construct", (q, k, v, mask)),
+                 (lambda: backend.Attention(3, 8), "construct", (q2, k2, v2, mask2))]
+        from pixart import kernels
         for make, method, inputs in cases:
             fused, plain = _pair(plain_kernels, make)
+            if isinstance(fused, backend.Attention) and make is not grouped and "avx512f" in kernels._cpu_id():
+                assert fused.attend is not None  # training takes the attention kernel and its gradient
             dy = t(*getattr(fused, method)(*inputs).shape)
             differentiable = tuple(range(3))  # not the mask
             got = ms.grad(_Weighted(fused, method, dy), differentiable)(*inputs)

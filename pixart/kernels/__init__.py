@@ -147,13 +147,23 @@ def linear_product(strict: bool = False, bias: bool = False):
 
 
 def attention(masked: bool):
-    """Inference attention from the AVX-512 library, or None where it is not built: heads-first q (B, H, Nq, d)
-    (already scaled), k (B, H, Nk, d), v (B, H, Nk, dv) [, keep (B, Nk)] -> softmax(q k^T) v (B, H, Nq, dv), a block
-    of queries at a time (only a block's scores are ever live). No gradient: training keeps BatchMatMul + Softmax."""
+    """Attention from the AVX-512 library, or None where it is not built: heads-first q (B, H, Nq, d) (already
+    scaled), k (B, H, Nk, d), v (B, H, Nk, dv) [, keep (B, Nk)] -> softmax(q k^T) v (B, H, Nq, dv), a block of
+    queries at a time (only a block's scores are ever live). Its gradient (AttendGrad) recomputes the probabilities
+    from q and k, one (sample, head) at a time, rather than keeping them from the forward pass."""
     if not available() or not _avx512():
         return None
     shape = lambda q, k, v, *keep: (q[0], q[1], q[2], v[3])  # noqa: E731
-    return op("AttendMasked" if masked else "Attend", out_shape=shape, library="gemm_path")
+    grads = lambda q, k, v, *rest: (q, k, v)  # noqa: E731
+    grad = op("AttendMaskedGrad" if masked else "AttendGrad", out_shape=grads, out_dtype=grads, library="gemm_path")
+    if masked:
+        def bprop(q, k, v, keep, out, dout):
+            dq, dk, dv = grad(q, k, v, keep, out, dout)
+            return dq, dk, dv, keep * 0
+    else:
+        def bprop(q, k, v, out, dout):
+            return grad(q, k, v, out, dout)
+    return op("AttendMasked" if masked else "Attend", out_shape=shape, library="gemm_path", bprop=bprop)
 
 
 def bias_gelu_tanh():

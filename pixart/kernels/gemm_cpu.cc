@@ -286,6 +286,51 @@ bool attention(const float *q, const float *k, const float *v, const float *keep
   return ok;
 }
 
+// attention()'s gradient, for training: q, k, v, out (its output), dout, keep as there -> dq, dk, dv. One (sample,
+// head) per thread at a time, all its queries at once (its scores p and their gradient, 2 x Nq x Nk, are live):
+// p = softmax(q k^T) recomputed, dp = dout v^T, ds = p (dp - rowsum(dout * out)), dq = ds k, dk = ds^T q,
+// dv = p^T dout. Masked keys have p = 0, hence no gradient; a row with no key kept is uniform, as in attention().
+bool attention_grad(const float *q, const float *k, const float *v, const float *keep, const float *out,
+                    const float *dout, float *dq, float *dk, float *dv, int64_t b, int64_t h, int64_t nq, int64_t nk,
+                    int64_t d, int64_t dvn) {
+  bool ok = true;
+#pragma omp parallel
+  {
+    float *p = aligned_floats(2 * nq * nk), *ds = p == nullptr ? nullptr : p + nq * nk;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < b * h; ++bh) {
+      const float *qb = q + bh * nq * d, *kb = k + bh * nk * d, *vb = v + bh * nk * dvn;
+      const float *ob = out + bh * nq * dvn, *gb = dout + bh * nq * dvn;
+      // nested inside this parallel region, each gemm runs on the calling thread alone
+      bool done = p != nullptr && gemm({qb, d, false}, {kb, d, true}, nullptr, p, nq, nk, d);
+      if (done) {
+        softmax_rows(p, nq, nk, keep == nullptr ? nullptr : keep + (bh / h) * nk);
+        done = gemm({gb, dvn, false}, {vb, dvn, true}, nullptr, ds, nq, nk, dvn);
+      }
+      if (done) {
+        for (int64_t i = 0; i < nq; ++i) {
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < dvn; ++c) dot += gb[i * dvn + c] * ob[i * dvn + c];
+          float *dsr = ds + i * nk;
+          const float *pr = p + i * nk;
+#pragma omp simd
+          for (int64_t j = 0; j < nk; ++j) dsr[j] = pr[j] * (dsr[j] - dot);
+        }
+        done = gemm({ds, nk, false}, {kb, d, false}, nullptr, dq + bh * nq * d, nq, d, nk) &&
+               gemm({ds, nk, true}, {qb, d, false}, nullptr, dk + bh * nk * d, nk, d, nq) &&
+               gemm({p, nk, true}, {gb, dvn, false}, nullptr, dv + bh * nk * dvn, nk, dvn, nq);
+      }
+      if (!done) {
+#pragma omp atomic write
+        ok = false;
+      }
+    }
+    std::free(p);
+  }
+  return ok;
+}
+
 bool float32_2d(int count, int *ndims, const char **dtypes) {
   for (int i = 0; i < count; ++i)
     if (ndims[i] != 2 || std::strcmp(dtypes[i], "float32") != 0) return false;
@@ -355,6 +400,32 @@ int AttendMasked(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return nparam == 5 ? Attend(nparam, params, ndims, shapes, dtypes, a, b) : 1;
 }
 
+// Attend's gradient (see attention_grad()): q, k, v [, keep], out, dout -> dq, dk, dv.
+int AttendGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  const bool masked = nparam == 9;
+  if (nparam != 8 && !masked) return 1;
+  const int n_in = nparam - 3, o = masked ? 4 : 3;  // o: index of out
+  for (int i = 0; i < nparam; ++i)  // every buffer float32 and 4-d, but keep (B, Nk)
+    if (std::strcmp(dtypes[i], "float32") != 0 || ndims[i] != (masked && i == 3 ? 2 : 4)) return 1;
+  const int64_t *qs = shapes[0], *ks = shapes[1], *vs = shapes[2];
+  if (ks[0] != qs[0] || vs[0] != qs[0] || ks[1] != qs[1] || vs[1] != qs[1] || ks[3] != qs[3] || vs[2] != ks[2])
+    return 1;
+  for (int i = o; i <= o + 1; ++i)  // out and dout: (B, H, Nq, dv)
+    if (shapes[i][0] != qs[0] || shapes[i][1] != qs[1] || shapes[i][2] != qs[2] || shapes[i][3] != vs[3]) return 1;
+  if (masked && (shapes[3][0] != qs[0] || shapes[3][1] != ks[2])) return 1;
+  const auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const auto res = [&](int i) { return static_cast<float *>(params[n_in + i]); };
+  return attention_grad(in(0), in(1), in(2), masked ? in(3) : nullptr, in(o), in(o + 1), res(0), res(1), res(2),
+                        qs[0], qs[1], qs[2], ks[2], qs[3], vs[3])
+             ? 0
+             : 1;
+}
+
+// The same with keep required (a second name, as AttendMasked).
+int AttendMaskedGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *a, void *b) {
+  return nparam == 9 ? AttendGrad(nparam, params, ndims, shapes, dtypes, a, b) : 1;
+}
+
 }  // extern "C"
 
 #else  // no AVX-512: the Python side never selects these kernels (GemmAvailable() == 0)
@@ -367,6 +438,8 @@ int MatMulXW(int, void **, int *, int64_t **, const char **, void *, void *) { r
 int MatMulXtW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int Attend(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendMasked(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendMaskedGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
 
 #endif
