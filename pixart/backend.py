@@ -372,7 +372,7 @@ class Attention(nn.Cell):
             self.to_heads, self.from_heads = kernels.to_heads(num_heads), kernels.from_heads()
             self.masked_softmax, self.softmax = kernels.softmax(masked=True), kernels.softmax(masked=False)
             self.scales = (Tensor([self.scale], ms.float32), Tensor([1.0], ms.float32))
-        self.attend = self.attend_masked = None  # inference attention in one kernel (None: not on this CPU)
+        self.attend = self.attend_masked = None  # attention in one kernel, with its gradient (None: not on this CPU)
         if self.fused:
             self.attend, self.attend_masked = kernels.attention(masked=False), kernels.attention(masked=True)
 

@@ -134,14 +134,14 @@ def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng, monkeypatch):
         for m in (mask, None):
             np.testing.assert_allclose(fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy(), rtol=1e-5,
                                        atol=1e-6)
-        with monkeypatch.context() as patch:  # the long-sequence path of training: two heads at a time
+        with monkeypatch.context() as patch:  # without the attention kernel (no AVX-512): two heads at a time
             patch.setattr(kernels, "attention", lambda masked: None)
             grouped = backend.Attention(4, 8)
         assert grouped.attend is None
         grouped.per_head_min_tokens, grouped.head_group = 1, 2
         np.testing.assert_allclose(grouped(q, k, v, mask).asnumpy(), plain(q, k, v, mask).asnumpy(), rtol=1e-5,
                                    atol=1e-6)
-        if "avx512f" in kernels._cpu_id():  # inference attention in one kernel: blocks of <= 256 queries
+        if "avx512f" in kernels._cpu_id():  # attention in one kernel: blocks of <= 256 queries
             assert fused.attend is not None and plain.attend is None
             q, k, v = t(2, 300, 24), t(2, 45, 24), t(2, 45, 24)
             mask = ms.Tensor(np.array([[1] * 5 + [0] * 40, [0] * 45], np.int32))  # sample 2: no key kept
@@ -170,6 +170,7 @@ def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng, monkey
     """Training takes the fused adaLN, gated residual and attention kernels (layouts, the one-kernel attention on
     AVX-512, else masked softmax) too: their gradients (LayerNormModulateGrad, GatedResidualGrad, AttendGrad,
     SoftmaxGrad, the layout kernels' inverses) equal those of the plain ops, w.r.t. every input."""
+    from pixart import kernels
     backend.setup("CPU", mode)
     try:
         t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
@@ -191,7 +192,6 @@ def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng, monkey
                  (lambda: backend.Attention(4, 8), "construct", (q, k, v, mask)),
                  (grouped, "construct", (q, k, v, mask)),
                  (lambda: backend.Attention(3, 8), "construct", (q2, k2, v2, mask2))]
-        from pixart import kernels
         for make, method, inputs in cases:
             fused, plain = _pair(plain_kernels, make)
             if isinstance(fused, backend.Attention) and make is not grouped and "avx512f" in kernels._cpu_id():

@@ -1,8 +1,9 @@
 """CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM and
-inference attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products (amx_gemm.cc).
+attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products
+(amx_gemm.cc); softmax.h is shared by the first two.
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
-default ~/.cache/pixart-mindspore), keyed by the source, the flags and the CPU, written atomically. Where there is no
+default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written atomically. Where there is no
 compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and pixart/backend.py keeps its
 unfused MindSpore ops, which compute the same functions. `cpu_gemm()` says which product Linear layers use,
 chosen by `PIXART_CPU_GEMM`: "auto" (default) = the AVX-512 GEMM where the CPU has AVX-512, else MindSpore's MatMul;
@@ -47,7 +48,9 @@ def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (g++ / c++ / $CXX)")
-    key = hashlib.sha1("\0".join([source.read_text(), compiler, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h)
+    parts = [source.read_text(), *headers, compiler, *FLAGS, _cpu_id()]
+    key = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target

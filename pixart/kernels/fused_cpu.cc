@@ -13,6 +13,8 @@
 #include <cstring>
 #include <new>
 
+#include "softmax.h"
+
 namespace {
 
 int64_t numel(int ndim, const int64_t *shape) {
@@ -211,35 +213,11 @@ int MaskedSoftmax(int nparam, void **params, int *, int64_t **shapes, const char
   float *y = static_cast<float *>(params[2]);
   const int64_t b = shapes[0][0], h = shapes[0][1], nq = shapes[0][2], nk = shapes[0][3];
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < b * h; ++i) {
+  for (int64_t i = 0; i < b * h; ++i)
     for (int64_t q = 0; q < nq; ++q) {
-      const float *kr = keep + (i / h) * nk;
-      const float *xr = x + (i * nq + q) * nk;
-      float *yr = y + (i * nq + q) * nk;
-      float m = -3.0e38f;
-      bool any = false;
-      for (int64_t j = 0; j < nk; ++j) {
-        if (kr[j] != 0.0f) {
-          m = xr[j] > m ? xr[j] : m;
-          any = true;
-        }
-      }
-      if (!any) {
-        for (int64_t j = 0; j < nk; ++j) yr[j] = 1.0f / static_cast<float>(nk);
-        continue;
-      }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < nk; ++j) {
-        const float e = kr[j] != 0.0f ? clamped_exp(xr[j] - m) : 0.0f;
-        yr[j] = e;
-        sum += e;
-      }
-      const float inv = 1.0f / sum;
-#pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) yr[j] *= inv;
+      const int64_t row = (i * nq + q) * nk;
+      softmax_rows(x + row, y + row, 1, nk, keep + (i / h) * nk);
     }
-  }
   return 0;
 }
 
@@ -250,22 +228,7 @@ int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   float *y = static_cast<float *>(params[1]);
   const int64_t nk = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / nk;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * nk;
-    float *yr = y + r * nk;
-    float m = xr[0];
-    for (int64_t j = 1; j < nk; ++j) m = xr[j] > m ? xr[j] : m;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < nk; ++j) {
-      const float e = clamped_exp(xr[j] - m);
-      yr[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) yr[j] *= inv;
-  }
+  for (int64_t r = 0; r < rows; ++r) softmax_rows(x + r * nk, y + r * nk, 1, nk, nullptr);
   return 0;
 }
 

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "softmax.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #include <omp.h>
@@ -208,47 +210,6 @@ bool gemm(const Operand &a, const Operand &b, const float *bias, float *c, int64
   return ok;
 }
 
-// Softmax over each of `rows` rows of s (row stride nk) in place, keys where keep[j] == 0 excluded (probability 0;
-// a row with no key kept gets uniform weights, as fused_cpu.cc's MaskedSoftmax); keep may be null. Branch-free
-// loops (they vectorise); exp's argument is clamped to [-80, 80] (glibc's vectorised expf keeps its fast path, and
-// a masked key's e^(s - m) stays finite before it is zeroed).
-void softmax_rows(float *s, int64_t rows, int64_t nk, const float *keep) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float *sr = s + r * nk;
-    float m = -3.0e38f;
-    if (keep == nullptr) {
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < nk; ++j) m = std::fmax(m, sr[j]);
-    } else {
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < nk; ++j) m = std::fmax(m, keep[j] != 0.0f ? sr[j] : -3.0e38f);
-    }
-    if (m == -3.0e38f) {  // no key kept
-      for (int64_t j = 0; j < nk; ++j) sr[j] = 1.0f / static_cast<float>(nk);
-      continue;
-    }
-    float sum = 0.0f;
-    if (keep == nullptr) {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < nk; ++j) {
-        const float e = std::exp(std::fmax(sr[j] - m, -80.0f));
-        sr[j] = e;
-        sum += e;
-      }
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < nk; ++j) {
-        const float e = std::exp(std::fmin(std::fmax(sr[j] - m, -80.0f), 80.0f)) * (keep[j] != 0.0f ? 1.0f : 0.0f);
-        sr[j] = e;
-        sum += e;
-      }
-    }
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) sr[j] *= inv;
-  }
-}
-
 // Attention, inference only: out (B, H, Nq, dv) = softmax(q k^T, masked by keep) v for heads-first q (B, H, Nq, d)
 // (already scaled by 1/sqrt(d)), k (B, H, Nk, d), v (B, H, Nk, dv), keep (B, Nk) or null. Work items are blocks of
 // whole row tiles of queries (<= 256 rows) of one (batch, head), one per thread at a time, each two single-threaded
@@ -275,7 +236,7 @@ bool attention(const float *q, const float *k, const float *v, const float *keep
           ok = false;
           continue;
         }
-        softmax_rows(s, rows, nk, keep == nullptr ? nullptr : keep + (bh / h) * nk);
+        softmax_rows(s, s, rows, nk, keep == nullptr ? nullptr : keep + (bh / h) * nk);
         if (!gemm(pa, va, nullptr, out + (bh * nq + q0) * dv, rows, dv, nk)) {
 #pragma omp atomic write
           ok = false;
@@ -304,7 +265,7 @@ bool attention_grad(const float *q, const float *k, const float *v, const float 
       // nested inside this parallel region, each gemm runs on the calling thread alone
       bool done = p != nullptr && gemm({qb, d, false}, {kb, d, true}, nullptr, p, nq, nk, d);
       if (done) {
-        softmax_rows(p, nq, nk, keep == nullptr ? nullptr : keep + (bh / h) * nk);
+        softmax_rows(p, p, nq, nk, keep == nullptr ? nullptr : keep + (bh / h) * nk);
         done = gemm({gb, dvn, false}, {vb, dvn, true}, nullptr, ds, nq, nk, dvn);
       }
       if (done) {
