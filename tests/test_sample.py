@@ -89,3 +89,34 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     cfg.write_text("prompt: [a]\nsampling_stepz: 3\n")
     r = subprocess.run([sys.executable, "sample.py", "-c", str(cfg)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "unknown key(s) sampling_stepz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompts_are_encoded_first_and_t5_is_freed(bundle, graph_mode, monkeypatch):
+    """sample.py loads T5 alone, encodes, and frees it before the transformer loads. In graph mode a compiled T5
+    would keep its weights alive after `del`, so encoding runs eagerly: every T5 Parameter must be gone."""
+    import gc
+    import weakref
+    import pixart.models.t5 as t5_module
+    from pixart.config import parse_args
+    from pixart.pipelines import sample_run
+    from pixart.pipelines.text_to_image import PixArtPipeline
+    load, params = t5_module.load_t5, []
+
+    def load_and_watch(*a, **k):
+        model = load(*a, **k)
+        params.extend(weakref.ref(p) for p in model.get_parameters())
+        return model
+    monkeypatch.setattr(t5_module, "load_t5", load_and_watch)
+    args = parse_args(sample_run.build_parser(), ["-c", str(CONFIG), *bundle, "--mode", "graph", "--prompt", "x"])
+    embeds, negative = sample_run.encode_first(args, ["a red square", "a blue circle"], log=lambda *_: None)
+    gc.collect()
+    assert params and not any(p() is not None for p in params)
+
+    pipe = sample_run.load_pipeline(args, log=lambda *_: None)  # with T5: the embeddings are the pipeline's own
+    assert isinstance(pipe, PixArtPipeline) and pipe.text_encoder is not None
+    for prompt, (emb, mask) in zip(["a red square", "a blue circle"], embeds):
+        ref_emb, ref_mask = pipe.encode_prompt([prompt])
+        np.testing.assert_array_equal(mask, ref_mask)
+        np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=0)
+    assert negative[0].shape == embeds[0][0].shape
+    assert sample_run.load_pipeline(args, log=lambda *_: None, text_encoder=False).text_encoder is None

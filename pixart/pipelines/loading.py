@@ -51,18 +51,21 @@ def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: d
 def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokenizer_root=None, dtype: str = "fp32",
                     text_encoder_dtype: str | None = None, vae_dtype: str = "fp32", kv_compress: dict | None = None,
                     scaling_factor: float | None = None, lora_path=None, lora_scale: float = 1.0,
-                    log=print) -> dict:
-    """Everything `PixArtPipeline(...)` takes. T5 may be loaded in half precision (`text_encoder_dtype`)."""
+                    text_encoder: bool = True, log=print) -> dict:
+    """Everything `PixArtPipeline(...)` takes. T5 may be loaded in half precision (`text_encoder_dtype`), or not at
+    all (`text_encoder=False`: prompts were encoded beforehand; the tokenizer is still loaded)."""
     from pixart.models.t5 import load_t5, load_tokenizer
     from pixart.models.vae import load_vae
     log(f"loading transformer {checkpoint}")
     transformer = load_transformer(checkpoint, model, dtype, kv_compress, log, lora_path, lora_scale)
     log(f"loading VAE {vae_root}")
     vae = load_vae(vae_root, vae_dtype)
-    log(f"loading text encoder {text_encoder_root}")
-    text_encoder = load_t5(text_encoder_root, text_encoder_dtype or dtype)
+    t5 = None
+    if text_encoder:
+        log(f"loading text encoder {text_encoder_root}")
+        t5 = load_t5(text_encoder_root, text_encoder_dtype or dtype)
     tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
-    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return dict(transformer=transformer, vae=vae, text_encoder=t5, tokenizer=tokenizer,
                 scaling_factor=scaling_factor or vae.config.scaling_factor)
 
 

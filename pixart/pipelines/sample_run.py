@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from pathlib import Path
 
@@ -109,12 +110,16 @@ def check_args(args) -> None:
     preset_config(args.model)  # unknown presets fail here, naming the known ones
 
 
-def load_pipeline(args, log=print):
-    """Set up the backend and load the pipeline the model flags name (sample.py and gradio_demo.py); run
-    `check_args` first."""
-    from pixart.pipelines.text_to_image import PixArtPipeline
+def setup_backend(args) -> None:
     backend.setup(args.device_target, MODES[str(args.mode)], args.jit_level, args.enable_flash_attention)
     backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
+
+
+def load_pipeline(args, log=print, text_encoder: bool = True):
+    """Set up the backend and load the pipeline the model flags name (sample.py and gradio_demo.py), with T5 unless
+    `text_encoder` is False; run `check_args` first."""
+    from pixart.pipelines.text_to_image import PixArtPipeline
+    setup_backend(args)
     kv = None
     if args.kv_compress:
         kv = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
@@ -123,7 +128,28 @@ def load_pipeline(args, log=print):
         checkpoint=args.checkpoint, model=args.model, vae_root=args.vae_root, text_encoder_root=args.text_encoder_root,
         tokenizer_root=args.tokenizer_root, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
         kv_compress=kv, scaling_factor=args.sd_scale_factor, lora_path=getattr(args, "lora_path", None),
-        lora_scale=getattr(args, "lora_scale", 1.0), log=log)
+        lora_scale=getattr(args, "lora_scale", 1.0), text_encoder=text_encoder, log=log)
+
+
+def encode_first(args, prompts: list[str], log=print):
+    """T5 on its own, before the transformer is loaded: every prompt (and the negative one) encoded, then T5 freed,
+    so the two models never share memory (T5-XXL alone is 19 GB in fp32). Returns the embeddings per prompt and the
+    negative's (None with --uncond y_embedding)."""
+    from pixart.models.pixart import preset_config
+    from pixart.models.t5 import load_t5, load_tokenizer
+    from pixart.pipelines.text_to_image import encode_text
+    setup_backend(args)
+    t0 = time.time()
+    log(f"loading text encoder {args.text_encoder_root}")
+    t5 = load_t5(args.text_encoder_root, args.text_encoder_dtype or args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer_root or args.text_encoder_root)
+    length = preset_config(args.model).model_max_length  # a checkpoint must agree with its preset on it
+    embeds = [encode_text(t5, tokenizer, [p], length) for p in prompts]
+    negative = encode_text(t5, tokenizer, [args.negative_prompt], length) if args.uncond == "negative" else None
+    del t5
+    gc.collect()
+    log(f"encoded {len(prompts)} prompt(s) in {time.time() - t0:.1f}s (T5 loaded, run and released)")
+    return embeds, negative
 
 
 def generation_kwargs(args, pipe) -> dict:
@@ -140,15 +166,9 @@ def run(args, log=print) -> list[Path]:
     from pixart.pipelines.outputs import image_grid, save_png, write_json
     prompts = read_prompts(args)
     check_args(args)
-    pipe = load_pipeline(args, log)
+    embeds, negative = encode_first(args, prompts, log)
+    pipe = load_pipeline(args, log, text_encoder=False)
     options = generation_kwargs(args, pipe)
-
-    # encode every prompt once, then free T5 before denoising
-    t0 = time.time()
-    embeds = [pipe.encode_prompt([p]) for p in prompts]
-    negative = pipe.encode_prompt([args.negative_prompt]) if args.uncond == "negative" else None
-    pipe.release_text_encoder()
-    log(f"encoded {len(prompts)} prompt(s) in {time.time() - t0:.1f}s; text encoder released")
 
     out_dir = Path(args.output_path)
     out_dir.mkdir(parents=True, exist_ok=True)

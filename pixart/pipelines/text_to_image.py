@@ -20,6 +20,16 @@ from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_a
 from pixart.diffusion import DEFAULT_STEPS, make_sampler
 
 
+def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int):
+    """T5 features (N, 1, L, C) as float32 NumPy and masks (N, L) for `prompts`, lower-cased and stripped as diffusers
+    does. T5 runs eagerly, so that no compiled graph keeps its weights alive once it is released."""
+    from pixart.models.t5 import encode_prompts
+    ids, mask = encode_prompts(tokenizer, [p.lower().strip() for p in prompts], max_length)
+    with backend.eager():
+        emb = text_encoder(Tensor(ids), Tensor(mask)).astype(ms.float32).asnumpy()
+    return emb[:, None], mask
+
+
 @dataclass
 class PipelineOutput:
     images: list                     # PIL images, or (N, H, W, 3) float arrays in [0, 1] with output_type="np"
@@ -47,16 +57,13 @@ class PixArtPipeline:
 
     # -- 1. text ---------------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]):
-        """T5 features (N, 1, L, C) and masks (N, L) for `prompts`, lower-cased and stripped as diffusers does."""
-        from pixart.models.t5 import encode_prompts
+        """T5 features (N, 1, L, C) and masks (N, L) for `prompts` (see `encode_text`)."""
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was released; pass prompt embeddings or reload the pipeline")
-        ids, mask = encode_prompts(self.tokenizer, [p.lower().strip() for p in prompts], self.max_sequence_length)
-        emb = self.text_encoder(Tensor(ids), Tensor(mask))
-        return emb.astype(ms.float32).asnumpy()[:, None], mask
+        return encode_text(self.text_encoder, self.tokenizer, prompts, self.max_sequence_length)
 
     def release_text_encoder(self):
-        """Free T5 once prompts are encoded, so it is never resident together with denoising."""
+        """Free T5 once prompts are encoded, so it is not resident while denoising."""
         self.text_encoder = None
         gc.collect()
 
