@@ -270,7 +270,10 @@ def load_t5(folder, dtype: str = "fp32", max_positions: int = 512) -> T5EncoderM
     for name, p in params.items():
         arr = entries[name][1]().astype(np_dtype, copy=False)
         p.set_dtype(target)
-        p.set_data(Tensor(arr).astype(target) if target == ms.bfloat16 else Tensor(arr))
+        if target == ms.bfloat16:
+            p.set_data(Tensor(arr).astype(target))
+        else:  # shares the array's memory (a map of the file where no conversion was needed): no copy
+            p.set_data(ms.from_numpy(np.ascontiguousarray(arr)))
         del arr
     model.set_train(False)
     return model
