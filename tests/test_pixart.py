@@ -265,3 +265,31 @@ def test_load_into_reports_all_problems():
         load_into(model, state)
     assert "missing keys (1): t_block.1.bias" in str(e.value)
     assert "final_layer.linear.weight: checkpoint (3, 3) vs model (32, 64)" in str(e.value)
+
+
+def test_ckpt_reader_equals_mindspore_and_falls_back(tmp_path):
+    """.ckpt files are streamed from a map of the file (one copy of the weights at most, shared where aligned); every
+    dtype and shape must come back exactly as MindSpore's own reader gives it, and a file it cannot parse goes to
+    MindSpore's reader (a CheckpointError where that fails too)."""
+    from pixart.checkpoints import _read_ckpt_stream, read_ckpt, write_ckpt
+    g = np.random.default_rng(0)
+    state = {"a.weight": g.standard_normal((7, 5)).astype(np.float32),  # odd sizes: unaligned contents follow
+             "b": g.standard_normal((3,)).astype(np.float16), "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
+             "long_name." * 9 + "w": g.standard_normal((2, 3, 4)).astype(np.float32),
+             "steps": np.array([12], np.int64), "flag": np.array([True, False])}
+    path = tmp_path / "x.ckpt"
+    write_ckpt(state, path)
+    ours, ref = _read_ckpt_stream(path), {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    assert list(ours) == list(ref) and set(ours) == set(state)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
+        np.testing.assert_array_equal(ours[k], ref[k])
+    bf16 = tmp_path / "bf16.ckpt"
+    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(state["a.weight"]).astype(ms.bfloat16)}], str(bf16))
+    np.testing.assert_array_equal(read_ckpt(bf16)["w"], ms.load_checkpoint(str(bf16))["w"].float().asnumpy())
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x0a\x05hello" + b"\xff" * 40)
+    with pytest.raises(ValueError):
+        _read_ckpt_stream(bad)
+    with pytest.raises(CheckpointError, match="not a readable MindSpore checkpoint"):
+        read_ckpt(bad)
