@@ -17,6 +17,11 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
               "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+def _widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """bf16 stored as uint16 -> float32, exactly (a bf16 is the top half of a float32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model; the message is for the user."""
 
@@ -57,7 +62,7 @@ def safetensors_entries(path) -> dict:
             count = (end - start) // np.dtype(dt).itemsize
             arr = np.asarray(np.memmap(path, dt, "c", base + start, (count,))) if count else np.zeros(0, dt)
             if info["dtype"] == "BF16":
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+                arr = _widen_bf16(arr)
             return arr.reshape(info["shape"])
         return read
 
@@ -147,10 +152,10 @@ def _tensor_proto(raw, start: int, end: int) -> tuple[list[int], str | None, tup
 def _read_ckpt_stream(path) -> dict[str, np.ndarray]:
     """A MindSpore .ckpt (protobuf `Checkpoint { repeated Value { string tag = 1; TensorProto tensor = 2 } }`) read
     from a map of the file, one tensor at a time: each tensor's bytes become one array, shared with the map where
-    aligned to its item size, else read from the file into new memory once. The peak is one copy of the weights (`ms.load_checkpoint` peaked at
-    two: 5.2 GB for a 2.4 GB PixArt-XL/2, in 15-17 s). Consecutive values with the same tag (a large tensor saved in
-    slices) are joined. Raises ValueError on anything else (the caller falls back to MindSpore's reader, which also
-    knows encrypted files)."""
+    aligned to its item size, else read from the file into new memory once. The peak is one copy of the weights
+    (`ms.load_checkpoint` peaked at two: 5.2 GB for a 2.4 GB PixArt-XL/2, in 15-17 s). Consecutive values with the
+    same tag (a large tensor saved in slices) are joined. Raises ValueError on anything else (the caller falls back to
+    MindSpore's reader, which also knows encrypted files)."""
     mm = np.memmap(path, np.uint8, "c")
     raw = mm.base  # the mmap object itself: byte access without numpy scalars
     state, last = {}, None
@@ -183,7 +188,7 @@ def _read_ckpt_stream(path) -> dict[str, np.ndarray]:
         if int(np.prod(dims)) != arr.size:
             raise ValueError(f"{tag}: {arr.size} values for dims {dims}")
         if dtype == "BFloat16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            arr = _widen_bf16(arr)
         out[tag] = arr.reshape(dims)
     return out
 

@@ -53,18 +53,18 @@ def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokeniz
                     scaling_factor: float | None = None, lora_path=None, lora_scale: float = 1.0,
                     text_encoder: bool = True, log=print) -> dict:
     """Everything `PixArtPipeline(...)` takes. T5 may be loaded in half precision (`text_encoder_dtype`), or not at
-    all (`text_encoder=False`: prompts were encoded beforehand; the tokenizer is still loaded)."""
+    all (`text_encoder=False`: prompts were encoded beforehand; no tokenizer either)."""
     from pixart.models.t5 import load_t5, load_tokenizer
     from pixart.models.vae import load_vae
     log(f"loading transformer {checkpoint}")
     transformer = load_transformer(checkpoint, model, dtype, kv_compress, log, lora_path, lora_scale)
     log(f"loading VAE {vae_root}")
     vae = load_vae(vae_root, vae_dtype)
-    t5 = None
+    t5 = tokenizer = None
     if text_encoder:
         log(f"loading text encoder {text_encoder_root}")
         t5 = load_t5(text_encoder_root, text_encoder_dtype or dtype)
-    tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
+        tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
     return dict(transformer=transformer, vae=vae, text_encoder=t5, tokenizer=tokenizer,
                 scaling_factor=scaling_factor or vae.config.scaling_factor)
 
