@@ -223,8 +223,8 @@ def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
     assert kernels.cpu_gemm() == want_kernel
     backend.setup("CPU", mode)
     try:
-        shapes = [(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65), (29, 800, 70)]
-        for (m, k, n), bias in zip(shapes, [1, 0, 1, 0, 1, 1]):
+        shapes = [(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65), (29, 800, 70), (17, 385, 40)]
+        for (m, k, n), bias in zip(shapes, [1, 0, 1, 0, 1, 1, 0]):  # K in 1, 2 and 3 blocks
             layer = backend.Linear(k, n, bias=bool(bias))
             assert layer.kernel is not None
             layer.set_train(False)

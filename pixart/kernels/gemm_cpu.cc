@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kRows = 14;     // micro-tile rows (MR): 14 x 2 accumulators + 2 B vectors + a broadcast = 31 zmm
 constexpr int kCols = 32;     // micro-tile columns (NR): two zmm
-constexpr int kBlockK = 384;  // K block (KC): a packed B panel is 384 x 32 x 4 B = 48 KB
+constexpr int kBlockK = 384;  // largest K block (KC; K is cut into equal blocks): a B panel <= 384 x 32 x 4 B = 48 KB
 
 struct Operand {
   const float *data;
@@ -152,15 +152,16 @@ bool gemm(const Operand &a, const Operand &b, const float *bias, float *c, int64
   }
   const int64_t tiles = (m + kRows - 1) / kRows, panels = (n + kCols - 1) / kCols;
   const int64_t blocks = (k + kBlockK - 1) / kBlockK;
+  const int64_t kb = ((k + blocks - 1) / blocks + 15) / 16 * 16;  // even K blocks (512 -> 256 + 256, not 384 + 128)
   // op(A) packed once per call, shared by the threads: [K block][row tile][kk][kRows]
-  float *ap = aligned_floats(blocks * tiles * kBlockK * kRows);
+  float *ap = aligned_floats(blocks * tiles * kb * kRows);
   if (ap == nullptr) return false;
   bool ok = true;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t s = 0; s < blocks; ++s)
     for (int64_t t = 0; t < tiles; ++t) {
-      const int kc = static_cast<int>(k - s * kBlockK < kBlockK ? k - s * kBlockK : kBlockK);
-      pack_a(a, m, t * kRows, s * kBlockK, kc, ap + (s * tiles + t) * kBlockK * kRows);
+      const int kc = static_cast<int>(k - s * kb < kb ? k - s * kb : kb);
+      pack_a(a, m, t * kRows, s * kb, kc, ap + (s * tiles + t) * kb * kRows);
     }
 #pragma omp parallel
   {
@@ -168,12 +169,12 @@ bool gemm(const Operand &a, const Operand &b, const float *bias, float *c, int64
     // blocks by one thread (the item's slice of C stays in L2; no two threads write the same C), handed out
     // dynamically: on a shared VM one core often runs slower than the other, and a static split waits for it.
     const int64_t chunks = tiles >= 24 ? 2 : 1;
-    float *bp = aligned_floats(kBlockK * kCols + kRows * kCols + kCols);
+    float *bp = aligned_floats(kb * kCols + kRows * kCols + kCols);
     if (bp == nullptr) {
 #pragma omp atomic write
       ok = false;
     }
-    float *scratch = bp + kBlockK * kCols, *bias_pad = scratch + kRows * kCols;
+    float *scratch = bp + kb * kCols, *bias_pad = scratch + kRows * kCols;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < panels * chunks; ++item) {
       if (bp == nullptr) continue;
@@ -184,14 +185,14 @@ bool gemm(const Operand &a, const Operand &b, const float *bias, float *c, int64
       if (bias != nullptr)
         for (int j = 0; j < kCols; ++j) bias_pad[j] = j < cols ? bias[n0 + j] : 0.0f;
       for (int64_t s = 0; s < blocks; ++s) {
-        const int64_t k0 = s * kBlockK;
-        const int kc = static_cast<int>(k - k0 < kBlockK ? k - k0 : kBlockK);
+        const int64_t k0 = s * kb;
+        const int kc = static_cast<int>(k - k0 < kb ? k - k0 : kb);
         pack_b(b, n, n0, k0, kc, bp);
         const float *tile_bias = bias != nullptr && s == 0 ? bias_pad : nullptr;
         for (int64_t t = t_lo; t < t_hi; ++t) {
           const int64_t m0 = t * kRows;
           const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
-          const float *apt = ap + (s * tiles + t) * kBlockK * kRows;
+          const float *apt = ap + (s * tiles + t) * kb * kRows;
           float *ct = c + m0 * n + n0;
           if (rows == kRows && cols == kCols) {
             micro_tile(apt, bp, kc, ct, n, s > 0, tile_bias);
