@@ -9,7 +9,10 @@ one process tree.
     python bench/bench_train.py --depth 8                         # a cheaper look
 
 A step is forward, loss (ours: MSE + the learned-variance bound, as train.py; PyTorch: the same MSE plus a squared
-term on the variance channels, whose cost is negligible next to the transformer), backward and one AdamW update.
+term on the variance channels, whose cost is negligible next to the transformer), backward, the gradients clipped to
+a global norm of --clip_grad (0.01, as train.py and the official PixArt configs' `gradient_clip`; PyTorch:
+`torch.nn.utils.clip_grad_norm_`, as the official train.py; 0: neither side clips, ours still computes the norm it
+logs) and one AdamW update.
 A watchdog ends a child whose resident memory passes --max_rss_gb (reported as such, not as a time), so a side
 that does not fit cannot take the machine down.
 """
@@ -75,7 +78,7 @@ def child(side: str, a) -> dict:
             for block in model.blocks:
                 block.recompute()
         optimizer = build_optimizer("adamw", model.trainable_params(), 2e-5, None, None, None)
-        step_cell = TrainStep(DiffusionLoss(model), optimizer)
+        step_cell = TrainStep(DiffusionLoss(model), optimizer, clip_grad=a.clip_grad)
         step_cell.set_train(True)
         if host_recompute:
             step_cell = BlockwiseTrainStep(step_cell)
@@ -102,6 +105,8 @@ def child(side: str, a) -> dict:
                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
             loss = ((out[:, :4] - noise) ** 2).mean() + 1e-3 * (out[:, 4:] ** 2).mean()
             loss.backward()
+            if a.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad)
             opt.step()
             return loss.item()
     first, times = timed(step, a.steps)
@@ -118,12 +123,13 @@ def main():
     p.add_argument("--recompute", action="store_true",
                    help="both sides: recompute each block in backward (ours in graph mode: block by block)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--clip_grad", type=float, default=0.01, help="both sides: global gradient-norm clip (0: off)")
     p.add_argument("--max_rss_gb", type=float, default=20.0, help="a child above this is stopped")
     a = parse_or_run_child(p, child)
     if a is None:
         return
     forward = ["--size", str(a.size), "--depth", str(a.depth), "--steps", str(a.steps), "--mode", a.mode,
-               "--threads", str(a.threads), "--max_rss_gb", str(a.max_rss_gb)]
+               "--threads", str(a.threads), "--clip_grad", str(a.clip_grad), "--max_rss_gb", str(a.max_rss_gb)]
     forward += ["--recompute"] if a.recompute else []
     sides = tuple(a.sides.split(","))
     results = run_children(__file__, sides, a.runs, forward)
@@ -131,7 +137,7 @@ def main():
     rows = [(side, summary(results[side])) for side in sides]
     print()
     print(table(f"Training step, PixArt-XL/2 depth {a.depth}, {a.size} px, batch 2, fp32, AdamW"
-                f"{', recompute' if a.recompute else ''} (ours: {a.mode})", rows))
+                f"{', recompute' if a.recompute else ''}, clip {a.clip_grad or 'off'} (ours: {a.mode})", rows))
     for side in over:
         print(f"{side}: stopped above {a.max_rss_gb} GiB resident (does not fit)")
     print(f"machine: {machine()}")
