@@ -5,10 +5,11 @@ attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written
 atomically. Where there is no compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and
-pixart/backend.py keeps its unfused MindSpore ops, which compute the same functions. `cpu_gemm()` says which
-product Linear layers use, chosen by `PIXART_CPU_GEMM`: "auto" (default) = the AVX-512 GEMM where the CPU has AVX-512, else MindSpore's MatMul;
-"matmul" = MindSpore's MatMul; "bf16x3" = the AMX kernel where the CPU has AMX (opt-in: on the 2-core VM measured
-it was 1.3x faster per step in one A/B and 1.12x slower in another, see docs/benchmarks.md), else as "auto".
+pixart/backend.py keeps its unfused MindSpore ops, which compute the same functions. `cpu_gemm()` says which product
+Linear layers use, chosen by `PIXART_CPU_GEMM`: "auto" (default) = the AVX-512 GEMM where the CPU has AVX-512, else
+MindSpore's MatMul; "matmul" = MindSpore's MatMul; "bf16x3" = the AMX kernel where the CPU has AMX (opt-in: on the
+2-core VM measured it was 1.3x faster per step in one A/B and 1.12x slower in another, see docs/benchmarks.md), else
+as "auto".
 """
 from __future__ import annotations
 
