@@ -5,8 +5,9 @@ node s to node t (h = lambda_t - lambda_s, r = h_prev / h) is
 
     x_t = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) [D_s + (D_s - D_prev) / (2 r)]
 
-with the bracket's second term dropped (first order) on the first step (no history yet) and on the last step
-(lower_order_final, which keeps few-step sampling stable). Two node placements:
+with the bracket's second term dropped (first order) on the first step (no history yet) and, below
+`LOWER_ORDER_FINAL_BELOW` steps, on the last step too (the official solver's lower_order_final rule, which keeps
+few-step sampling stable). Two node placements:
 
 - schedule="linspace" (default): diffusers' DPMSolverMultistepScheduler (linear betas, timestep_spacing="linspace",
   final_sigmas_type="zero"): integer timesteps round(linspace(999, 0, N + 1))[:-1]; the last step goes to sigma = 0,
@@ -25,6 +26,7 @@ from .schedule import NoiseSchedule, default_schedule
 
 DEFAULT_STEPS = 20
 SCHEDULES = ("linspace", "time_uniform")
+LOWER_ORDER_FINAL_BELOW = 10  # the official DPM_Solver.sample: `lower_order_final and steps < 10`
 
 
 class DPMSolver:
@@ -69,7 +71,7 @@ class DPMSolver:
                 h = lam[k + 1] - lam[k]
                 phi = np.expm1(-h)
                 x = x * float(sigma[k + 1] / sigma[k]) - d * float(alpha[k + 1] * phi)
-                if 0 < k < n - 1:  # second order; first and last steps stay first order
+                if k > 0 and not (k == n - 1 and n < LOWER_ORDER_FINAL_BELOW):  # second order
                     r = (lam[k] - lam[k - 1]) / h
                     x = x - (d - d_prev) * float(0.5 * alpha[k + 1] * phi / r)
             d_prev = d
