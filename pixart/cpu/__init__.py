@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mindspore as ms
 
-from pixart.backend import device_target
+from pixart import backend
 from pixart.cpu import kernels
 from pixart.cpu.layers import CPU_CLASSES
 from pixart.cpu.shared_graphs import grouped_sampler_parts
@@ -40,7 +40,7 @@ def accelerate(model):
     """`model` computing with MindSpore CPU's fused kernels, in place (Parameters and their names untouched);
     returns it. Call once the model's layers are final (after LoRA is injected or loaded); calling again converts
     only layers added since. No-op off MindSpore's CPU backend."""
-    if device_target() != "CPU":
+    if backend.device_target() != "CPU":
         return model
     if kernels.available():
         for _, cell in model.cells_and_names():
@@ -57,7 +57,7 @@ def in_place_kernel(name: str, params):
     """The fused CPU training kernel `name` (SquareSum, AdamWUpdate, EmaUpdate: one dummy (1,) output, the real results
     written in place) where it applies: MindSpore CPU with the kernels built and every one of `params` float32; else
     None (the caller keeps MindSpore ops)."""
-    if device_target() == "CPU" and kernels.available() and all(p.dtype == ms.float32 for p in params):
+    if backend.device_target() == "CPU" and kernels.available() and all(p.dtype == ms.float32 for p in params):
         return kernels.op(name, out_shape=lambda *_: (1,))
     return None
 
@@ -81,4 +81,4 @@ def host_driven_recompute() -> bool:
     """Whether training's per-block recompute runs block by block from the host (`pixart.cpu.blockwise`) rather than
     as `Cell.recompute()` inside one graph: on MindSpore's CPU backend in graph mode, whose runtime keeps every
     activation of a graph alive (recompute inside the graph lowers nothing there)."""
-    return device_target() == "CPU" and ms.get_context("mode") == ms.GRAPH_MODE
+    return backend.device_target() == "CPU" and ms.get_context("mode") == ms.GRAPH_MODE

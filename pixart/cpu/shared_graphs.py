@@ -20,7 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from pixart.backend import device_target
+from pixart import backend
 from pixart.models.pixart import caption_mask
 from pixart.nn import Method
 
@@ -31,7 +31,7 @@ def blocks_per_graph(depth: int) -> int | None:
     graph's intermediates until the graph ends and compiles each block of a graph anew, so runs of 4 blocks lower the
     peak memory and the compile time at the same step time, where runs of 1 block are slower (measurements:
     docs/benchmarks.md, 'Design measurements'). Elsewhere (PyNative, other devices) None."""
-    if device_target() != "CPU" or ms.get_context("mode") != ms.GRAPH_MODE:
+    if backend.device_target() != "CPU" or ms.get_context("mode") != ms.GRAPH_MODE:
         return None
     value = os.environ.get("PIXART_BLOCKS_PER_GRAPH", "4")
     if not value.isdigit():

@@ -273,8 +273,9 @@ class PixArt(nn.Cell):
     def __init__(self, config: PixArtConfig | None = None, **kwargs):
         super().__init__()
         cfg = config or PixArtConfig(**kwargs)
+        cfg.kv_compress_config = kv = KVCompression.of(cfg.kv_compress_config)  # also when a dict was assigned later
         self.config = cfg
-        d, kv = cfg.hidden_size, KVCompression.of(cfg.kv_compress_config)
+        d = cfg.hidden_size
         self.patch_size = cfg.patch_size
         self.out_channels = cfg.in_channels * 2 if cfg.pred_sigma else cfg.in_channels
         self.base_size = cfg.input_size // cfg.patch_size
