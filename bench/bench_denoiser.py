@@ -49,12 +49,12 @@ def child(side: str, a) -> dict:
         if side == "ours_whole":  # the whole denoiser as one graph instead of graphs shared by runs of blocks
             os.environ["PIXART_BLOCKS_PER_GRAPH"] = "0"
         import mindspore as ms
-        from pixart import backend
+        from pixart import backend, cpu
         from pixart.models.pixart import PixArt, preset_config
         backend.setup("CPU", a.mode, threads=a.threads or None)
         if side == "ours_bmm":
             without_attention_kernel()
-        model = PixArt(preset_config(PRESET[a.size], depth=a.depth))
+        model = cpu.accelerate(PixArt(preset_config(PRESET[a.size], depth=a.depth)))
         model.set_train(False)
         x, t, y, mask = ms.Tensor(x), ms.Tensor(t), ms.Tensor(y[:, None]), ms.Tensor(mask)
         if a.entry == "sample":

@@ -1,6 +1,6 @@
 """The matmuls of a PixArt-XL/2 step (256 px, CFG batch 2: 512 tokens x 1152 wide) three ways: PyTorch's F.linear
 (MKL, fp32), MindSpore's MatMul (graph mode, fp32) and this port's Linear on CPU (graph mode: the AVX-512 GEMM kernel
-pixart/kernels/gemm_cpu.cc by default, the AMX bf16x3 kernel with PIXART_CPU_GEMM=bf16x3); plus the machine's fp32
+pixart/cpu/kernels/gemm_cpu.cc by default, the AMX bf16x3 kernel with PIXART_CPU_GEMM=bf16x3); plus the machine's fp32
 FMA peak (bench/fma_peak.c, compiled here) and what it means for a whole step. Each side runs in its own child process (thread pools of different libraries in one process
 spin against each other), sides alternate, `--runs` times.
 
@@ -46,7 +46,8 @@ def child(side: str, a) -> dict:
         torch.set_num_threads(threads)
     else:
         import mindspore as ms
-        from pixart import backend, kernels
+        from pixart import backend, cpu, nn
+        from pixart.cpu import kernels
         backend.setup("CPU", "graph")
 
         class Plain(ms.nn.Cell):
@@ -67,7 +68,7 @@ def child(side: str, a) -> dict:
             plain, xm = Plain(w), ms.Tensor(x)
             fn = lambda: plain(xm).asnumpy()  # noqa: E731
         else:
-            ours, xm = backend.Linear(k, n, bias=False), ms.Tensor(x)
+            ours, xm = cpu.accelerate(nn.Linear(k, n, bias=False)), ms.Tensor(x)
             ours.weight.set_data(ms.Tensor(w))
             ours.set_train(False)
             fn = lambda: ours(xm).asnumpy()  # noqa: E731

@@ -62,23 +62,23 @@ def child(side: str, a) -> dict:
             os.environ["PIXART_CPU_GEMM"] = "matmul"
         import mindspore as ms
         from mindspore import Tensor
-        from pixart import backend
+        from pixart import backend, cpu
         from pixart.diffusion.loss import DiffusionLoss
         from pixart.models.pixart import PixArt, preset_config
         from pixart.training.optimizers import build_optimizer
         from pixart.training.step import TrainStep
-        from pixart.training.blockwise import BlockwiseTrainStep
+        from pixart.cpu.blockwise import BlockwiseTrainStep
         backend.setup("CPU", a.mode, threads=a.threads or None)
         if side == "ours_bmm":
             without_attention_kernel()
-        model = PixArt(preset_config("PixArt-XL-2-256x256", depth=a.depth))
+        model = cpu.accelerate(PixArt(preset_config("PixArt-XL-2-256x256", depth=a.depth)))
         # ours_blocks: train.py --recompute on CPU graph mode, backpropagation block by block from the host
-        host_recompute = (side == "ours_blocks" or a.recompute) and backend.host_driven_recompute()
+        host_recompute = (side == "ours_blocks" or a.recompute) and cpu.host_driven_recompute()
         if a.recompute and not host_recompute:
             for block in model.blocks:
                 block.recompute()
         optimizer = build_optimizer("adamw", model.trainable_params(), 2e-5, None, None, None)
-        step_cell = TrainStep(DiffusionLoss(model), optimizer, clip_grad=a.clip_grad)
+        step_cell = cpu.accelerate_step(TrainStep(DiffusionLoss(model), optimizer, clip_grad=a.clip_grad))
         step_cell.set_train(True)
         if host_recompute:
             step_cell = BlockwiseTrainStep(step_cell)

@@ -24,10 +24,10 @@ def child(side: str, a) -> dict:
     z = np.random.default_rng(0).standard_normal((1, 4, latent, latent)).astype(np.float32)
     if side == "ours":
         import mindspore as ms
-        from pixart import backend
+        from pixart import backend, cpu
         from pixart.models.vae import AutoencoderKL, VAEConfig
         backend.setup("CPU", a.mode, threads=a.threads or None)
-        vae = AutoencoderKL(VAEConfig(sample_size=TILE * 8))
+        vae = cpu.accelerate(AutoencoderKL(VAEConfig(sample_size=TILE * 8)))
         vae.set_train(False)
         zt = ms.Tensor(z)
 

@@ -157,8 +157,8 @@ def parse_or_run_child(parser, child):
 
 def without_attention_kernel() -> None:
     """Side `ours_bmm`: attention as BatchMatMul + softmax kernels, the path before the one-kernel attention
-    (`pixart.kernels.attention`, session 9); call before building the model."""
-    from pixart import kernels
+    (`pixart.cpu.kernels.attention`); call before accelerating the model."""
+    from pixart.cpu import kernels
     kernels.attention = lambda masked: None
 
 

@@ -517,8 +517,8 @@ def match_preset(cfg, known=("model_max_length", "input_size")) -> tuple[str | N
 
 def _field(cfg, name):
     if name == "kv_layers":
-        kv = cfg.kv_compress_config or {}
-        return (tuple(kv.get("kv_compress_layer") or ()), kv.get("sampling") if kv.get("kv_compress_layer") else None)
+        kv = cfg.kv_compress_config
+        return kv.layers, kv.sampling if kv.layers else None
     return getattr(cfg, name)
 
 
@@ -577,7 +577,7 @@ def convert_pixart_file(source, target, preset: str | None = None, input_size: i
         load_into(model, state, what="PixArt model inferred from the file")
     log(f"matches preset: {name}" if name else "no public preset matches exactly; " + "; ".join(diff))
     log(f"config: depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} input_size={cfg.input_size} "
-        f"micro_condition={cfg.micro_condition} kv_compress={cfg.kv_compress_config['kv_compress_layer'] or 'no'} "
+        f"micro_condition={cfg.micro_condition} kv_compress={list(cfg.kv_compress_config.layers) or 'no'} "
         f"qk_norm={cfg.qk_norm} tokens={cfg.model_max_length}")
     if not str(target).endswith(".ckpt"):
         raise CheckpointError(f"target must end in .ckpt, got {target}")

@@ -1,4 +1,5 @@
-"""The backend layer picks kernels per device at construction, and graph mode compiles once per shape.
+"""The portable layers (pixart/nn) pick kernels per device at construction, graph mode compiles once per shape, and
+the CPU kernels `pixart.cpu.accelerate` adds compute what the portable layers compute.
 
 No Ascend NPU is available here, so the Ascend selection is checked by making the backend believe it runs there
 (construction only: nothing is executed on the fake device).
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from pixart import backend, demo
+from pixart import backend, cpu, demo, nn
+from pixart.cpu import kernels
+from pixart.cpu.layers import CPULinear
 from tests.utils import rel_err
 
 
@@ -22,10 +25,10 @@ def fake_ascend(monkeypatch):
 
 def test_cpu_selects_kernels_that_exist_on_cpu():
     assert not backend.on_ascend()
-    assert not backend.LayerNorm(8).use_mint and not backend.GELU("tanh").use_mint
-    assert not backend.Conv2d(2, 2, 3).use_mint and not backend.Embedding(4, 2).use_mint
-    assert not backend.Linear(4, 4).use_mint
-    assert backend.Attention(2, 4).flash is False
+    assert not nn.LayerNorm(8).use_mint and not nn.GELU("tanh").use_mint
+    assert not nn.Conv2d(2, 2, 3).use_mint and not nn.Embedding(4, 2).use_mint
+    assert not nn.Linear(4, 4).use_mint
+    assert nn.Attention(2, 4).flash is False
     with pytest.raises(ValueError, match="bf16 is not supported"):
         backend.dtype("bf16")
     with pytest.raises(ValueError, match="flash attention needs an Ascend device"):
@@ -36,17 +39,18 @@ def test_cpu_selects_kernels_that_exist_on_cpu():
 
 def test_ascend_selects_mint_kernels_flash_attention_and_half_precision(fake_ascend):
     assert backend.on_ascend()
-    assert backend.LayerNorm(8).use_mint and backend.GELU("tanh").use_mint and backend.Linear(4, 4).use_mint
-    assert backend.Conv2d(2, 2, 3).use_mint and backend.Embedding(4, 2).use_mint
-    assert backend.Attention(2, 4).flash is True  # FlashAttentionScore by default on Ascend
+    assert nn.LayerNorm(8).use_mint and nn.GELU("tanh").use_mint and nn.Linear(4, 4).use_mint
+    assert nn.Conv2d(2, 2, 3).use_mint and nn.Embedding(4, 2).use_mint
+    assert nn.Attention(2, 4).flash is True  # FlashAttentionScore by default on Ascend
     assert backend.dtype("bf16") == ms.bfloat16 and backend.dtype("fp16") == ms.float16
     backend.configure(flash_attention=False)  # the user may turn it off
-    assert backend.Attention(2, 4).flash is False
+    assert nn.Attention(2, 4).flash is False
     backend.configure(None)
     from pixart.models.pixart import PixArt, preset_config
     model = PixArt(preset_config("PixArt-XL-2-256x256", depth=1, hidden_size=72, num_heads=1, caption_channels=8,
                                  model_max_length=4))
     assert model.blocks[0].attn.attention.flash and model.blocks[0].cross_attn.attention.flash
+    assert cpu.accelerate(model) is model and type(model.blocks[0].attn.qkv) is nn.Linear  # CPU kernels: CPU only
 
 
 @pytest.mark.parametrize("blocks_per_graph, caption, graphs", [("0", 1, 1), ("1", 2, 3)])
@@ -76,76 +80,58 @@ def test_sampling_compiles_the_transformer_once_per_shape(tmp_path, graph_mode, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fused CPU kernels (pixart/kernels): the same functions as the plain MindSpore ops
+# Fused CPU kernels (pixart/cpu): the same functions as the plain MindSpore ops
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def plain_kernels(monkeypatch):
-    """Layers built inside `with plain_kernels():` use the unfused ops."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def use():
-        monkeypatch.setattr(backend, "fused_cpu", lambda: False)
-        try:
-            yield
-        finally:
-            monkeypatch.undo()
-    return use
-
-
-def _pair(plain_kernels, make):
-    """The same layer built fused and plain, sharing parameter values."""
-    fused = make()
-    with plain_kernels():
-        plain = make()
+def _pair(make):
+    """The same layer with the CPU kernels (`cpu.accelerate`) and plain, sharing parameter values."""
+    fused, plain = cpu.accelerate(make()), make()
     for a, b in zip(fused.get_parameters(), plain.get_parameters()):
         b.set_data(a.data.copy())
     return fused, plain
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_fused_kernels_equal_plain_ops(mode, plain_kernels, rng, monkeypatch):
+def test_fused_kernels_equal_plain_ops(mode, rng, monkeypatch):
     import mindspore as ms
-    from pixart import kernels
-    assert kernels.available() and backend.fused_cpu()  # this machine has g++: the fast path is the one tested
+    assert kernels.available()  # this machine has g++: the fast path is the one tested
     backend.setup("CPU", mode)
     try:
         t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
         x, y, gate, shift, scale = t(2, 12, 32), t(2, 12, 32), t(2, 1, 32), t(2, 1, 32), t(2, 1, 32)
-        fused, plain = _pair(plain_kernels, lambda: backend.Linear(32, 48, activation="gelu_tanh"))
-        assert fused.fused_gelu is not None and plain.fused_gelu is None
+        fused, plain = _pair(lambda: nn.Linear(32, 48, activation="gelu_tanh"))
+        assert fused.fused_gelu is not None and type(plain) is nn.Linear
         # with the AMX matmul (bf16x3, ~1e-5) the product itself differs by more than rounding
         assert rel_err(fused(x).asnumpy(), plain(x).asnumpy()) <= (2e-5 if kernels.cpu_gemm() == "bf16x3" else 1e-6)
-        fused, plain = _pair(plain_kernels, lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False))
+        fused, plain = _pair(lambda: nn.LayerNorm(32, eps=1e-6, elementwise_affine=False))
         got, want = fused.modulated(x, shift, scale), plain.modulated(x, shift, scale)
         np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-5)
         img = t(2, 8, 5, 6)
-        fused, plain = _pair(plain_kernels, lambda: backend.GroupNorm(4, 8))
+        fused, plain = _pair(lambda: nn.GroupNorm(4, 8))
         fused.weight.set_data(t(8)), fused.bias.set_data(t(8))
         plain.weight.set_data(fused.weight.data.copy()), plain.bias.set_data(fused.bias.data.copy())
-        assert fused.fused is not None and plain.fused is None
+        assert fused.fused is not None and type(plain) is nn.GroupNorm
         np.testing.assert_allclose(fused(img).asnumpy(), plain(img).asnumpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(fused.silu(img).asnumpy(), plain.silu(img).asnumpy(), rtol=1e-5, atol=1e-5)
-        fused, plain = _pair(plain_kernels, backend.GatedResidual)
+        fused, plain = _pair(nn.GatedResidual)
         np.testing.assert_allclose(fused(x, gate, y).asnumpy(), plain(x, gate, y).asnumpy(), rtol=1e-6, atol=1e-6)
         q, k, v = t(2, 20, 32), t(2, 7, 32), t(2, 7, 32)
         mask = ms.Tensor(np.array([[1, 1, 1, 0, 0, 0, 0], [1] * 7], np.int32))
-        fused, plain = _pair(plain_kernels, lambda: backend.Attention(4, 8))
+        fused, plain = _pair(lambda: nn.Attention(4, 8))
         for m in (mask, None):
             np.testing.assert_allclose(fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy(), rtol=1e-5,
                                        atol=1e-6)
         with monkeypatch.context() as patch:  # without the attention kernel (no AVX-512): two heads at a time
             patch.setattr(kernels, "attention", lambda masked: None)
-            grouped = backend.Attention(4, 8)
-        assert grouped.attend is None
+            grouped = cpu.accelerate(nn.Attention(4, 8))
+        assert grouped.attend_kernel is None
         grouped.per_head_min_tokens, grouped.head_group = 1, 2
         np.testing.assert_allclose(grouped(q, k, v, mask).asnumpy(), plain(q, k, v, mask).asnumpy(), rtol=1e-5,
                                    atol=1e-6)
         if "avx512f" in kernels._cpu_id():  # attention in one kernel: blocks of <= 256 queries
-            assert fused.attend is not None and plain.attend is None
+            assert fused.attend_kernel is not None and type(plain) is nn.Attention
             q, k, v = t(2, 300, 24), t(2, 45, 24), t(2, 45, 24)
             mask = ms.Tensor(np.array([[1] * 5 + [0] * 40, [0] * 45], np.int32))  # sample 2: no key kept
-            fused, plain = _pair(plain_kernels, lambda: backend.Attention(3, 8))
+            fused, plain = _pair(lambda: nn.Attention(3, 8))
             for m in (mask, None):
                 np.testing.assert_allclose(fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy(), rtol=1e-5,
                                            atol=1e-6)
@@ -166,11 +152,10 @@ class _Weighted(ms.nn.Cell):
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng, monkeypatch):
+def test_fused_kernel_gradients_equal_plain_ops(mode, rng, monkeypatch):
     """Training takes the fused adaLN, gated residual and attention kernels (layouts, the one-kernel attention on
     AVX-512, else masked softmax) too: their gradients (LayerNormModulateGrad, GatedResidualGrad, AttendGrad,
     SoftmaxGrad, the layout kernels' inverses) equal those of the plain ops, w.r.t. every input."""
-    from pixart import kernels
     backend.setup("CPU", mode)
     try:
         t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
@@ -183,19 +168,19 @@ def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng, monkey
         def grouped():  # without the attention kernel (CPUs without AVX-512): the long-sequence path
             with monkeypatch.context() as patch:
                 patch.setattr(kernels, "attention", lambda masked: None)
-                layer = backend.Attention(4, 8)
+                layer = cpu.accelerate(nn.Attention(4, 8))
             layer.per_head_min_tokens, layer.head_group = 1, 2  # two heads at a time
             return layer
-        cases = [(lambda: backend.LayerNorm(32, eps=1e-6, elementwise_affine=False), "modulated", (x, shift, scale)),
-                 (backend.GatedResidual, "construct", (x, gate, y)),
-                 (lambda: backend.Attention(4, 8), "construct", (q, k, v)),
-                 (lambda: backend.Attention(4, 8), "construct", (q, k, v, mask)),
+        cases = [(lambda: nn.LayerNorm(32, eps=1e-6, elementwise_affine=False), "modulated", (x, shift, scale)),
+                 (nn.GatedResidual, "construct", (x, gate, y)),
+                 (lambda: nn.Attention(4, 8), "construct", (q, k, v)),
+                 (lambda: nn.Attention(4, 8), "construct", (q, k, v, mask)),
                  (grouped, "construct", (q, k, v, mask)),
-                 (lambda: backend.Attention(3, 8), "construct", (q2, k2, v2, mask2))]
+                 (lambda: nn.Attention(3, 8), "construct", (q2, k2, v2, mask2))]
         for make, method, inputs in cases:
-            fused, plain = _pair(plain_kernels, make)
-            if isinstance(fused, backend.Attention) and make is not grouped and "avx512f" in kernels._cpu_id():
-                assert fused.attend is not None  # training takes the attention kernel and its gradient
+            fused, plain = _pair(make)
+            if isinstance(fused, nn.Attention) and make is not grouped and "avx512f" in kernels._cpu_id():
+                assert fused.attend_kernel is not None  # training takes the attention kernel and its gradient
             dy = t(*getattr(fused, method)(*inputs).shape)
             differentiable = tuple(range(3))  # not the mask
             got = ms.grad(_Weighted(fused, method, dy), differentiable)(*inputs)
@@ -206,13 +191,37 @@ def test_fused_kernel_gradients_equal_plain_ops(mode, plain_kernels, rng, monkey
         backend.setup("CPU", "pynative")
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_attention_kernels_of_several_shapes_in_one_process(mode, rng, monkeypatch):
+    """Attention layers of one width with different head counts (and so head sizes), masked or not, with the
+    one-kernel attention and without it, built side by side and called in turns in one process: each equals the
+    plain ops of its own shape (MindSpore caches a Custom operator's output shape per name and input shapes: the head
+    count, which the input shape does not tell, must be part of the key)."""
+    backend.setup("CPU", mode)
+    try:
+        shapes = [(64, 2), (64, 4), (64, 8), (48, 3), (48, 6)]  # (width, heads)
+        pairs = [(_pair(lambda: nn.Attention(h, w // h)), w) for w, h in shapes]
+        with monkeypatch.context() as patch:  # without the attention kernel: layout kernels + masked softmax
+            patch.setattr(kernels, "attention", lambda masked: None)
+            pairs += [(_pair(lambda: nn.Attention(h, w // h)), w) for w, h in shapes]
+        mask = ms.Tensor(np.array([[1] * 6 + [0] * 4, [1] * 10], np.int32))
+        for _ in range(2):
+            for (fused, plain), width in pairs:
+                assert type(fused) is not nn.Attention
+                q, k, v = (ms.Tensor(rng.standard_normal((2, n, width)).astype(np.float32)) for n in (12, 10, 10))
+                for m in (mask, None):
+                    got, want = fused(q, k, v, m).asnumpy(), plain(q, k, v, m).asnumpy()
+                    assert rel_err(got, want) <= 1e-5, (width, fused.num_heads, m is None)  # rounding (wrong: ~1)
+    finally:
+        backend.setup("CPU", "pynative")
+
+
 @pytest.mark.parametrize("gemm, mode", [("auto", "pynative"), ("auto", "graph"), ("bf16x3", "graph")])
 def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
-    """Linear's CPU GEMM kernels (auto: pixart/kernels/gemm_cpu.cc on AVX-512; bf16x3: amx_gemm.cc) against float64
+    """Linear's CPU GEMM kernels (auto: pixart/cpu/kernels/gemm_cpu.cc on AVX-512; bf16x3: amx_gemm.cc) against float64
     on shapes with every kind of edge (M, N not multiples of the micro-tiles, K spanning several K blocks or shorter
     than one); in training bf16x3 gives way to MindSpore's fp32 MatMul (it has no gradient; the AVX-512 GEMM has one,
     test_cpu_gemm_gradients below)."""
-    from pixart import kernels
     monkeypatch.setattr(kernels, "_STATE", {k: v for k, v in kernels._STATE.items() if k != "gemm"})  # restored after
     monkeypatch.setenv("PIXART_CPU_GEMM", gemm)
     want_kernel = {"auto": "avx512", "bf16x3": "bf16x3"}[gemm]
@@ -225,7 +234,7 @@ def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
     try:
         shapes = [(1, 1, 1), (3, 5, 7), (33, 70, 45), (64, 96, 40), (40, 1100, 65), (29, 800, 70), (17, 385, 40)]
         for (m, k, n), bias in zip(shapes, [1, 0, 1, 0, 1, 1, 0]):  # K in 1, 2 and 3 blocks
-            layer = backend.Linear(k, n, bias=bool(bias))
+            layer = cpu.accelerate(nn.Linear(k, n, bias=bool(bias)))
             assert layer.kernel is not None
             layer.set_train(False)
             x = rng.standard_normal((m, k)).astype(np.float32)
@@ -241,10 +250,10 @@ def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
         if gemm == "bf16x3":  # inference only: training keeps MindSpore's MatMul
             plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(ms.Tensor(x), layer.weight), layer.bias)
             np.testing.assert_array_equal(layer(ms.Tensor(x)).asnumpy(), plain.asnumpy())
-        assert backend.Linear(4, 4, strict=True).kernel is not None  # strict: the AVX-512 product, never bf16x3
+        assert cpu.accelerate(nn.Linear(4, 4, strict=True)).kernel is not None  # strict: AVX-512, never bf16x3
         if gemm == "auto":  # above kernel_max_rows rows Linear keeps MatMul (bit for bit)
-            monkeypatch.setattr(backend.Linear, "kernel_max_rows", 16)
-            layer = backend.Linear(70, 45)
+            monkeypatch.setattr(CPULinear, "kernel_max_rows", 16)
+            layer = cpu.accelerate(nn.Linear(70, 45))
             layer.set_train(False)
             x = ms.Tensor(rng.standard_normal((33, 70)).astype(np.float32))
             plain = ms.ops.bias_add(ms.ops.MatMul(transpose_b=True)(x, layer.weight), layer.bias)
@@ -259,8 +268,8 @@ class _Chain(ms.nn.Cell):
 
     def __init__(self, dy):
         super().__init__()
-        self.layers = ms.nn.CellList([backend.Linear(70, 45), backend.Linear(45, 45, activation="gelu_tanh"),
-                                      backend.Linear(45, 45, bias=False)])
+        self.layers = ms.nn.CellList([nn.Linear(70, 45), nn.Linear(45, 45, activation="gelu_tanh"),
+                                      nn.Linear(45, 45, bias=False)])
         self.dy = dy
 
     def construct(self, x):
@@ -274,20 +283,17 @@ def test_cpu_gemm_gradients(mode, rng):
     """In training, Linear's AVX-512 product has a gradient from the same kernel (dx = dy W, dW = dy^T x, db), and the
     fused bias + GELU one from BiasGeluTanhGrad: the gradients through Linears of every kind equal those of
     MindSpore's MatMul, BiasAdd and GELU ops."""
-    from pixart import kernels
     if kernels.cpu_gemm() != "avx512":
         pytest.skip("Linear's product is not the AVX-512 kernel on this CPU")
     backend.setup("CPU", mode)
     try:
         x = ms.Tensor(rng.standard_normal((2, 33, 70)).astype(np.float32))
         dy = ms.Tensor(rng.standard_normal((2, 33, 45)).astype(np.float32))
-        ours, with_matmul = _Chain(dy), _Chain(dy)
+        ours, with_matmul = cpu.accelerate(_Chain(dy)), _Chain(dy)  # the other: MatMul, BiasAdd and GELU as plain ops
         assert [(la.kernel_trains, la.kernel_adds_bias) for la in ours.layers] == [(True, True), (True, False),
                                                                                     (True, False)]
         for a, b in zip(ours.get_parameters(), with_matmul.get_parameters()):
             b.set_data(a.data.copy())
-        for layer in with_matmul.layers:  # MindSpore's MatMul, BiasAdd and GELU as plain ops
-            layer.kernel = layer.fused_gelu = None
         grads = []
         for net in (ours, with_matmul):
             net.set_train(True)
@@ -302,20 +308,18 @@ def test_cpu_gemm_gradients(mode, rng):
 
 def test_kernels_fall_back_when_they_cannot_be_built(tmp_path, monkeypatch):
     """No compiler (or PIXART_FUSED_KERNELS=0): a warning, `available()` False, layers keep the plain ops."""
-    from pixart import kernels
     monkeypatch.setattr(kernels, "_STATE", {})
     monkeypatch.setenv("PIXART_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.warns(UserWarning, match="fused CPU kernels unavailable"):
         assert not kernels.available()
-    assert backend.Linear(4, 4, activation="gelu_tanh").fused_gelu is None
+    assert type(cpu.accelerate(nn.Linear(4, 4, activation="gelu_tanh"))) is nn.Linear
     monkeypatch.setattr(kernels, "_STATE", {})
     monkeypatch.setenv("PIXART_FUSED_KERNELS", "0")
     assert not kernels.available()
 
 
 def test_kernel_build_is_cached_and_atomic(tmp_path, monkeypatch):
-    from pixart import kernels
     monkeypatch.setenv("PIXART_KERNEL_CACHE", str(tmp_path))
     first = kernels.build()
     stamp = first.stat().st_mtime_ns
@@ -331,10 +335,11 @@ def test_multi_aspect_training_compiles_once_per_bucket_shape(graph_mode, rng):
     from pixart.models.pixart import PixArt, preset_config
     from pixart.training.optimizers import build_optimizer
     from pixart.training.step import TrainStep
-    model = PixArt(preset_config("PixArt-XL-2-512x512", depth=2, hidden_size=32, num_heads=2, caption_channels=8,
-                                 model_max_length=4))
+    model = cpu.accelerate(PixArt(preset_config("PixArt-XL-2-512x512", depth=2, hidden_size=32, num_heads=2,
+                                                caption_channels=8, model_max_length=4)))
     model.set_train(True)
-    step = TrainStep(DiffusionLoss(model), build_optimizer("adamw", model.trainable_params(), 1e-4))
+    step = cpu.accelerate_step(TrainStep(DiffusionLoss(model), build_optimizer("adamw", model.trainable_params(),
+                                                                               1e-4)))
     step.set_train(True)
     buckets = [(8, 8), (6, 10), (10, 6)]  # latent (h, w) of three aspect ratios
     n, tokens = 2, 4

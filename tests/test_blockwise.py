@@ -1,4 +1,4 @@
-"""Block-by-block backpropagation (pixart/training/blockwise.py, train.py's --recompute on CPU graph mode): the same
+"""Block-by-block backpropagation (pixart/cpu/blockwise.py, train.py's --recompute on CPU graph mode): the same
 loss and gradients as one graph of the whole step, the same weights after training steps, a bounded number of
 compiled graphs (one forward and one vjp per block structure, not per block), and dropout refused."""
 import numpy as np
@@ -6,10 +6,11 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
+from pixart import cpu
+from pixart.cpu.blockwise import BlockwiseGrad, BlockwiseTrainStep
 from pixart.diffusion.loss import DiffusionLoss
 from pixart.models.lora import inject_lora
 from pixart.models.pixart import PixArt, preset_config
-from pixart.training.blockwise import BlockwiseGrad, BlockwiseTrainStep
 from pixart.training.ema import EMA
 from pixart.training.optimizers import build_optimizer
 from pixart.training.step import TrainStep, _ScaledLoss
@@ -22,8 +23,9 @@ def sigma_kv(seed=0, depth=3):
     """A tiny PixArt-Σ-KV multi-scale model: micro-conditions, KV compression on the last two of its blocks."""
     ms.set_seed(seed)
     np.random.seed(seed)
-    return PixArt(preset_config("PixArt-Sigma-XL-2-1024-MS-KV", depth=depth, hidden_size=32, num_heads=2,
-                                caption_channels=8, model_max_length=4, kv_compress_config=KV))
+    return cpu.accelerate(PixArt(preset_config("PixArt-Sigma-XL-2-1024-MS-KV", depth=depth, hidden_size=32,
+                                               num_heads=2, caption_channels=8, model_max_length=4,
+                                               kv_compress_config=KV)))
 
 
 def batch(rng, h=8, w=12, n=2):
@@ -66,6 +68,7 @@ def test_gradients_equal_the_whole_graph(rng, graph_mode):
 def test_lora_gradients_equal_the_whole_graph(rng, graph_mode):
     model = sigma_kv()
     params = inject_lora(model, rank=2)
+    cpu.accelerate(model)  # the LoRA layers too
     for p in params:  # B starts at zero, which leaves A without gradient
         p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.1))
     check_gradients(model, params, batch(rng))
@@ -83,8 +86,8 @@ def test_training_steps_equal_the_whole_graph_and_compile_per_shape(rng, graph_m
         model = sigma_kv(seed=1)
         # eps 1e-4, not 1e-10: AdamW turns gradients that are zero up to rounding (the key bias's) into +-lr steps
         optimizer = build_optimizer("adamw", model.trainable_params(), 1e-3, eps=(1e-4,))
-        step = TrainStep(DiffusionLoss(model), optimizer, EMA(optimizer.parameters, 0.9), clip_grad=0.5,
-                         accumulate=2)
+        step = cpu.accelerate_step(TrainStep(DiffusionLoss(model), optimizer, EMA(optimizer.parameters, 0.9),
+                                             clip_grad=0.5, accumulate=2))
         step.set_train(True)
         run = BlockwiseTrainStep(step) if blockwise else step
         norms = [float(run(*d, Tensor(1e-3, ms.float32), k % 2 == 1)[2].asnumpy()) for k, d in enumerate(data)]

@@ -130,7 +130,7 @@ def test_lora_scale_goes_into_the_request_the_images_and_the_reproduce_command(t
     generating, written into the PNGs and carried by the sample.py command and YAML; without a LoRA it is ignored."""
     import mindspore as ms
     from PIL import Image as PILImage
-    from pixart.backend import Linear
+    from pixart.nn import Linear
     from pixart.models.lora import inject_lora, lora_layers
     lora = tmp_path / "my-lora"
     app = fake_app(tmp_path, *bundle, "--lora_path", str(lora), "--lora_scale", "0.7")

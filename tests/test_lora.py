@@ -17,7 +17,7 @@ import torch
 import mindspore as ms
 from PIL import Image
 
-from pixart import demo
+from pixart import cpu, demo
 from pixart.checkpoints import (CheckpointError, diffusers_to_original, fill_null_caption, load_into,
                                 read_safetensors_metadata, read_state_dict, write_ckpt, write_safetensors)
 from pixart.models import lora as L
@@ -66,7 +66,9 @@ def base():
 
 
 def _ours(base):
-    model = PixArt(base["cfg"])
+    """Our model with the base weights, as loading builds it (CPU kernels: call `cpu.accelerate` again after LoRA
+    surgery, as loading and training do)."""
+    model = cpu.accelerate(PixArt(base["cfg"]))
     load_into(model, base["state"])
     return model
 
@@ -130,6 +132,7 @@ def test_lora_saved_by_diffusers_or_peft_loads_here_with_equal_outputs(base, cas
     logs = []
     model = _ours(base)
     lora = L.load_lora(model, path, log=logs.append)
+    cpu.accelerate(model)
     assert len(lora.branches) == sum(isinstance(m, LoraLayer) for m in net.modules())
     err = rel_err(run_ours(model, *base["inputs"]), expected)
     print(f"{case}: relative error {err:.2e} ({len(lora.branches)} LoRA branches)")
@@ -139,6 +142,7 @@ def test_lora_saved_by_diffusers_or_peft_loads_here_with_equal_outputs(base, cas
 
 def _random_lora(model, seed=0, **kwargs):
     params = L.inject_lora(model, **kwargs)
+    cpu.accelerate(model)
     g = np.random.default_rng(seed)
     for p in params:
         p.set_data(ms.Tensor(g.standard_normal(p.shape).astype(np.float32) * p.shape[1] ** -0.5 * 0.5))
@@ -172,6 +176,7 @@ def test_lora_saved_here_loads_into_diffusers_with_equal_outputs(base, tmp_path)
     for layout in ("original", "diffusers"):
         again = _ours(base)
         L.load_lora(again, L.save_lora(model, tmp_path / f"{layout}.safetensors", layout=layout), **QUIET)
+        cpu.accelerate(again)
         assert rel_err(run_ours(again, *base["inputs"]), ours) <= 1e-6
 
 
@@ -183,6 +188,7 @@ def test_per_module_ranks_and_alphas_survive_a_round_trip_through_diffusers(base
     path = _save_from_diffusers(base, net, "diffusers-pipeline-file", config, tmp_path / "in")
     model = _ours(base)
     L.load_lora(model, path, **QUIET)
+    cpu.accelerate(model)
     resaved = L.save_lora(model, tmp_path / "out")
     meta = json.loads(read_safetensors_metadata(resaved)[L.METADATA_KEY])
     assert meta["transformer.r"] == 4 and meta["transformer.rank_pattern"]  # ff.net.2 keeps rank 2
@@ -210,6 +216,7 @@ def test_merge_unmerge_and_scale(base, tmp_path, capsys):
     plain = run_ours(_ours(base), *base["inputs"])
     at_zero = _ours(base)
     L.load_lora(at_zero, lora_file, scale=0.0, **QUIET)
+    cpu.accelerate(at_zero)
     assert np.array_equal(run_ours(at_zero, *base["inputs"]), plain)  # scale 0 is exactly the base model
 
     # tools/merge_lora.py: a full .ckpt whose plain model equals base + LoRA; --unmerge gives the base back
@@ -217,7 +224,7 @@ def test_merge_unmerge_and_scale(base, tmp_path, capsys):
     write_ckpt(base["state"], tmp_path / "base.ckpt")
     assert main(["--checkpoint", str(tmp_path / "base.ckpt"), "--lora_path", str(lora_file.parent),
                  "--target", str(tmp_path / "merged.ckpt")]) == 0
-    merged_model = PixArt(base["cfg"])
+    merged_model = cpu.accelerate(PixArt(base["cfg"]))
     load_into(merged_model, read_state_dict(tmp_path / "merged.ckpt"))  # strict: exactly the base's keys
     err = rel_err(run_ours(merged_model, *base["inputs"]), with_lora)
     with capsys.disabled():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import mindspore as ms
 
+from pixart import cpu
 from pixart.checkpoints import CheckpointError, read_state_dict, load_into
 from pixart.models.pixart import PixArt, AttentionKVCompress, preset_config
 from tests.utils import rel_err
@@ -124,7 +125,7 @@ def test_parity_with_diffusers_via_both_checkpoint_formats(preset, tmp_path, cap
     x, t, y, mask, info = inputs(hw, cfg.micro_condition)
     expected = run_diffusers(ref, x, t, y, mask, info)
     for state in (from_pth, from_diffusers):
-        model = PixArt(cfg)
+        model = cpu.accelerate(PixArt(cfg))
         load_into(model, state)
         err = rel_err(run_ours(model, x, t, y, mask, info), expected)
         assert err <= 1e-4, f"{preset}: relative error {err:.2e}"
@@ -176,7 +177,8 @@ def numpy_kv_attention(x, hw, w, heads, sampling, r, qk_norm):
 def test_kv_compression_and_qk_norm_match_numpy(sampling, qk_norm):
     g = np.random.default_rng(3)
     c, heads, hw = 64, 4, (8, 12)
-    attn = AttentionKVCompress(c, heads, sampling=sampling, sr_ratio=2 if sampling else 1, qk_norm=qk_norm)
+    attn = cpu.accelerate(AttentionKVCompress(c, heads, sampling=sampling, sr_ratio=2 if sampling else 1,
+                                              qk_norm=qk_norm))
     weights = {}
     for p in attn.get_parameters():
         value = g.standard_normal(p.shape).astype(np.float32) * (p.shape[-1] ** -0.5 if len(p.shape) > 1 else 0.5)
@@ -190,7 +192,7 @@ def test_kv_compression_and_qk_norm_match_numpy(sampling, qk_norm):
 def test_kv_compressed_preset_runs_and_names_match_original():
     cfg = preset_config("PixArt-Sigma-XL-2-1024-MS-KV", depth=16, hidden_size=64, num_heads=4, caption_channels=32,
                         model_max_length=8)
-    model = PixArt(cfg)
+    model = cpu.accelerate(PixArt(cfg))
     names = {p.name for p in model.get_parameters()}
     assert "blocks.14.attn.sr.weight" in names and "blocks.15.attn.norm.bias" in names
     assert "blocks.13.attn.sr.weight" not in names
@@ -209,12 +211,12 @@ def test_graph_mode_matches_pynative(graph_mode):
     assert not unmapped
     fill_null_caption(state, cfg, 120, log=lambda *_: None)
     args = inputs((32, 48), True)
-    model = PixArt(cfg)
+    model = cpu.accelerate(PixArt(cfg))
     load_into(model, state)
     graph_out = run_ours(model, *args)
     from pixart import backend
     backend.setup("CPU", "pynative")
-    model = PixArt(cfg)
+    model = cpu.accelerate(PixArt(cfg))
     load_into(model, state)
     assert rel_err(graph_out, run_ours(model, *args)) <= 1e-5
     assert rel_err(graph_out, run_diffusers(ref, *args)) <= 1e-4

@@ -1,13 +1,14 @@
-"""Graphs shared by structurally equal blocks (pixart/shared_graphs.py): sampling's grouped denoiser computes what
+"""Graphs shared by structurally equal blocks (pixart/cpu/shared_graphs.py): sampling's grouped denoiser computes what
 the one-graph denoiser computes, compiles per structure (not per block), and follows the model's weights."""
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from pixart.backend import Method
+from pixart import cpu
+from pixart.cpu.shared_graphs import GroupedCaptionEncoder, GroupedDenoiser, aliasing_copy
 from pixart.models.pixart import PixArt, preset_config
-from pixart.shared_graphs import GroupedCaptionEncoder, GroupedDenoiser, aliasing_copy
+from pixart.nn import Method
 
 
 @pytest.fixture
@@ -15,7 +16,7 @@ def sigma_kv(rng):
     """A small Σ-KV multi-scale model (blocks 2-4 compress keys/values: two block structures) and its inputs."""
     cfg = preset_config("PixArt-Sigma-XL-2-1024-MS-KV", depth=5, hidden_size=64, num_heads=4, caption_channels=32,
                         kv_compress_config={"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [2, 3, 4]})
-    model = PixArt(cfg)
+    model = cpu.accelerate(PixArt(cfg))
     model.set_train(False)
     x = Tensor(rng.standard_normal((2, 4, 16, 16)).astype(np.float32))
     t = Tensor(np.array([500.0, 20.0], np.float32))

@@ -108,7 +108,6 @@ def test_cache_and_on_the_fly_give_the_same_inputs_and_loss(data, tmp_path):
     on-the-fly path build the same batch, and the loss of a model on them agrees."""
     from pixart.diffusion.loss import DiffusionLoss
     from pixart.models.pixart import PixArt, preset_config
-    from pixart.training.model_init import initialize_weights
     labels, images = data
     items = [i for i in json.loads(labels.read_text()) if i["height"] == 64 and "sub/" in i["path"]
              and i["path"].split("/")[1][0] in "sc"][2:6]  # squares and circles, ratio 1.0
@@ -134,7 +133,7 @@ def test_cache_and_on_the_fly_give_the_same_inputs_and_loss(data, tmp_path):
     assert np.abs(a["x0"] - b["x0"]).max() < 1e-5 and np.abs(a["y"] - b["y"]).max() < 1e-5
 
     model = PixArt(preset_config("PixArt-XL-2-256x256", depth=1, hidden_size=72, num_heads=1, caption_channels=64))
-    initialize_weights(model, 0)
+    model.initialize_weights(0)
     rng = np.random.default_rng(0)
     for p in (model.final_layer.linear.weight, model.blocks[0].cross_attn.proj.weight):  # make the output depend on all
         p.set_data(Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.05))

@@ -7,6 +7,7 @@ import torch
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
+from pixart import cpu
 from pixart.diffusion.loss import DiffusionLoss
 from pixart.diffusion.schedule import default_schedule
 from pixart.training.ema import EMA
@@ -105,6 +106,8 @@ SHAPES = [(6, 5), (3, 2, 2, 2), (7,)]
 def _run_mindspore(opt_cls, params0, grads, lrs, in_place=False, **kw):
     params = [Parameter(Tensor(p.copy()), name=f"p{i}") for i, p in enumerate(params0)]
     opt = opt_cls(params, lrs[0], **kw)
+    if in_place:
+        opt.kernel = cpu.in_place_kernel("AdamWUpdate", opt.parameters)
     order = [int(p.name[1:]) for p in opt.parameters]  # CAME puts matrices first
     for g, lr in zip(grads, lrs):
         if in_place:  # the kernel gets the gradients times loss scale 8 and divides by 8 * coef 0.5 = 4
@@ -151,7 +154,8 @@ def torch_came_step(p, g, state, lr, betas, eps, wd, clip=1.0):
 @pytest.mark.parametrize("name", ["adamw", "adamw_in_place", "came"])
 def test_optimizers_match_pytorch(rng, name):
     """adamw_in_place: the fused CPU kernel (`AdamW.update_in_place`) that the train step uses on CPU."""
-    if name == "adamw_in_place" and AdamW([Parameter(Tensor(np.zeros(2, np.float32)), name="x")], 0.1).kernel is None:
+    if name == "adamw_in_place" and cpu.in_place_kernel("AdamWUpdate", [Parameter(Tensor(np.zeros(2, np.float32)),
+                                                                                  name="x")]) is None:
         pytest.skip("no fused CPU kernels in this process (no compiler, or PIXART_FUSED_KERNELS=0)")
     params0 = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     grads = [[rng.standard_normal(s).astype(np.float32) * 10 ** rng.uniform(-3, 0) for s in SHAPES]
@@ -217,8 +221,8 @@ def _quad_step(accumulate=1, clip=0.0, scale=1.0, dynamic=False, ema=None, in_pl
     opt = AdamW([net.w], 0.0, weight_decay=0.0)  # the lr comes with every step
     e = EMA(opt.parameters, ema) if ema is not None else None
     step = TrainStep(net, opt, e, clip, accumulate, 1, scale, dynamic, scale_window=2)
-    if in_place is not None:
-        step.in_place = in_place and step.in_place
+    if in_place is not False:  # the in-place kernels where MindSpore CPU has them, as training uses them
+        cpu.accelerate_step(step)
     return net, opt, e, step
 
 

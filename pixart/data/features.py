@@ -92,8 +92,9 @@ class TextEncoder:
     """T5 + tokenizer -> real-token features per caption."""
 
     def __init__(self, text_encoder_root, tokenizer_root=None, max_length: int = 120, dtype: str = "fp32"):
+        from pixart import cpu
         from pixart.models.t5 import load_t5, load_tokenizer
-        self.model = load_t5(text_encoder_root, dtype)
+        self.model = cpu.accelerate(load_t5(text_encoder_root, dtype))
         self.tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
         self.max_length = max_length
         self.channels = self.model.config.d_model
@@ -112,8 +113,9 @@ class ImageEncoder:
     """VAE encoder -> posterior mean and std per image."""
 
     def __init__(self, vae_root, dtype: str = "fp32"):
+        from pixart import cpu
         from pixart.models.vae import load_vae
-        self.vae = load_vae(vae_root, dtype)
+        self.vae = cpu.accelerate(load_vae(vae_root, dtype))
         self.latent_channels = self.vae.config.latent_channels
         self.scaling_factor = float(self.vae.config.scaling_factor)
 

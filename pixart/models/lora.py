@@ -1,8 +1,8 @@
 """LoRA (Hu et al. 2021) for the PixArt transformer: low-rank updates W + s * (alpha / r) * B A on its linear layers.
 
 Layers, in the order a user meets them: `LoRALinear` (a frozen Linear plus one low-rank branch per output slice),
-`inject_lora` (fresh LoRA for training), `save_lora` / `read_lora` / `load_lora` (files in diffusers' and peft's
-layouts, and ours), `copy_lora_weights` (a saved LoRA back into injected layers: resuming training),
+`inject_lora` and `initialize_lora` (fresh LoRA for training), `save_lora` / `read_lora` / `load_lora` (files in
+diffusers' and peft's layouts, and ours), `copy_lora_weights` (a saved LoRA back into injected layers: resuming training),
 `merge_lora` / `unmerge_lora` (in a model) and `merge_lora_file` (into a `.ckpt`).
 
 Our `attn.qkv` and `cross_attn.kv_linear` fuse what diffusers splits (`attn1.to_q/to_k/to_v`, `attn2.to_k/to_v`).
@@ -24,7 +24,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
-from pixart.backend import Linear
+from pixart.nn import Linear
 from pixart.checkpoints import (CheckpointError, describe_mismatch, diffusers_module_to_original, fused_slices,
                                 original_module_to_diffusers, read_safetensors_metadata, read_state_dict,
                                 write_safetensors)
@@ -59,11 +59,11 @@ class LoRALinear(Linear):
         # Linear.__init__'s attributes, but the base's Parameters: a second random init of a 1152 x 4608 weight per
         # layer would cost seconds at full size
         nn.Cell.__init__(self)
-        for key, value in vars(base).items():  # the base's settings (plain attributes, kernels), whatever they are
+        for key, value in vars(base).items():  # the base's settings (plain attributes), whatever they are
             if not key.startswith("_") and key not in vars(self):
                 setattr(self, key, value)
         self.weight, self.bias = base.weight, base.bias
-        self.activation, self.fused_gelu = base.activation, base.fused_gelu  # applied after the update (`epilogue`)
+        self.activation = base.activation  # applied after the update (`epilogue`)
         self.matmul = ops.MatMul(transpose_b=True)
         self.parts = tuple(parts) or ("",)
         if self.out_features % len(self.parts):
@@ -103,7 +103,7 @@ class LoRALinear(Linear):
         pieces = []
         for i in range(len(self.layout)):
             j = self.layout[i]
-            if j >= 0:  # scalars scale A (r, in), never an output-sized tensor (graph-mode memory, see backend.Linear)
+            if j >= 0:  # scalars scale A (r, in), never an output-sized tensor (graph-mode memory, see nn.expand_as)
                 down = self.matmul(h, self.lora_A[j] * (scale * self.scalings[j]))  # (M, r)
                 pieces.append(self.matmul(down, self.lora_B[j]))  # (M, out / parts)
             else:
@@ -169,6 +169,20 @@ def inject_lora(model, rank: int = 4, alpha: float | None = None, dropout: float
         for p in model.get_parameters():
             p.requires_grad = _is_lora_param(p.name)
     return lora_parameters(model)
+
+
+def initialize_lora(params, seed: int) -> None:
+    """Fresh LoRA branches as peft initialises them (A Kaiming-uniform with a = sqrt 5, i.e. U(+-1/sqrt(in)); B zero,
+    so training starts from the base model exactly), from a seeded NumPy generator: every rank starts equal."""
+    rng = np.random.default_rng([seed, 0x10AA])
+    for p in params:
+        shape = tuple(p.shape)
+        if ".lora_A" in p.name:
+            bound = 1.0 / math.sqrt(shape[1])
+            value = rng.uniform(-bound, bound, shape)
+        else:
+            value = np.zeros(shape)
+        p.set_data(Tensor(value.astype(np.float32)).astype(p.dtype))
 
 
 def _is_lora_param(name: str) -> bool:

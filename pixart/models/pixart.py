@@ -2,20 +2,21 @@
 
 Sections follow the paper: embedders (patches, timestep, micro-conditions, caption), the PixArt block
 (adaLN-single, self-attention with optional KV compression and qk-norm, cross-attention, MLP), the final layer,
-the model, sin-cos position embeddings, and presets. Parameter names equal the original checkpoints.
+the model and its initialisation, sin-cos position embeddings, and presets. Parameter names equal the original
+checkpoints. Layers come from `pixart.nn` only (`pixart.cpu.accelerate` adds CPU kernels to a built model).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 
-from pixart.backend import (Attention, Conv2d, GatedResidual, LayerNorm, Linear, Method, blocks_per_graph, chunk,
-                            expand_as)
+from pixart.nn import Attention, Conv2d, GatedResidual, LayerNorm, Linear, Method, chunk, expand_as
 
 
 #################################################################################
@@ -181,13 +182,17 @@ class PixArtBlock(nn.Cell):
         """x (N, T, D) image tokens; caption_kv (N, L, 2D) from `cross_attn.caption_kv`; t (N, 6D) adaLN-single input;
         mask (N, L) or None; hw the token grid (h, w)."""
         n = x.shape[0]
+        # adaLN-single: the block's own table plus the shared timestep projection t gives six (N, 1, D) vectors
         mod = self.scale_shift_table.reshape(1, 6, -1) + t.reshape(n, 6, -1)  # (N, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunk(mod, 6, 1)  # (N, 1, D) each
-        # adaLN-single: x + gate * f(norm(x) * (1 + scale) + shift), for self-attention and the MLP
-        x = self.gated_residual(x, gate_msa, self.attn(self.norm1.modulated(x, shift_msa, scale_msa), hw))
-        x = x + self.cross_attn(x, caption_kv, mask)
-        x = self.gated_residual(x, gate_mlp, self.mlp(self.norm2.modulated(x, shift_mlp, scale_mlp)))
-        return x
+        # x + gate_msa * SelfAttn(LayerNorm(x) * (1 + scale_msa) + shift_msa)
+        h = self.norm1.modulated(x, shift_msa, scale_msa)  # (N, T, D)
+        x = self.gated_residual(x, gate_msa, self.attn(h, hw))  # (N, T, D)
+        # x + CrossAttn(x, caption): not modulated
+        x = x + self.cross_attn(x, caption_kv, mask)  # (N, T, D)
+        # x + gate_mlp * MLP(LayerNorm(x) * (1 + scale_mlp) + shift_mlp)
+        h = self.norm2.modulated(x, shift_mlp, scale_mlp)  # (N, T, D)
+        return self.gated_residual(x, gate_mlp, self.mlp(h))  # (N, T, D)
 
 
 class T2IFinalLayer(nn.Cell):
@@ -201,13 +206,42 @@ class T2IFinalLayer(nn.Cell):
                                                   / hidden_size ** 0.5), name="scale_shift_table")
 
     def construct(self, x, t):
-        shift, scale = chunk(self.scale_shift_table.reshape(1, 2, -1) + t.reshape(t.shape[0], 1, -1), 2, 1)
-        return self.linear(self.norm_final.modulated(x, shift, scale))
+        """x (N, T, D), t (N, D) the timestep embedding -> (N, T, p*p*C_out)."""
+        mod = self.scale_shift_table.reshape(1, 2, -1) + t.reshape(t.shape[0], 1, -1)  # (N, 2, D)
+        shift, scale = chunk(mod, 2, 1)  # (N, 1, D) each
+        return self.linear(self.norm_final.modulated(x, shift, scale))  # LayerNorm(x) * (1 + scale) + shift
 
 
 #################################################################################
 #                                 PixArt model                                  #
 #################################################################################
+@dataclass(frozen=True)
+class KVCompression:
+    """PixArt-Σ's key/value token compression: in `layers`, self-attention's keys and values are downsampled by
+    `scale_factor` on the token grid (`sampling`: "conv", "ave" or "uniform"; None: no compression)."""
+    sampling: str | None = None
+    scale_factor: int = 1
+    layers: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, value) -> "KVCompression":
+        """From None, a KVCompression, or the configs' dict {"sampling", "scale_factor", "kv_compress_layer"}."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if not isinstance(value, dict):
+            raise TypeError(f"KV compression must be a KVCompression or a dict, got {type(value).__name__}")
+        unknown = set(value) - {"sampling", "scale_factor", "kv_compress_layer"}
+        if unknown:
+            raise ValueError(f"unknown KV compression keys {sorted(unknown)}; expected sampling, scale_factor, "
+                             "kv_compress_layer")
+        return cls(value.get("sampling"), int(value.get("scale_factor", 1)),
+                   tuple(int(i) for i in value.get("kv_compress_layer") or ()))
+
+    def ratio(self, layer: int) -> int:
+        """The downsampling factor of block `layer`'s keys and values (1: none)."""
+        return self.scale_factor if self.sampling and layer in self.layers else 1
+
+
 @dataclass
 class PixArtConfig:
     input_size: int = 32                 # latent side the model was trained at (image side / 8)
@@ -223,8 +257,10 @@ class PixArtConfig:
     pe_interpolation: float = 1.0
     micro_condition: bool = False        # α-1024-MS: original size and aspect ratio embedded into t
     qk_norm: bool = False
-    kv_compress_config: dict = field(default_factory=lambda: {"sampling": None, "scale_factor": 1,
-                                                              "kv_compress_layer": []})
+    kv_compress_config: KVCompression = field(default_factory=KVCompression)  # the configs' dict form is accepted
+
+    def __post_init__(self):
+        self.kv_compress_config = KVCompression.of(self.kv_compress_config)
 
 
 class PixArt(nn.Cell):
@@ -237,8 +273,9 @@ class PixArt(nn.Cell):
     def __init__(self, config: PixArtConfig | None = None, **kwargs):
         super().__init__()
         cfg = config or PixArtConfig(**kwargs)
+        cfg.kv_compress_config = kv = KVCompression.of(cfg.kv_compress_config)  # also when a dict was assigned later
         self.config = cfg
-        d, kv = cfg.hidden_size, cfg.kv_compress_config or {}
+        d = cfg.hidden_size
         self.patch_size = cfg.patch_size
         self.out_channels = cfg.in_channels * 2 if cfg.pred_sigma else cfg.in_channels
         self.base_size = cfg.input_size // cfg.patch_size
@@ -251,13 +288,13 @@ class PixArt(nn.Cell):
         if cfg.micro_condition:
             self.csize_embedder = SizeEmbedder(d // 3)
             self.ar_embedder = SizeEmbedder(d // 3)
-        compressed = set(kv.get("kv_compress_layer") or [])
-        self.blocks = nn.CellList([
-            PixArtBlock(d, cfg.num_heads, cfg.mlp_ratio, kv.get("sampling"),
-                        int(kv.get("scale_factor", 1)) if i in compressed else 1, cfg.qk_norm)
-            for i in range(cfg.depth)])
+        self.blocks = nn.CellList([PixArtBlock(d, cfg.num_heads, cfg.mlp_ratio, kv.sampling, kv.ratio(i), cfg.qk_norm)
+                                   for i in range(cfg.depth)])
         self.final_layer = T2IFinalLayer(d, cfg.patch_size, self.out_channels)
         self.compiled_parts = {}  # `sampler_parts` in graph mode, made at their first use (a dict: not sub-Cells)
+        # a backend's own compiled parts for `sampler_parts` (model -> {"encode_caption", "denoise"} or None: one graph
+        # each); `pixart.cpu.accelerate` sets graphs shared by runs of blocks
+        self.sampler_graphs: Callable | None = None
 
     def construct(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None):
         """x (N, C, H, W) latents; timestep (N,); y (N, 1, L, C_text) T5 features; mask (N, L) 1 = real token;
@@ -313,19 +350,14 @@ class PixArt(nn.Cell):
 
     def sampler_parts(self):
         """(encode_caption, denoise) as callables for sampling: in graph mode each is compiled on its own, so a
-        prompt's caption work is done once and each step runs the compiled denoiser (one graph, or on MindSpore's CPU
-        backend a few shared by the blocks: `backend.blocks_per_graph`); in PyNative the methods."""
+        prompt's caption work is done once and each step runs the compiled denoiser (one graph, or the parts
+        `sampler_graphs` makes); in PyNative the methods."""
         if ms.get_context("mode") != ms.GRAPH_MODE:
             return self.encode_caption, self.denoise
         if not self.compiled_parts:
-            from pixart.shared_graphs import GroupedCaptionEncoder, GroupedDenoiser  # they build on this module
-            size = blocks_per_graph(len(self.blocks))
-            if size is None:
-                self.compiled_parts.update(encode_caption=Method(self, "encode_caption"),
-                                           denoise=Method(self, "denoise"))
-            else:
-                self.compiled_parts.update(encode_caption=GroupedCaptionEncoder(self),
-                                           denoise=GroupedDenoiser(self, size))
+            parts = self.sampler_graphs(self) if self.sampler_graphs is not None else None
+            self.compiled_parts.update(parts or dict(encode_caption=Method(self, "encode_caption"),
+                                                     denoise=Method(self, "denoise")))
         encode = self.compiled_parts["encode_caption"]
         # mutable: a tuple of Tensors passed to a graph is otherwise a constant, and new values would recompile it
         return (lambda y, force_drop_ids=None: ms.mutable(encode(y, force_drop_ids))), self.compiled_parts["denoise"]
@@ -334,6 +366,43 @@ class PixArt(nn.Cell):
         """Graphs compiled for this model so far: the whole model's, its sub-Cells' and `sampler_parts`'."""
         count = sum(len(c.compile_cache) for _, c in self.cells_and_names())
         return count + sum(len(part.compile_cache) for part in self.compiled_parts.values())
+
+    def initialize_weights(self, seed: int) -> None:
+        """PixArt's initialisation for training from scratch (the official `initialize_weights`), from a seeded NumPy
+        generator, so that every rank starts from the same weights without a broadcast."""
+        rng = np.random.default_rng([seed, 0x1417])
+        # every Linear: Xavier-uniform weight, zero bias
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, Linear):
+                _set(cell.weight, _xavier(rng, tuple(cell.weight.shape)))
+                if cell.bias is not None:
+                    _set(cell.bias, np.zeros(tuple(cell.bias.shape)))
+        # the patch embedding like a Linear over (C * p * p), its bias as PyTorch's Conv2d default
+        proj = self.x_embedder.proj
+        _set(proj.weight, _xavier(rng, tuple(proj.weight.shape)))
+        fan_in = int(np.prod(proj.weight.shape[1:]))
+        _set(proj.bias, rng.uniform(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), tuple(proj.bias.shape)))
+        # timestep, adaLN-single, caption and size MLPs: N(0, 0.02)
+        normal = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
+                  self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
+        if self.micro_condition:
+            normal += [self.csize_embedder.mlp[0], self.csize_embedder.mlp[2],
+                       self.ar_embedder.mlp[0], self.ar_embedder.mlp[2]]
+        for lin in normal:
+            _set(lin.weight, rng.normal(0.0, 0.02, tuple(lin.weight.shape)))
+        # cross-attention outputs zero (each block starts as its self-attention and MLP); adaLN tables randn / sqrt(D)
+        d = self.config.hidden_size
+        for block in self.blocks:
+            _set(block.cross_attn.proj.weight, np.zeros(tuple(block.cross_attn.proj.weight.shape)))
+            _set(block.cross_attn.proj.bias, np.zeros(tuple(block.cross_attn.proj.bias.shape)))
+            _set(block.scale_shift_table, rng.standard_normal((6, d)) / math.sqrt(d))
+        # the final layer outputs zero at first
+        _set(self.final_layer.linear.weight, np.zeros(tuple(self.final_layer.linear.weight.shape)))
+        _set(self.final_layer.linear.bias, np.zeros(tuple(self.final_layer.linear.bias.shape)))
+        _set(self.final_layer.scale_shift_table, rng.standard_normal((2, d)) / math.sqrt(d))
+        # the null caption: randn / sqrt(C_text)
+        null = self.y_embedder.y_embedding
+        _set(null, rng.standard_normal(tuple(null.shape)) / math.sqrt(null.shape[1]))
 
     def unpatchify(self, x, h: int, w: int):
         """(N, h*w, p*p*C) -> (N, C, h*p, w*p)."""
@@ -347,6 +416,16 @@ def caption_mask(mask, n: int, length: int):
     if mask is None:
         return None
     return mask.reshape(mask.shape[0], -1).broadcast_to((n, length))
+
+
+def _set(param, value: np.ndarray) -> None:
+    param.set_data(Tensor(value.astype(np.float32)).astype(param.dtype))
+
+
+def _xavier(rng, shape) -> np.ndarray:
+    fan_out, fan_in = shape[0], int(np.prod(shape[1:]))
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, shape)
 
 
 #################################################################################
@@ -373,7 +452,7 @@ def get_2d_sincos_pos_embed(dim: int, h: int, w: int, pe_interpolation: float = 
 #                                    Presets                                    #
 #################################################################################
 _XL_2 = dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16)
-_SIGMA_KV = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": list(range(14, 28))}
+_SIGMA_KV = KVCompression("conv", 2, tuple(range(14, 28)))
 
 # name -> (image size, PixArtConfig fields); names are those of the public checkpoints
 PRESETS: dict[str, dict] = {

@@ -19,7 +19,7 @@ from mindspore.common.initializer import initializer
 from mindspore.nn.utils import no_init_parameters
 
 from .. import backend
-from ..backend import GELU, Embedding, Linear
+from ..nn import GELU, Embedding, Linear
 from ..checkpoints import CheckpointError, describe_mismatch, read_config, read_state_dict, safetensors_entries
 
 _ACTIVATIONS = {"relu": None, "gelu": "none", "gelu_new": "tanh"}  # HF activation name -> GELU approximation

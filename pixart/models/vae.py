@@ -15,7 +15,7 @@ from mindspore import Tensor, mint, nn, ops
 from mindspore.nn.utils import no_init_parameters
 
 from pixart import backend
-from pixart.backend import Attention, Conv2d, GroupNorm, Linear
+from pixart.nn import Attention, Conv2d, GroupNorm, Linear
 from pixart.checkpoints import CheckpointError, load_into, read_config, read_state_dict
 
 EPS = 1e-6
@@ -63,7 +63,7 @@ def _norm(norm, x):
 
 
 def _norm_silu(norm, x):
-    """SiLU(GroupNorm(x)), the norm in fp32 (one fused kernel on CPU, see backend.GroupNorm)."""
+    """SiLU(GroupNorm(x)), the norm in fp32 (one fused kernel with pixart.cpu.accelerate)."""
     return norm.silu(x.astype(ms.float32)).astype(x.dtype)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mindspore.nn.utils import no_init_parameters
 
-from pixart import backend
+from pixart import backend, cpu
 from pixart.checkpoints import CheckpointError, convert_pixart, fill_null_caption, load_into, match_preset
 from pixart.models.pixart import PRESETS, PixArt, preset_config
 
@@ -45,7 +45,7 @@ def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: d
     if lora_path:
         from pixart.models.lora import load_lora
         load_lora(net, lora_path, lora_scale, log)  # before the cast, so the LoRA weights take `dtype` too
-    return backend.cast_parameters(net, dtype)
+    return cpu.accelerate(backend.cast_parameters(net, dtype))
 
 
 def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokenizer_root=None, dtype: str = "fp32",
@@ -59,11 +59,11 @@ def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokeniz
     log(f"loading transformer {checkpoint}")
     transformer = load_transformer(checkpoint, model, dtype, kv_compress, log, lora_path, lora_scale)
     log(f"loading VAE {vae_root}")
-    vae = load_vae(vae_root, vae_dtype)
+    vae = cpu.accelerate(load_vae(vae_root, vae_dtype))
     t5 = tokenizer = None
     if text_encoder:
         log(f"loading text encoder {text_encoder_root}")
-        t5 = load_t5(text_encoder_root, text_encoder_dtype or dtype)
+        t5 = cpu.accelerate(load_t5(text_encoder_root, text_encoder_dtype or dtype))
         tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
     return dict(transformer=transformer, vae=vae, text_encoder=t5, tokenizer=tokenizer,
                 scaling_factor=scaling_factor or vae.config.scaling_factor)

@@ -6,7 +6,7 @@ import gc
 import time
 from pathlib import Path
 
-from pixart import backend
+from pixart import backend, cpu
 from pixart.config import ArgumentParser, str2bool
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
 
@@ -141,7 +141,7 @@ def encode_first(args, prompts: list[str], log=print):
     setup_backend(args)
     t0 = time.time()
     log(f"loading text encoder {args.text_encoder_root}")
-    t5 = load_t5(args.text_encoder_root, args.text_encoder_dtype or args.dtype)
+    t5 = cpu.accelerate(load_t5(args.text_encoder_root, args.text_encoder_dtype or args.dtype))
     tokenizer = load_tokenizer(args.tokenizer_root or args.text_encoder_root)
     length = preset_config(args.model).model_max_length  # a checkpoint must agree with its preset on it
     embeds = [encode_text(t5, tokenizer, [p], length) for p in prompts]

@@ -9,8 +9,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart.backend import in_place_kernel
-
 _ema = ops.MultitypeFuncGraph("ema")
 _ema_in_place = ops.MultitypeFuncGraph("ema_in_place")
 
@@ -36,8 +34,9 @@ class EMA(nn.Cell):
         self.averages = ParameterTuple([Parameter(Tensor(p.asnumpy().astype(np.float32)), name=f"ema.{p.name}",
                                                   requires_grad=False) for p in self.params])
         self.hyper_map = ops.HyperMap()
-        # MindSpore CPU: one in-place kernel per parameter, no parameter-sized temporaries (see AdamW.update_in_place)
-        self.kernel = in_place_kernel("EmaUpdate", self.params)
+        # one in-place kernel per parameter, no parameter-sized temporaries (see AdamW.update_in_place), set by
+        # `pixart.cpu.accelerate_step`
+        self.kernel = None
 
     def construct(self, after=None):
         """Average in the current weights; `after` (a scalar from the in-place optimizer update) orders the in-place

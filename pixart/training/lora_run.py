@@ -249,7 +249,7 @@ def _train(args, ctx, mode, log, resumed, resume_from, out_dir: Path) -> dict:
     from pixart.checkpoints import convert_pixart, write_ckpt
     from pixart.models import lora as L
     from pixart.training import checkpoint as ckpt
-    from pixart.training.model_init import initialize_lora
+    from pixart.models.lora import initialize_lora
 
     t_setup = time.time()
     pretrained = convert_pixart(args.load_from)

@@ -21,8 +21,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart.backend import in_place_kernel
-
 _adamw = ops.MultitypeFuncGraph("adamw")
 _came_matrix = ops.MultitypeFuncGraph("came_matrix")
 _came_vector = ops.MultitypeFuncGraph("came_vector")
@@ -150,8 +148,8 @@ class AdamW(Optimizer):
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.exp_avg = _zeros_like(self.parameters, "adamw.exp_avg")
         self.exp_avg_sq = _zeros_like(self.parameters, "adamw.exp_avg_sq")
-        # MindSpore CPU: the update as one in-place kernel per parameter (`update_in_place`), fp32 parameters only
-        self.kernel = in_place_kernel("AdamWUpdate", self.parameters)
+        # the update as one in-place kernel per parameter (`update_in_place`), set by `pixart.cpu.accelerate_step`
+        self.kernel = None
 
     def construct(self, grads, lr):
         step = self.step + 1.0

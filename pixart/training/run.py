@@ -94,7 +94,7 @@ def add_execution_args(p):
     g.add_argument("--enable_flash_attention", type=str2bool, default=None)
     g.add_argument("--recompute", "--gradient_checkpointing", type=str2bool, nargs="?", const=True, default=False,
                    help="recompute each block in the backward pass (MindSpore CPU graph mode: block by block from "
-                        "the host, pixart/training/blockwise.py, the lowest-memory way there)")
+                        "the host, pixart/cpu/blockwise.py, the lowest-memory way there)")
     g.add_argument("--use_parallel", type=str2bool, default=False, help="data parallel under msrun")
     g.add_argument("--threads", type=int, default=None, help="MindSpore runtime threads")
     return g
@@ -364,13 +364,12 @@ def build_model(args, data: Data, log, pretrained=None):
     `pixart.checkpoints.convert_pixart` loaded into it."""
     from pixart.checkpoints import fill_null_caption, load_into
     from pixart.models.pixart import PixArt
-    from pixart.training.model_init import initialize_weights
     cfg = model_config(args, data.caption_channels, pretrained[1] if pretrained else None)
     if cfg.in_channels != data.latent_channels:
         raise TrainError(f"the model takes {cfg.in_channels} latent channels, the VAE gives {data.latent_channels}")
     model = PixArt(cfg)
     if pretrained is None:
-        initialize_weights(model, args.seed)
+        model.initialize_weights(args.seed)
     else:
         state = dict(pretrained[0])
         fill_null_caption(state, dataclasses.replace(cfg), cfg.model_max_length, log.info)
@@ -382,6 +381,8 @@ def build_model(args, data: Data, log, pretrained=None):
 def for_training(model, args):
     """Recompute (per block) and mixed precision: the Cell the loss runs. Call after any layer surgery (LoRA).
     Where recompute is host-driven (`build_optimisation`), the blocks are left as they are."""
+    from pixart import cpu
+    cpu.accelerate(model)
     if args.recompute and not _host_recompute(args, model):
         for block in model.blocks:
             block.recompute()
@@ -394,12 +395,12 @@ def for_training(model, args):
 
 
 def _host_recompute(args, model) -> bool:
-    """--recompute as block-by-block backpropagation from the host (pixart.training.blockwise): MindSpore CPU graph
+    """--recompute as block-by-block backpropagation from the host (pixart.cpu.blockwise): MindSpore CPU graph
     mode with fp32 weights (mixed precision wraps the model, which the block graphs do not see through), for a
     model it can train (no LoRA dropout)."""
-    from pixart import backend
-    from pixart.training.blockwise import refusal
-    return (args.recompute and backend.host_driven_recompute() and args.mixed_precision == "fp32"
+    from pixart import cpu
+    from pixart.cpu.blockwise import refusal
+    return (args.recompute and cpu.host_driven_recompute() and args.mixed_precision == "fp32"
             and refusal(model) is None)
 
 
@@ -415,7 +416,7 @@ class Optimisation:
 
 def build_optimisation(args, compute_model, params, ctx, global_batch: int, log, use_ema: bool) -> Optimisation:
     """Optimizer over `params`, EMA, loss scaling and the train step (see pixart.training.step)."""
-    from pixart import backend
+    from pixart import cpu
     from pixart.diffusion.loss import DiffusionLoss
     from pixart.training.ema import EMA
     from pixart.training.optimizers import auto_scale_lr, build_optimizer
@@ -435,12 +436,13 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     step_cell = TrainStep(DiffusionLoss(compute_model), optimizer, ema, args.clip_grad, args.grad_accumulation,
                           ctx.world_size, init_scale, dynamic, scale_window=args.loss_scale_window)
     step_cell.set_train(True)
+    cpu.accelerate_step(step_cell)
     if _host_recompute(args, compute_model):
-        from pixart.training.blockwise import BlockwiseTrainStep
+        from pixart.cpu.blockwise import BlockwiseTrainStep
         step_cell = BlockwiseTrainStep(step_cell)
         log.info("recompute: block by block (one compiled forward and backward graph per block structure)")
-    elif args.recompute and args.mixed_precision == "fp32" and backend.host_driven_recompute():
-        from pixart.training.blockwise import refusal
+    elif args.recompute and args.mixed_precision == "fp32" and cpu.host_driven_recompute():
+        from pixart.cpu.blockwise import refusal
         log.info(f"recompute: inside one graph (it saves no memory on CPU): {refusal(compute_model)}")
     return Optimisation(optimizer, ema, step_cell, lr, effective, dynamic)
 

@@ -14,13 +14,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from pixart.backend import in_place_kernel
-
 _square_sum = ops.MultitypeFuncGraph("square_sum")
 _square_sum_kernel = ops.MultitypeFuncGraph("square_sum_kernel")
 _scale = ops.MultitypeFuncGraph("scale")
 _unscale = ops.MultitypeFuncGraph("unscale")
-_add_into = ops.MultitypeFuncGraph("add_into")
+add_into = ops.MultitypeFuncGraph("add_into")  # gradients summed into buffers (also `pixart.cpu.blockwise`)
 _sum_and_clear = ops.MultitypeFuncGraph("sum_and_clear")
 
 
@@ -45,7 +43,7 @@ def _unscale_fn(scale, g):
     return g / scale.astype(g.dtype)  # a division: 1 / scale is subnormal (flushed to 0) for scales near fp32's max
 
 
-@_add_into.register("Tensor", "Tensor")
+@add_into.register("Tensor", "Tensor")
 def _add_into_fn(buffer, g):
     ops.assign_add(buffer, g.astype(buffer.dtype))
     return True
@@ -105,11 +103,10 @@ class TrainStep(nn.Cell):
                                     requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
         self.scale_factor, self.scale_window = float(scale_factor), int(scale_window)
-        # MindSpore CPU keeps every temporary of a graph alive: norm and update by in-place kernels where the
-        # optimizer (and the EMA) has them, else as MindSpore ops (Ascend, CAME, fp16 parameters)
-        self.in_place = (getattr(optimizer, "kernel", None) is not None
-                         and (ema is None or ema.kernel is not None))
-        self.square_sum = in_place_kernel("SquareSum", self.weights) if self.in_place else None
+        # the norm and the update as in-place kernels (`square_sum`, the optimizer's and EMA's `update_in_place`):
+        # `pixart.cpu.accelerate_step` turns them on where MindSpore CPU has them; else MindSpore ops
+        self.in_place = False
+        self.square_sum = None
 
     def state_parameters(self) -> list:
         """The step's own state: loss scale and its counter (gradient buffers are empty between steps)."""
@@ -134,7 +131,7 @@ class TrainStep(nn.Cell):
         if self.accumulate > 1:
             if not apply:
                 if not summed:
-                    loss = ops.depend(loss, self.hyper_map(_add_into, self.grad_buffers, grads))
+                    loss = ops.depend(loss, self.hyper_map(add_into, self.grad_buffers, grads))
                 return loss, terms, ops.zeros((), ms.float32), ops.ones((), ms.bool_), scale
             if not summed:
                 grads = self.hyper_map(_sum_and_clear, self.grad_buffers, grads)

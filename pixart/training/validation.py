@@ -13,6 +13,7 @@ class Validation:
     def __init__(self, model, args, max_length: int, scaling_factor: float, resolution: int, text_encoder=None,
                  log=print, prompts=None):
         from pixart.data.features import TextEncoder, pad_captions
+        from pixart import cpu
         from pixart.models.vae import load_vae
         from pixart.pipelines.text_to_image import PixArtPipeline
         self.prompts = list(prompts or args.validation_prompts)  # one image each, seeds validation_seed + i
@@ -28,7 +29,8 @@ class Validation:
         if text_encoder is None:
             del encoder
             gc.collect()
-        self.pipe = PixArtPipeline(transformer=model, vae=load_vae(args.vae_root, args.vae_dtype), text_encoder=None,
+        vae = cpu.accelerate(load_vae(args.vae_root, args.vae_dtype))
+        self.pipe = PixArtPipeline(transformer=model, vae=vae, text_encoder=None,
                                    tokenizer=None, scaling_factor=scaling_factor, max_sequence_length=max_length)
 
     def __call__(self, step: int, out_dir: Path) -> list[Path]:

@@ -1,26 +1,52 @@
 """One compiled graph for every PixArt block of the same structure (MindSpore's CPU graph mode).
 
 MindSpore compiles a graph per Cell, and its CPU runtime keeps every intermediate of a graph alive until the graph
-ends. A graph of all 28 blocks takes ~20 s to compile and holds ~17 MB per block between kernels at 256 px
-(sampling) or ~0.3 GB per block (training). Here a copy of a block, or of a run of consecutive blocks, whose
+ends: a graph of all 28 blocks takes long to compile and holds every block's intermediates (measurements:
+docs/benchmarks.md, 'Design measurements'). Here a copy of a block, or of a run of consecutive blocks, whose
 Parameters alias the storage of any structurally equal blocks (`Parameter.set_data(param)` shares it: no copy)
 compiles once and serves them all; pointing it at other blocks before a launch costs microseconds per Parameter.
 
 - `GroupedDenoiser`: sampling's denoiser as embedders -> runs of `size` blocks -> final layer, one graph each
-  (`backend.blocks_per_graph()` picks the size); `GroupedCaptionEncoder`: the caption's keys/values, one graph for
-  all blocks.
-- `pixart.training.blockwise`: training's backward pass one block at a time.
+  (`blocks_per_graph()` picks the size); `GroupedCaptionEncoder`: the caption's keys/values, one graph for all
+  blocks; `grouped_sampler_parts`: both, as `PixArt.sampler_parts` takes them (`pixart.cpu.accelerate` sets it).
+- `pixart.cpu.blockwise`: training's backward pass one block at a time.
 """
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from pixart.backend import Method
-from pixart.models.pixart import caption_mask  # pixart.py imports this module only when sampling
+from pixart import backend
+from pixart.models.pixart import caption_mask
+from pixart.nn import Method
+
+
+def blocks_per_graph(depth: int) -> int | None:
+    """How many PixArt blocks sampling compiles into one graph, or None: the whole denoiser as one graph. On
+    MindSpore's CPU backend in graph mode, 4 (`PIXART_BLOCKS_PER_GRAPH` overrides, 0 = all): its runtime keeps a
+    graph's intermediates until the graph ends and compiles each block of a graph anew, so runs of 4 blocks lower the
+    peak memory and the compile time at the same step time, where runs of 1 block are slower (measurements:
+    docs/benchmarks.md, 'Design measurements'). Elsewhere (PyNative, other devices) None."""
+    if backend.device_target() != "CPU" or ms.get_context("mode") != ms.GRAPH_MODE:
+        return None
+    value = os.environ.get("PIXART_BLOCKS_PER_GRAPH", "4")
+    if not value.isdigit():
+        raise ValueError(f"PIXART_BLOCKS_PER_GRAPH must be a whole number of blocks (0: all), got {value!r}")
+    size = int(value)
+    return None if size == 0 or size >= depth else size
+
+
+def grouped_sampler_parts(model) -> dict | None:
+    """`PixArt.sampler_parts`' compiled parts as graphs shared by runs of blocks ({"encode_caption": ...,
+    "denoise": ...}), or None where `blocks_per_graph` says one graph (the model then compiles its own)."""
+    size = blocks_per_graph(len(model.blocks))
+    if size is None:
+        return None
+    return {"encode_caption": GroupedCaptionEncoder(model), "denoise": GroupedDenoiser(model, size)}
 
 
 def aliasing_copy(cell: nn.Cell, train: bool) -> nn.Cell:

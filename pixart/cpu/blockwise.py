@@ -2,7 +2,7 @@
 
 MindSpore's CPU backend keeps every intermediate of a compiled graph alive until the graph ends, and `recompute`
 inside one graph does not lower that. One graph of the whole training step holds every block's activations and
-gradients (~0.28 GB per block at 256 px, batch 2; 4x that at 512 px). Here a training step is a loop over small
+gradients (measurements: docs/benchmarks.md, 'Design measurements'). Here a training step is a loop over small
 compiled graphs instead (train.py --recompute on MindSpore CPU graph mode):
 
     head     noising, patch / timestep / caption embedders           -> x_t, tokens, t, t0, caption tokens
@@ -12,11 +12,11 @@ compiled graphs instead (train.py --recompute on MindSpore CPU graph mode):
     head     vjp                                                      -> the embedders' gradients
 
 All blocks of one structure (Σ-KV models have two) share ONE forward graph and ONE vjp graph, compiled on a copy of
-the block whose Parameters are pointed at block i's before each launch (`pixart.shared_graphs`: shared storage, no
+the block whose Parameters are pointed at block i's before each launch (`pixart.cpu.shared_graphs`: shared storage, no
 copy), so compilation does not grow with depth. Each vjp writes (or, for later micro-batches, adds) its weights'
 gradients into persistent buffers that the update graph reads in place, so no gradient-sized tensor is allocated
 per step. Memory: parameters, gradient buffers, optimizer state, the D block inputs (N x T x D each) and one
-block's working set (depth 28, 256 px: 10.25 GiB peak vs PyTorch's 11.1). The forward pass runs an eval-mode
+block's working set (below PyTorch's peak at full depth). The forward pass runs an eval-mode
 copy (no autodiff bookkeeping), the vjp recomputes with the same fused kernels and their gradients: gradients equal
 the whole-graph ones up to float rounding (tests/test_blockwise.py). LoRA dropout would draw different masks in
 the two passes: refused (train.py then recomputes inside one graph).
@@ -28,8 +28,8 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from pixart.models.pixart import caption_mask
-from pixart.shared_graphs import aliasing_copy, point, structure
-from pixart.training.step import _add_into  # the step's own accumulation into buffers
+from pixart.cpu.shared_graphs import aliasing_copy, point, structure
+from pixart.training.step import add_into
 
 
 class _Head(nn.Cell):
@@ -90,7 +90,7 @@ class _Vjp(nn.Cell):
             return self.grad(self.stage)(*args)
         grads, weight_grads = self.grad(self.stage, self.weights)(*args)
         if add:
-            return ops.depend(grads, self.hyper_map(_add_into, self.buffers, weight_grads))
+            return ops.depend(grads, self.hyper_map(add_into, self.buffers, weight_grads))
         return ops.depend(grads, self.hyper_map(_copy_into, self.buffers, weight_grads))
 
 

@@ -5,11 +5,15 @@ attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written
 atomically. Where there is no compiler, the build fails, or `PIXART_FUSED_KERNELS=0`, `available()` is False and
-pixart/backend.py keeps its unfused MindSpore ops, which compute the same functions. `cpu_gemm()` says which product
+`pixart.cpu.accelerate` leaves the layers of `pixart.nn` on their plain MindSpore ops, which compute the same
+functions. `cpu_gemm()` says which product
 Linear layers use, chosen by `PIXART_CPU_GEMM`: "auto" (default) = the AVX-512 GEMM where the CPU has AVX-512, else
-MindSpore's MatMul; "matmul" = MindSpore's MatMul; "bf16x3" = the AMX kernel where the CPU has AMX (opt-in: on the
-2-core VM measured it was 1.3x faster per step in one A/B and 1.12x slower in another, see docs/benchmarks.md), else
-as "auto".
+MindSpore's MatMul; "matmul" = MindSpore's MatMul; "bf16x3" = the AMX kernel where the CPU has AMX (opt-in: it was
+not reliably faster per step; measurements: docs/benchmarks.md, 'Design measurements'), else as "auto".
+
+Primitives are cached by MindSpore per kernel name and input shapes and dtypes (PyNative infers an output shape
+once per such key): everything else an output depends on (the head count of `to_heads`) is a primitive attribute,
+so that it is part of the key.
 """
 from __future__ import annotations
 
@@ -116,13 +120,17 @@ def _same(*shapes):
     return shapes[0]
 
 
-def op(name: str, out_shape=_same, out_dtype=_same, library: str = "path", bprop=None):
+def op(name: str, out_shape=_same, out_dtype=_same, library: str = "path", bprop=None, **attrs):
     """The `ops.Custom` primitive running kernel `name` of the fused library (call only when `available()`), or of
     the GEMM libraries with library="gemm_path" / "amx_path" (only as `cpu_gemm()` says); `bprop(*inputs, out,
-    dout)` gives it a gradient."""
+    dout)` gives it a gradient. `attrs`: whatever else than the inputs' shapes and dtypes `out_shape` depends on,
+    kept as primitive attributes (MindSpore's caches of Custom operators are keyed on them)."""
     from mindspore import ops
-    return ops.Custom(f"{_STATE[library]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
+    prim = ops.Custom(f"{_STATE[library]}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
                       bprop=bprop)
+    for key, value in attrs.items():
+        prim.add_prim_attr(key, value)
+    return prim
 
 
 def linear_product(strict: bool = False, bias: bool = False):
@@ -222,7 +230,8 @@ def to_heads(num_heads: int):
 
     def bprop(x, scale, out, dout):
         return back(dout, scale), scale * 0
-    return op("ToHeads", out_shape=lambda x, s: (x[0], num_heads, x[1], x[2] // num_heads), bprop=bprop)
+    return op("ToHeads", out_shape=lambda x, s: (x[0], num_heads, x[1], x[2] // num_heads), bprop=bprop,
+              num_heads=num_heads)
 
 
 def from_heads():

@@ -1,0 +1,131 @@
+"""The portable layers of `pixart.nn` computing with the fused fp32 CPU kernels (`pixart.cpu.kernels`): the same
+functions, fewer launches and temporaries on MindSpore's CPU backend.
+
+Each class subclasses its portable layer and only adds kernels: `pixart.cpu.accelerate` swaps a built layer's class
+for the one here and calls `attach()`, its Parameters untouched. Every kernel path is fp32; other dtypes, and
+inference-only kernels in training mode, keep the portable ops (which have gradients).
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Tensor
+
+from pixart import nn
+from pixart.cpu import kernels
+
+
+class CPULinear(nn.Linear):
+    """Linear whose product is the AVX-512 GEMM (`kernels.linear_product`: strict fp32, with a gradient) or, with
+    PIXART_CPU_GEMM=bf16x3 on CPUs with Intel AMX, the bf16x3 product (inference only, never for a `strict` layer),
+    and whose bias + GELU run as one kernel. Products of more than `kernel_max_rows` rows keep MindSpore's MatMul,
+    which is faster there (measurements: docs/benchmarks.md, 'Design measurements')."""
+
+    kernel_max_rows = 1024
+
+    def attach(self):
+        adds_bias = self.bias is not None and self.activation is None  # else the epilogue adds it (with GELU)
+        self.kernel, self.kernel_trains = kernels.linear_product(self.strict, adds_bias)
+        self.kernel_adds_bias = self.kernel is not None and adds_bias
+        self.fused_gelu = kernels.bias_gelu_tanh() if self.activation is not None and self.bias is not None else None
+
+    def on_kernel(self, dtype, rows) -> bool:
+        """Whether this call takes the GEMM kernel: one was chosen, fp32, at most `kernel_max_rows` rows (a static
+        shape in graph mode), and inference unless it has a gradient."""
+        return (self.kernel is not None and (self.kernel_trains or not self.training) and dtype == ms.float32
+                and rows <= self.kernel_max_rows)
+
+    def product(self, x2d):
+        """x W^T (M, out), plus the bias where the kernel adds it (`epilogue` then does not)."""
+        if self.on_kernel(x2d.dtype, x2d.shape[0]):
+            if self.kernel_adds_bias:
+                return self.kernel(x2d, self.weight, self.bias)
+            return self.kernel(x2d, self.weight)
+        return super().product(x2d)
+
+    def epilogue(self, y, in_shape):
+        if self.fused_gelu is not None and y.dtype == ms.float32:  # with its gradient: training takes it too
+            return self.fused_gelu(y, self.bias).reshape(in_shape[:-1] + (self.out_features,))
+        if self.kernel_adds_bias and self.on_kernel(y.dtype, y.shape[0]):  # the product added the bias; no activation
+            return y.reshape(in_shape[:-1] + (self.out_features,))
+        return super().epilogue(y, in_shape)
+
+
+class CPULayerNorm(nn.LayerNorm):
+    """adaLN's `modulated` as one kernel (with its gradient) for the LayerNorms without affine parameters."""
+
+    def attach(self):
+        self.fused = kernels.layer_norm_modulate() if not self.affine else None
+        self.eps_tensor = Tensor([self.eps], ms.float32)
+
+    def modulated(self, x, shift, scale):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x, shift, scale, self.eps_tensor)
+        return super().modulated(x, shift, scale)
+
+
+class CPUGatedResidual(nn.GatedResidual):
+    """x + gate * y as one kernel, with its gradient."""
+
+    def attach(self):
+        self.fused = kernels.gated_residual()
+
+    def construct(self, x, gate, y):
+        if x.dtype == ms.float32:
+            return self.fused(x, gate, y)
+        return super().construct(x, gate, y)
+
+
+class CPUGroupNorm(nn.GroupNorm):
+    """GroupNorm and SiLU(GroupNorm) as one kernel each (inference; mint's CPU GroupNorm is slow enough to take a
+    large share of a VAE decode)."""
+
+    def attach(self):
+        self.fused = (kernels.op("GroupNorm"), kernels.op("GroupNormSiLU")) if self.affine else None
+        self.settings = Tensor([self.num_groups, self.eps], ms.float32)
+
+    def construct(self, x):
+        if self.fused is not None and not self.training and x.dtype == ms.float32:
+            return self.fused[0](x, self.weight, self.bias, self.settings)
+        return super().construct(x)
+
+    def silu(self, x):
+        if self.fused is not None and not self.training and x.dtype == ms.float32:
+            return self.fused[1](x, self.weight, self.bias, self.settings)
+        return super().silu(x)
+
+
+class CPUAttention(nn.Attention):
+    """fp32 attention with the layout changes and scaling as kernels and, on CPUs with AVX-512, the two products and
+    the softmax as one kernel (`kernels.attention`: a block of queries at a time, so the (B, H, Nq, Nk) scores never
+    exist; its gradient recomputes the probabilities); other CPUs keep the batched matmuls with a fused (masked)
+    softmax. All with gradients."""
+
+    def attach(self):
+        self.heads_kernel, self.from_heads_kernel = kernels.to_heads(self.num_heads), kernels.from_heads()
+        self.masked_softmax, self.plain_softmax = kernels.softmax(masked=True), kernels.softmax(masked=False)
+        self.scales = (Tensor([self.scale], ms.float32), Tensor([1.0], ms.float32))
+        self.attend_kernel, self.attend_masked_kernel = kernels.attention(masked=False), kernels.attention(masked=True)
+
+    def construct(self, q, k, v, mask=None):
+        if self.flash or q.dtype != ms.float32:
+            return super().construct(q, k, v, mask)
+        q = self.heads_kernel(q, self.scales[0])  # (B, H, Nq, d), times 1/sqrt(d)
+        k, v = self.heads_kernel(k, self.scales[1]), self.heads_kernel(v, self.scales[1])
+        keep = None if mask is None else mask.astype(ms.float32)  # (B, Nk)
+        if self.attend_kernel is not None:
+            out = self.attend_kernel(q, k, v) if keep is None else self.attend_masked_kernel(q, k, v, keep)
+        else:
+            out = self.attend_heads(q, k, v, keep)
+        return self.from_heads_kernel(out)
+
+    def attend(self, q, k, v, keep):
+        if q.dtype != ms.float32:
+            return super().attend(q, k, v, keep)
+        scores = self.bmm_qk(q, k)  # (B, h, Nq, Nk)
+        probs = self.plain_softmax(scores) if keep is None else self.masked_softmax(scores, keep)
+        return self.bmm_pv(probs, v)
+
+
+# portable class -> its CPU-kernel subclass
+CPU_CLASSES = {nn.Linear: CPULinear, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
+               nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention}
