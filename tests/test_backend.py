@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from pixart import backend, demo
+from pixart import backend
+from pixart import demo_bundle as demo
 from tests.utils import rel_err
 
 

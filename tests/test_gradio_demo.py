@@ -22,10 +22,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from pixart import demo
-from pixart.config import ConfigError, parse_args
-from pixart.pipelines.demo_app import DemoApp, DemoError, build_demo_parser, ensure_demo_bundle
-from pixart.pipelines.sample_run import build_parser
+from pixart import demo_bundle as demo
+from pixart.cli.options import ConfigError, parse_args
+from pixart.app import DemoApp, DemoError
+from pixart.cli.gradio import build_parser as build_demo_parser, ensure_demo_bundle
+from pixart.cli.sample import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixart import demo
+from pixart import demo_bundle as demo
 from pixart.pipelines.outputs import read_png_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +97,8 @@ def test_prompts_are_encoded_first_and_t5_is_freed(bundle, graph_mode, monkeypat
     import gc
     import weakref
     import pixart.models.t5 as t5_module
-    from pixart.config import parse_args
-    from pixart.pipelines import sample_run
+    from pixart.cli.options import parse_args
+    from pixart.cli import sample as sample_run
     from pixart.pipelines.text_to_image import PixArtPipeline
     load, params = t5_module.load_t5, []
 
