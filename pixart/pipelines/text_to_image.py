@@ -18,6 +18,8 @@ from PIL import Image
 from pixart import backend
 from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_array
 from pixart.diffusion import DEFAULT_STEPS, make_sampler
+from pixart.models.t5 import encode_prompts
+from pixart.pipelines.loading import load_components
 
 
 MIN_IMAGE_SIZE = 8  # pixels: one latent pixel
@@ -41,7 +43,6 @@ def check_image_size(height: int | None, width: int | None, patch_size: int, res
 def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int):
     """T5 features (N, 1, L, C) as float32 NumPy and masks (N, L) for `prompts`, lower-cased and stripped as diffusers
     does. T5 runs eagerly, so that no compiled graph keeps its weights alive once it is released."""
-    from pixart.models.t5 import encode_prompts
     ids, mask = encode_prompts(tokenizer, [p.lower().strip() for p in prompts], max_length)
     with backend.eager():
         emb = text_encoder(Tensor(ids), Tensor(mask)).astype(ms.float32).asnumpy()
@@ -70,7 +71,6 @@ class PixArtPipeline:
     @classmethod
     def from_pretrained(cls, **kwargs) -> "PixArtPipeline":
         """Load every component; see `pixart.pipelines.loading.load_components` for the arguments."""
-        from pixart.pipelines.loading import load_components
         return cls(**load_components(**kwargs))
 
     # -- 1. text ---------------------------------------------------------------------------------------------
