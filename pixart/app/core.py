@@ -4,21 +4,21 @@ that reproduces it. A bad value raises a `DemoError`, whose message the page sho
 """
 from __future__ import annotations
 
+import argparse
 import shlex
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import yaml
 
-from pixart.cli.options import ConfigError, parse_args
-from pixart.cli.sample import build_parser, provenance
 from pixart.data.buckets import ASPECT_RATIOS
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
 from pixart.models.lora import set_lora_scale
-from pixart.pipelines.outputs import save_images
+from pixart.pipelines.outputs import provenance, save_images
 from pixart.pipelines.text_to_image import check_image_size
 
 MAX_SEED = 2 ** 31 - 1
@@ -53,10 +53,15 @@ def _int(name: str, value, low: int | None, high: int | None = None, why_high: s
 
 
 class DemoApp:
-    """The loaded pipeline and the request logic behind the page (gradio-free, so tests call it directly)."""
+    """The loaded pipeline and the request logic behind the page (gradio-free, so tests call it directly).
 
-    def __init__(self, pipe, args, out_dir: str | Path | None = None, log=print):
+    `args` are the server's options; `sample_args(argv)` parses a `sample.py` command line (its parser and YAML
+    rules), which the reproduce-command is written against."""
+
+    def __init__(self, pipe, args, sample_args: Callable[[list[str]], argparse.Namespace],
+                 out_dir: str | Path | None = None, log=print):
         self.pipe, self.args, self.log = pipe, args, log
+        self._sample_args = sample_args
         self.resolution = pipe.resolution
         self.max_size = args.max_image_size or 2 * self.resolution
         self.max_batch = max(1, args.max_batch_size)
@@ -68,7 +73,7 @@ class DemoApp:
         self._lock = threading.Lock()  # one generation at a time even if called outside gradio's queue
         self._count = 0
         self._config, self._base = self._sample_baseline()
-        self._defaults = parse_args(build_parser(), [])
+        self._defaults = sample_args([])
 
     # -- defaults the page starts from (the YAML / flags) ------------------------------------------------------
     def defaults(self) -> dict:
@@ -164,8 +169,9 @@ class DemoApp:
         folder = self.out_dir / f"{n:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         self._prune()
+        made_by = provenance(a.model, a.checkpoint, a.lora_path, request["lora_scale"])
         paths = [str(p) for p in save_images(result, lambda _, s: folder / f"pixart-{n:05d}-seed{s['seed']}.png",
-                                             provenance(a, request["lora_scale"]))]
+                                             made_by)]
         self.log(f"request {n}: {request['batch_size']} image(s) {request['width']}x{request['height']}, "
                  f"{request['sampler']} {request['steps']} steps, seed {request['seed']}: {seconds:.1f}s")
         return dict(paths=paths, settings=result.settings, seconds=seconds, seed=request["seed"],
@@ -185,10 +191,10 @@ class DemoApp:
         config = getattr(self.args, "config", None)
         if config:
             try:
-                return config, parse_args(build_parser(), ["-c", str(config)])
-            except (ConfigError, SystemExit):
+                return config, self._sample_args(["-c", str(config)])
+            except (ValueError, SystemExit):  # a ConfigError: the YAML has keys sample.py does not take
                 pass
-        return None, parse_args(build_parser(), [])
+        return None, self._sample_args([])
 
     def sample_options(self, request: dict, complete: bool = False) -> dict:
         """sample.py options (dest: value) that reproduce `request` with this server's model flags: those that

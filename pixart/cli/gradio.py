@@ -10,7 +10,7 @@ from pathlib import Path
 from pixart import demo_bundle
 from pixart.app.core import LORA_SCALES, DemoApp, DemoError
 from pixart.app.page import build_app
-from pixart.cli.options import option_group
+from pixart.cli.options import option_group, parse_args
 from pixart.cli.sample import build_parser as sample_parser
 from pixart.cli.sample import check_args, load_pipeline
 
@@ -26,6 +26,11 @@ def build_parser(description: str | None = None):
     g.add_argument("--max_batch_size", type=int, default=4, help="largest batch a request may ask for")
     g.add_argument("--queue_size", type=int, default=32, help="requests that may wait; more are refused")
     return p
+
+
+def sample_args(argv: list[str]):
+    """`sample.py`'s options parsed from `argv` (the app writes its reproduce-command against them)."""
+    return parse_args(sample_parser(), argv)
 
 
 def ensure_demo_bundle(args, log=print) -> bool:
@@ -71,7 +76,7 @@ def serve(args, log=print) -> None:
     pipe = load_pipeline(args, log)  # the text encoder stays: every request encodes its own prompt
     load_seconds = time.time() - t0
     log(f"models loaded in {load_seconds:.1f}s")
-    app = DemoApp(pipe, args, log=log)
+    app = DemoApp(pipe, args, sample_args, log=log)
     demo, style = build_app(app, load_seconds)
     log(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False,

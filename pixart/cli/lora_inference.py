@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pixart.cli.options import option_group
-from pixart.cli.sample import SampleError, check_args, generation_kwargs, load_pipeline, provenance, read_prompts
+from pixart.cli.sample import SampleError, check_args, generation_kwargs, load_pipeline, read_prompts
 from pixart.cli.sample import build_parser as sample_parser
 from pixart.pipelines.loading import resolve_pipeline_folder
-from pixart.pipelines.outputs import save_images
+from pixart.pipelines.outputs import provenance, save_images
 
 DEFAULT_MODEL = "PixArt-Sigma-XL-2-1024-MS"
 OUTPUT_NAME = "pixart_lora.png"
@@ -45,9 +45,10 @@ def run(args, log=print) -> list[Path]:
     def path_for(k: int) -> Path:
         return output if total == 1 else output.with_name(f"{output.stem}-{k}{output.suffix}")
 
+    made_by = provenance(args.model, args.checkpoint, args.lora_path, args.lora_scale)
     written: list[Path] = []
     for i, prompt in enumerate(prompts):
         result = pipe(prompt, seed=args.seed + i * args.batch_size, **generation_kwargs(args, pipe))
         first = len(written)
-        written += save_images(result, lambda j, _: path_for(first + j), provenance(args), log)
+        written += save_images(result, lambda j, _: path_for(first + j), made_by, log)
     return written

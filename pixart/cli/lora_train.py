@@ -87,7 +87,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--validation_seed", type=int, default=None, help="default: --seed")
     g.add_argument("--param_digest", type=str2bool, default=False,
                    help="every rank prints SHA-256 digests of its LoRA and of its base weights")
-    # what train.py's shared code reads and this script fixes
+    # what the trainer reads and this script fixes
     p.set_defaults(optimizer="adamw", use_ema=False, ema_rate=0.0, auto_lr="none")
     return p
 
@@ -96,7 +96,7 @@ FLAG = flag_namer(build_parser())
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Options -> what the shared code reads; checks that need no model
+# Options -> what the trainer reads; checks that need no model
 # ----------------------------------------------------------------------------------------------------------------
 def complete_args(args) -> None:
     """Fill in what the flags imply: a pipeline folder's components and preset, a checkpoint named relative to

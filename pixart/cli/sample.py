@@ -12,7 +12,7 @@ from pixart.cli.options import (DTYPES, ArgumentParser, add_encoder_options, add
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
 from pixart.models.pixart import preset_config
 from pixart.models.t5 import load_t5, load_tokenizer
-from pixart.pipelines.outputs import image_grid, save_images, save_png, write_json
+from pixart.pipelines.outputs import image_grid, provenance, save_images, save_png, write_json
 from pixart.pipelines.text_to_image import PixArtPipeline, check_image_size, encode_text
 
 
@@ -122,8 +122,8 @@ def load_pipeline(args, log=print, text_encoder: bool = True):
 
 def encode_first(args, prompts: list[str], log=print):
     """T5 on its own, before the transformer is loaded: every prompt (and the negative one) encoded, then T5 freed,
-    so the two models never share memory (T5-XXL is the larger of the two in fp32). Returns the embeddings per prompt and the
-    negative's (None with --uncond y_embedding)."""
+    so the two models never share memory (T5-XXL is the larger of the two). Returns the embeddings per prompt and
+    the negative's (None with --uncond y_embedding)."""
     setup_backend(args)
     t0 = time.time()
     log(f"loading text encoder {args.text_encoder_root}")
@@ -148,15 +148,6 @@ def generation_kwargs(args, pipe) -> dict:
                 sampler_options={"schedule": args.dpm_schedule} if args.sampling_method == "dpm" else {})
 
 
-def provenance(args, lora_scale: float | None = None) -> dict:
-    """What a generated PNG records beside its generation settings: the model and weights it came from, and the
-    LoRA and its scale when one is applied (`lora_scale`, else --lora_scale)."""
-    out = dict(model=args.model, checkpoint=str(args.checkpoint))
-    if getattr(args, "lora_path", None):
-        out.update(lora=str(args.lora_path), lora_scale=args.lora_scale if lora_scale is None else lora_scale)
-    return out
-
-
 def run(args, log=print) -> list[Path]:
     prompts = read_prompts(args)
     check_args(args)
@@ -173,7 +164,7 @@ def run(args, log=print) -> list[Path]:
             result = pipe(prompt, seed=seed, prompt_embeds=emb, negative_prompt_embeds=negative, **options)
             first = len(records)
             paths = save_images(result, lambda j, _: out_dir / f"{first + j:04d}-p{i}-t{trial}-b{j}.png",
-                                provenance(args), log)
+                                provenance(args.model, args.checkpoint, args.lora_path, args.lora_scale), log)
             images += result.images
             records += [{"file": path.name, **settings} for path, settings in zip(paths, result.settings)]
             written += paths

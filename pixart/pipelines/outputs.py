@@ -23,6 +23,15 @@ def save_png(image: Image.Image, path, settings: dict) -> None:
     os.replace(tmp, path)
 
 
+def provenance(model: str, checkpoint, lora_path=None, lora_scale: float = 1.0) -> dict:
+    """What a generated PNG records beside its generation settings: the model preset and weights it came from,
+    and the LoRA and its scale when one is applied."""
+    out = dict(model=model, checkpoint=str(checkpoint))
+    if lora_path:
+        out.update(lora=str(lora_path), lora_scale=lora_scale)
+    return out
+
+
 def save_images(result, path_for: Callable[[int, dict], Path], extra: dict | None = None, log=None) -> list[Path]:
     """Save every image of a pipeline `result` as a PNG at `path_for(j, settings)` (j: its index in the result),
     its settings, with `extra` added (in place, so `result.settings` says what the files say), as metadata."""

@@ -22,9 +22,6 @@ from pixart.training.model_init import initialize_lora
 from pixart.training.setup import TrainError
 from pixart.training.trainer import Method
 
-TARGET_SETS = {"blocks": "attention and MLP linears of every block", "all": "every linear layer"}
-
-
 def lora_settings(args) -> dict:
     """What a LoRA checkpoint must agree on with the run that resumes it."""
     return {"rank": args.rank, "alpha": float(args.lora_alpha or args.rank), "targets": list(args.lora_targets),
