@@ -11,22 +11,14 @@ has a LoRA scale slider. The models load once at start; requests are queued and 
 import os
 import sys
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
-from pixart.config import ConfigError, parse_args  # noqa: E402
-from pixart.pipelines.demo_app import build_demo_parser, serve  # noqa: E402
-from pixart.pipelines.sample_run import SampleError  # noqa: E402
+from pixart.cli import main as cli_main  # noqa: E402
+from pixart.cli.gradio import build_parser, serve  # noqa: E402
 
 
 def main(argv=None) -> int:
-    try:
-        serve(parse_args(build_demo_parser(__doc__), argv))
-    except (ConfigError, SampleError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return cli_main(serve, build_parser, __doc__, argv)
 
 
 if __name__ == "__main__":

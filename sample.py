@@ -7,17 +7,12 @@ Flags override the YAML; a YAML key that is not a flag is an error.
 """
 import sys
 
-from pixart.config import ConfigError, parse_args
-from pixart.pipelines.sample_run import SampleError, build_parser, run
+from pixart.cli import main as cli_main
+from pixart.cli.sample import build_parser, run
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(build_parser(__doc__), argv))
-    except (ConfigError, SampleError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main(run, build_parser, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fine-tune PixArt-α / Σ on an image-caption set.
+r"""Fine-tune PixArt-α / Σ on an image-caption set.
 
     python train.py -c configs/train/pixart-sigma-512-ms.yaml --json_path data/labels.json --image_dir data/images \
         --load_from models/PixArt-Sigma-XL-2-512-MS.pth --vae_root ... --text_encoder_root ...
@@ -10,17 +10,12 @@ Flags override the YAML; a YAML key that is not a flag is an error. Bad input ex
 """
 import sys
 
-from pixart.config import ConfigError, parse_args
-from pixart.training.run import TrainError, build_parser, run
+from pixart.cli import main as cli_main
+from pixart.cli.train import build_parser, run
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(build_parser(__doc__), argv))
-    except (ConfigError, TrainError, ValueError) as e:  # CheckpointError, DataError, FeatureError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main(run, build_parser, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ random weights shared by both sides (one diffusers pipeline folder, written once
     python bench/bench_sample.py --runs 3 --images 2 --t5_layers 2
 
 Each run is a fresh process per side, alternating; it loads the pipeline (timed apart) and generates `--images`
-images from as many prompts (ours: `sample.py`'s own code path, `pixart.pipelines.sample_run.run`, in graph mode: T5
+images from as many prompts (ours: `sample.py`'s own code path, `pixart.cli.sample.run`, in graph mode: T5
 loaded alone, prompts encoded, T5 freed, then the transformer and VAE loaded, then denoise + decode + PNG per image;
 diffusers: `pipe(prompt)` + PNG per image). Ours' load time is T5's plus the pipeline's; its encoding is counted in
 the first image, as diffusers' is.
@@ -70,8 +70,8 @@ def child(side: str, a) -> dict:
     out_dir = Path(a.out) / side
     stamps = {}  # ours: when the pipeline finished loading
     if side == "ours":
-        from pixart.config import parse_args
-        from pixart.pipelines.sample_run import build_parser, run
+        from pixart.cli.options import parse_args
+        from pixart.cli.sample import build_parser, run
         argv = ["--model", "PixArt-XL-2-256x256", "--checkpoint", str(folder / "transformer"),
                 "--vae_root", str(folder / "vae"), "--text_encoder_root", str(folder / "text_encoder"),
                 "--tokenizer_root", str(folder / "tokenizer"), "--image_height", str(SIZE), "--image_width",
@@ -86,8 +86,7 @@ def child(side: str, a) -> dict:
 
         t0 = time.perf_counter()
         args = parse_args(build_parser(), argv)
-        import pixart.models.t5 as t5_module
-        import pixart.pipelines.sample_run as sr
+        import pixart.cli.sample as sr
         spans = {}
 
         def timed(name, fn, module):  # how long each call of module.fn takes, summed under `name`
@@ -98,7 +97,7 @@ def child(side: str, a) -> dict:
                 stamps[name] = time.perf_counter()
                 return out
             setattr(module, fn.__name__, wrapper)
-        timed("t5_load", t5_module.load_t5, t5_module)
+        timed("t5_load", sr.load_t5, sr)  # the name sample.py's code calls
         timed("encode", sr.encode_first, sr)
         timed("loaded", sr.load_pipeline, sr)
         run(args, log=log)

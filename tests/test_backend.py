@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from pixart import backend, cpu, demo, nn
+from pixart import backend, cpu, nn
+from pixart import demo_bundle as demo
 from pixart.cpu import kernels
 from pixart.cpu.layers import CPULinear
 from tests.utils import rel_err

@@ -22,10 +22,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from pixart import demo
-from pixart.config import ConfigError, parse_args
-from pixart.pipelines.demo_app import DemoApp, DemoError, build_demo_parser, ensure_demo_bundle
-from pixart.pipelines.sample_run import build_parser
+from pixart import demo_bundle as demo
+from pixart.cli.options import ConfigError, parse_args
+from pixart.app import DemoApp, DemoError
+from pixart.cli.gradio import build_parser as build_demo_parser, ensure_demo_bundle, sample_args
+from pixart.cli.sample import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -74,7 +75,7 @@ def test_parser_takes_sample_flags_yaml_and_server_options(tmp_path):
 def fake_app(tmp_path, *argv):
     args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *argv])
     pipe = SimpleNamespace(resolution=256, transformer=SimpleNamespace(patch_size=2))
-    return DemoApp(pipe, args, out_dir=tmp_path / "out", log=lambda *_: None)
+    return DemoApp(pipe, args, sample_args, out_dir=tmp_path / "out", log=lambda *_: None)
 
 
 GOOD = dict(prompt="a cat", negative_prompt="", sampler="dpm", steps=2, guidance_scale=4.5, seed=3,

@@ -17,7 +17,8 @@ import torch
 import mindspore as ms
 from PIL import Image
 
-from pixart import cpu, demo
+from pixart import cpu
+from pixart import demo_bundle as demo
 from pixart.checkpoints import (CheckpointError, diffusers_to_original, fill_null_caption, load_into,
                                 read_safetensors_metadata, read_state_dict, write_ckpt, write_safetensors)
 from pixart.models import lora as L

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from pixart import demo
+from pixart import demo_bundle as demo
 from pixart.checkpoints import read_ckpt, read_safetensors_metadata, read_state_dict
-from pixart.config import ConfigError, parse_args
+from pixart.cli.options import ConfigError, parse_args
 from pixart.models.lora import LORA_WEIGHT_NAME, METADATA_KEY
 from pixart.training import checkpoint as ckpt
 from tests.synthetic import CAPTIONS, make_dataset
@@ -218,7 +218,7 @@ def test_bad_input_exits_1_with_one_line(setup, trained, tmp_path, capsys, case,
 
 
 def test_flags_yaml_and_aliases(tmp_path):
-    from pixart.training.lora_run import build_parser, complete_args
+    from pixart.cli.lora_train import build_parser, complete_args
     config = tmp_path / "lora.yaml"
     config.write_text(yaml.safe_dump({"train_batch_size": 3, "save_every": 7, "rank": 16, "random_flip": True,
                                       "max_token_length": 120, "mixed_precision": "no"}))

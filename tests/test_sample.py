@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixart import demo
+from pixart import demo_bundle as demo
 from pixart.pipelines.outputs import read_png_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,17 +96,16 @@ def test_prompts_are_encoded_first_and_t5_is_freed(bundle, graph_mode, monkeypat
     would keep its weights alive after `del`, so encoding runs eagerly: every T5 Parameter must be gone."""
     import gc
     import weakref
-    import pixart.models.t5 as t5_module
-    from pixart.config import parse_args
-    from pixart.pipelines import sample_run
+    from pixart.cli import sample as sample_run
+    from pixart.cli.options import parse_args
     from pixart.pipelines.text_to_image import PixArtPipeline
-    load, params = t5_module.load_t5, []
+    load, params = sample_run.load_t5, []
 
     def load_and_watch(*a, **k):
         model = load(*a, **k)
         params.extend(weakref.ref(p) for p in model.get_parameters())
         return model
-    monkeypatch.setattr(t5_module, "load_t5", load_and_watch)
+    monkeypatch.setattr(sample_run, "load_t5", load_and_watch)  # the name sample.py's code calls
     args = parse_args(sample_run.build_parser(), ["-c", str(CONFIG), *bundle, "--mode", "graph", "--prompt", "x"])
     embeds, negative = sample_run.encode_first(args, ["a red square", "a blue circle"], log=lambda *_: None)
     gc.collect()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pixart import demo
+from pixart import demo_bundle as demo
 from pixart.checkpoints import read_ckpt
 from tests.synthetic import CAPTIONS, make_dataset
 
@@ -323,8 +323,8 @@ def test_bad_input_exits_1_with_one_line(setup, tmp_path, case, message):
 
 
 def test_train_configs_parse_with_the_published_settings():
-    from pixart.config import parse_args
-    from pixart.training.run import build_parser
+    from pixart.cli.options import parse_args
+    from pixart.cli.train import build_parser
     configs = sorted((ROOT / "configs" / "train").glob("*.yaml"))
     assert {c.stem for c in configs} >= {"pixart-alpha-256", "pixart-alpha-512-ms", "pixart-alpha-1024-ms",
                                          "pixart-sigma-256", "pixart-sigma-512-ms", "pixart-sigma-1024-ms",

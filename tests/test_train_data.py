@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from pixart import demo
+from pixart import demo_bundle as demo
 from pixart.data.dataset import BatchStream, BucketDataset, DataError, load_labels
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder, extract_features
 from pixart.training.batch import BATCH_KEYS, BatchBuilder, sample_draws

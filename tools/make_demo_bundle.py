@@ -3,21 +3,30 @@
     python tools/make_demo_bundle.py [--root models/demo] [--force]
 """
 import argparse
+import sys
 
-from pixart import demo
+from pixart import demo_bundle
+from pixart.cli import main as cli_main
+from pixart.cli.options import ArgumentParser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=str(demo.ROOT))
+def build_parser(description: str | None = None) -> ArgumentParser:
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=str(demo_bundle.ROOT))
     p.add_argument("--force", action="store_true", help="rebuild even if the bundle exists")
-    args = p.parse_args(argv)
-    if demo.is_built(args.root) and not args.force:
+    return p
+
+
+def run(args) -> None:
+    if demo_bundle.is_built(args.root) and not args.force:
         print(f"demo bundle already in {args.root} (use --force to rebuild)")
-        return 0
-    demo.build(args.root)
-    return 0
+        return
+    demo_bundle.build(args.root)
+
+
+def main(argv=None) -> int:
+    return cli_main(run, build_parser, __doc__, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -12,25 +12,28 @@ The checkpoint may be anything tools/convert.py reads (.ckpt, original .pth, dif
 import argparse
 import sys
 
-from pixart.checkpoints import CheckpointError
+from pixart.cli import main as cli_main
+from pixart.cli.options import ArgumentParser
 from pixart.models.lora import merge_lora_file
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str | None = None) -> ArgumentParser:
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="base transformer weights")
     parser.add_argument("--lora_path", required=True, help="LoRA file or folder")
     parser.add_argument("--target", required=True, help="output MindSpore .ckpt")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="merge strength (1 = as trained)")
     parser.add_argument("--unmerge", action="store_true",
                         help="subtract the LoRA (from a checkpoint it was merged into at --lora_scale)")
-    args = parser.parse_args(argv)
-    try:
-        merge_lora_file(args.checkpoint, args.lora_path, args.target, args.lora_scale, args.unmerge)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return parser
+
+
+def run(args) -> None:
+    merge_lora_file(args.checkpoint, args.lora_path, args.target, args.lora_scale, args.unmerge)
+
+
+def main(argv=None) -> int:
+    return cli_main(run, build_parser, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train a LoRA on a pretrained PixArt-α / Σ (only the low-rank matrices learn; the base stays frozen).
+r"""Train a LoRA on a pretrained PixArt-α / Σ (only the low-rank matrices learn; the base stays frozen).
 
     python pixart/lora-finetuning/train_pixart_lora.py --pretrained_model_name_or_path models/PixArt-XL-2-512x512 \
         --json_path data/labels.json --image_dir data/images --rank 16 --learning_rate 1e-4 \
@@ -15,17 +15,12 @@ YAML of -c; a YAML key that is not a flag is an error. Bad input exits 1 with on
 """
 import sys
 
-from pixart.config import ConfigError, parse_args
-from pixart.training.lora_run import build_parser, run
+from pixart.cli import main as cli_main
+from pixart.cli.lora_train import build_parser, run
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(build_parser(__doc__), argv))
-    except (ConfigError, ValueError) as e:  # TrainError, CheckpointError, DataError, FeatureError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_main(run, build_parser, __doc__, argv)
 
 
 if __name__ == "__main__":

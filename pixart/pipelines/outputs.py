@@ -8,6 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, PngImagePlugin
 
@@ -20,6 +21,29 @@ def save_png(image: Image.Image, path, settings: dict) -> None:
     tmp = Path(f"{path}.tmp")
     image.save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
+
+
+def provenance(model: str, checkpoint, lora_path=None, lora_scale: float = 1.0) -> dict:
+    """What a generated PNG records beside its generation settings: the model preset and weights it came from,
+    and the LoRA and its scale when one is applied."""
+    out = dict(model=model, checkpoint=str(checkpoint))
+    if lora_path:
+        out.update(lora=str(lora_path), lora_scale=lora_scale)
+    return out
+
+
+def save_images(result, path_for: Callable[[int, dict], Path], extra: dict | None = None, log=None) -> list[Path]:
+    """Save every image of a pipeline `result` as a PNG at `path_for(j, settings)` (j: its index in the result),
+    its settings, with `extra` added (in place, so `result.settings` says what the files say), as metadata."""
+    written = []
+    for j, (image, settings) in enumerate(zip(result.images, result.settings)):
+        settings.update(extra or {})
+        path = Path(path_for(j, settings))
+        save_png(image, path, settings)
+        written.append(path)
+        if log is not None:
+            log(f"saved {path}")
+    return written
 
 
 def image_grid(images: list, ncols: int | None = None) -> Image.Image:

@@ -18,12 +18,31 @@ from PIL import Image
 from pixart import backend
 from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_array
 from pixart.diffusion import DEFAULT_STEPS, make_sampler
+from pixart.models.t5 import encode_prompts
+from pixart.pipelines.loading import load_components
+
+
+MIN_IMAGE_SIZE = 8  # pixels: one latent pixel
+
+
+def check_image_size(height: int | None, width: int | None, patch_size: int, resolution_binning: bool,
+                     names: tuple[str, str] = ("height", "width")) -> None:
+    """The image sizes the pipeline can make (None: the model's own size): at least 8 pixels each way, and without
+    resolution binning multiples of 8 x `patch_size` (the VAE's factor times the patch), since the model then
+    generates the size exactly. With binning any size works: it is generated at the nearest trained bucket and
+    resized. Raises ValueError naming the value (`names` as the caller's options spell them)."""
+    for name, value in zip(names, (height, width)):
+        if value is not None and value < MIN_IMAGE_SIZE:
+            raise ValueError(f"{name} must be at least {MIN_IMAGE_SIZE} pixels, got {value}")
+    multiple = 8 * patch_size
+    if not resolution_binning and ((height or 0) % multiple or (width or 0) % multiple):
+        raise ValueError(f"image size {height}x{width} (height x width) is not reachable without resolution "
+                         f"binning: both must be multiples of {multiple} (8x VAE, {patch_size}x{patch_size} patches)")
 
 
 def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int):
     """T5 features (N, 1, L, C) as float32 NumPy and masks (N, L) for `prompts`, lower-cased and stripped as diffusers
     does. T5 runs eagerly, so that no compiled graph keeps its weights alive once it is released."""
-    from pixart.models.t5 import encode_prompts
     ids, mask = encode_prompts(tokenizer, [p.lower().strip() for p in prompts], max_length)
     with backend.eager():
         emb = text_encoder(Tensor(ids), Tensor(mask)).astype(ms.float32).asnumpy()
@@ -52,7 +71,6 @@ class PixArtPipeline:
     @classmethod
     def from_pretrained(cls, **kwargs) -> "PixArtPipeline":
         """Load every component; see `pixart.pipelines.loading.load_components` for the arguments."""
-        from pixart.pipelines.loading import load_components
         return cls(**load_components(**kwargs))
 
     # -- 1. text ---------------------------------------------------------------------------------------------
@@ -93,14 +111,9 @@ class PixArtPipeline:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
         height, width = height or self.resolution, width or self.resolution
         orig_hw = (int(height), int(width))
-        if min(orig_hw) < 8:
-            raise ValueError(f"image size must be at least 8 pixels, got {height}x{width}")
+        check_image_size(*orig_hw, self.transformer.patch_size, use_resolution_binning)
         if use_resolution_binning:
             height, width, _ = closest_bucket(height, width, self._table_resolution())
-        multiple = 8 * self.transformer.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(f"image size {height}x{width} is not reachable: height and width must be multiples of "
-                             f"{multiple} (or enable resolution binning)")
         n = len(prompts) * num_images_per_prompt
 
         # 2. encode prompts: [negative, positive] as diffusers orders the guidance batch

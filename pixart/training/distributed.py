@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 
 import mindspore as ms
+from mindspore.communication import get_group_size, get_rank
+from mindspore.communication import init as comm_init
 
 _MSRUN_ENV = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
 
@@ -39,18 +41,9 @@ def init(use_parallel: bool) -> Context:
     if not launched_by_msrun():
         raise ValueError("--use_parallel True needs the msrun launcher (e.g. msrun --worker_num=2 "
                          "--local_worker_num=2 train.py ... --use_parallel True); MS_ROLE / MS_WORKER_NUM are not set")
-    from mindspore.communication import get_group_size, get_rank
-    from mindspore.communication import init as comm_init
     comm_init()
     rank, world = get_rank(), get_group_size()
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=world)
     return Context(rank=rank, world_size=world)
-
-
-def barrier(ctx: Context) -> None:
-    """Wait for every rank (used around checkpoint writes so no rank races ahead of a slow save)."""
-    if ctx.distributed:
-        from mindspore.communication.comm_func import barrier as comm_barrier
-        comm_barrier()

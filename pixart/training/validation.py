@@ -8,14 +8,16 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from pixart import cpu
+from pixart.data.features import TextEncoder, pad_captions
+from pixart.models.vae import load_vae
+from pixart.pipelines.outputs import save_images
+from pixart.pipelines.text_to_image import PixArtPipeline
+
 
 class Validation:
     def __init__(self, model, args, max_length: int, scaling_factor: float, resolution: int, text_encoder=None,
                  log=print, prompts=None):
-        from pixart.data.features import TextEncoder, pad_captions
-        from pixart import cpu
-        from pixart.models.vae import load_vae
-        from pixart.pipelines.text_to_image import PixArtPipeline
         self.prompts = list(prompts or args.validation_prompts)  # one image each, seeds validation_seed + i
         self.model = model
         self.steps, self.guidance, self.seed = args.validation_steps, args.validation_guidance, args.validation_seed
@@ -34,7 +36,6 @@ class Validation:
                                    tokenizer=None, scaling_factor=scaling_factor, max_sequence_length=max_length)
 
     def __call__(self, step: int, out_dir: Path) -> list[Path]:
-        from pixart.pipelines.outputs import save_png
         folder = Path(out_dir) / f"step_{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         written = []
@@ -45,9 +46,7 @@ class Validation:
                                    num_inference_steps=self.steps, guidance_scale=self.guidance, seed=self.seed + i,
                                    prompt_embeds=emb, negative_prompt_embeds=self.negative, progress=False,
                                    use_resolution_binning=False)
-                path = folder / f"{i:02d}.png"
-                save_png(result.images[0], path, {**result.settings[0], "training_step": step})
-                written.append(path)
+                written += save_images(result, lambda *_: folder / f"{i:02d}.png", {"training_step": step})
         finally:
             self.model.set_train(True)
         self.log(f"validation: {len(written)} image(s) in {folder}")

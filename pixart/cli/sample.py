@@ -7,8 +7,13 @@ import time
 from pathlib import Path
 
 from pixart import backend, cpu
-from pixart.config import ArgumentParser, str2bool
+from pixart.cli.options import (DTYPES, ArgumentParser, add_encoder_options, add_execution_group, add_kv_compress_group,
+                                add_model_group, add_precision_group, kv_compress_config, mode_name, str2bool)
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.models.pixart import preset_config
+from pixart.models.t5 import load_t5, load_tokenizer
+from pixart.pipelines.outputs import image_grid, provenance, save_images, save_png, write_json
+from pixart.pipelines.text_to_image import PixArtPipeline, check_image_size, encode_text
 
 
 class SampleError(ValueError):
@@ -16,53 +21,47 @@ class SampleError(ValueError):
 
 
 def build_parser(description: str | None = None) -> ArgumentParser:
-    """sample.py's options (gradio_demo.py shares the model ones); names follow the reference port."""
+    """sample.py's options (gradio_demo.py and the LoRA inference script build on them); names follow the
+    reference port."""
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", nargs="+", action="extend", default=None, help="one or more prompts")
-    p.add_argument("--prompt_path", default=None, help="a text file with one prompt per line")
-    p.add_argument("--negative_prompt", default="", help="negative prompt (the unconditional branch)")
-    p.add_argument("--uncond", default="negative", choices=["negative", "y_embedding"],
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", nargs="+", action="extend", default=None, help="one or more prompts")
+    g.add_argument("--prompt_path", default=None, help="a text file with one prompt per line")
+    g.add_argument("--negative_prompt", default="", help="negative prompt (the unconditional branch)")
+    g.add_argument("--uncond", default="negative", choices=["negative", "y_embedding"],
                    help="unconditional branch: T5 of the negative prompt, or the checkpoint's null caption")
-    p.add_argument("--model", default="PixArt-Sigma-XL-2-1024-MS", help="preset of the checkpoint")
-    p.add_argument("--checkpoint", default=None, help="transformer weights (.ckpt, .pth, or diffusers folder)")
-    p.add_argument("--lora_path", default=None,
+
+    g = add_model_group(p, "PixArt-Sigma-XL-2-1024-MS")
+    g.add_argument("--checkpoint", default=None, help="transformer weights (.ckpt, .pth, or diffusers folder)")
+    g.add_argument("--lora_path", default=None,
                    help="a LoRA to apply: pytorch_lora_weights.safetensors (diffusers), a peft adapter folder, or ours")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength: 0 = the base model, 1 = as trained")
-    p.add_argument("--vae_root", default=None, help="HF folder of the VAE")
-    p.add_argument("--text_encoder_root", default=None, help="HF folder of the T5 encoder")
-    p.add_argument("--tokenizer_root", default=None, help="HF folder of the T5 tokenizer (default: text encoder's)")
-    p.add_argument("--sd_scale_factor", type=float, default=None, help="VAE latent scale (default: VAE config)")
-    p.add_argument("--image_height", type=int, default=None)
-    p.add_argument("--image_width", type=int, default=None)
-    p.add_argument("--resolution_binning", type=str2bool, default=True,
+    g.add_argument("--lora_scale", type=float, default=1.0, help="LoRA strength: 0 = the base model, 1 = as trained")
+    add_encoder_options(g)
+    add_kv_compress_group(p, scale_factor=1)
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--image_height", type=int, default=None)
+    g.add_argument("--image_width", type=int, default=None)
+    g.add_argument("--resolution_binning", type=str2bool, default=True,
                    help="generate at the nearest trained aspect ratio, then resize and crop to the requested size")
-    p.add_argument("--sampling_method", default="dpm", choices=list(SAMPLERS))
-    p.add_argument("--sampling_steps", type=int, default=None, help="default: dpm 20, iddpm 100, ddim 20, sa 25")
-    p.add_argument("--dpm_schedule", default="linspace", choices=["linspace", "time_uniform"],
+    g.add_argument("--sampling_method", default="dpm", choices=list(SAMPLERS))
+    g.add_argument("--sampling_steps", type=int, default=None, help="default: dpm 20, iddpm 100, ddim 20, sa 25")
+    g.add_argument("--dpm_schedule", default="linspace", choices=["linspace", "time_uniform"],
                    help="DPM-Solver++ steps: diffusers' schedule, or the official repos' time_uniform")
-    p.add_argument("--guidance_scale", type=float, default=4.5)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch_size", type=int, default=1, help="images per prompt in one denoising batch")
-    p.add_argument("--num_trials", type=int, default=1, help="repeat each prompt this many times (new seeds)")
-    p.add_argument("--imagegrid", type=str2bool, default=False, help="also save all images as one grid")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="transformer precision")
-    p.add_argument("--text_encoder_dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="T5 precision (default: --dtype); fp16 halves T5-XXL's 19 GB")
-    p.add_argument("--output_path", default="samples")
-    p.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
-    p.add_argument("--mode", default="pynative", help="graph (0) or pynative (1)")
-    p.add_argument("--jit_level", default="O1", choices=["O0", "O1", "O2"])
-    p.add_argument("--enable_flash_attention", type=str2bool, default=None,
-                   help="FlashAttentionScore (Ascend only; default on there)")
-    p.add_argument("--kv_compress", type=str2bool, default=False, help="Σ KV compression (needs a KV checkpoint)")
-    p.add_argument("--kv_compress_sampling", default="conv", choices=["conv", "ave", "uniform"])
-    p.add_argument("--kv_compress_scale_factor", type=int, default=1)
-    p.add_argument("--kv_compress_layer", type=int, nargs="*", default=None)
-    p.add_argument("--progress", type=str2bool, default=True, help="show a progress bar over denoising steps")
+    g.add_argument("--guidance_scale", type=float, default=4.5)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--batch_size", type=int, default=1, help="images per prompt in one denoising batch")
+    g.add_argument("--num_trials", type=int, default=1, help="repeat each prompt this many times (new seeds)")
+    g.add_argument("--progress", type=str2bool, default=True, help="show a progress bar over denoising steps")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_path", default="samples")
+    g.add_argument("--imagegrid", type=str2bool, default=False, help="also save all images as one grid")
+
+    g = add_precision_group(p)
+    g.add_argument("--dtype", default="fp32", choices=DTYPES, help="transformer precision")
+    add_execution_group(p, mode="pynative")
     return p
-
-
-MODES = {"0": "graph", "graph": "graph", "1": "pynative", "pynative": "pynative"}
 
 
 def read_prompts(args) -> list[str]:
@@ -81,17 +80,13 @@ def read_prompts(args) -> list[str]:
 
 def check_args(args) -> None:
     """Everything that can be checked before a model is loaded, so bad input costs nothing and writes nothing."""
-    if str(args.mode) not in MODES:
-        raise SampleError(f"--mode must be graph (0) or pynative (1), got {args.mode!r}")
-    for name in ("image_height", "image_width"):
-        value = getattr(args, name)
-        if value is not None and value < 8:
-            raise SampleError(f"--{name} must be at least 8 pixels, got {value}")
-    if not args.resolution_binning:
-        h, w = args.image_height or 0, args.image_width or 0
-        if h % 16 or w % 16:
-            raise SampleError(f"image size {h}x{w} is not reachable without resolution binning: height and width "
-                              "must be multiples of 16 (8x VAE, 2x2 patches)")
+    mode_name(args, SampleError)
+    preset = preset_config(args.model)  # unknown presets fail here, naming the known ones
+    try:
+        check_image_size(args.image_height, args.image_width, preset.patch_size, args.resolution_binning,
+                         names=("--image_height", "--image_width"))
+    except ValueError as e:
+        raise SampleError(str(e)) from None
     if args.sampling_steps is not None and args.sampling_steps < 1:
         raise SampleError(f"--sampling_steps must be >= 1, got {args.sampling_steps}")
     if args.batch_size < 1 or args.num_trials < 1:
@@ -106,24 +101,18 @@ def check_args(args) -> None:
         raise SampleError(f"--tokenizer_root not found: {args.tokenizer_root}")
     if getattr(args, "lora_path", None) and not Path(args.lora_path).exists():
         raise SampleError(f"--lora_path not found: {args.lora_path}")
-    from pixart.models.pixart import preset_config
-    preset_config(args.model)  # unknown presets fail here, naming the known ones
 
 
 def setup_backend(args) -> None:
-    backend.setup(args.device_target, MODES[str(args.mode)], args.jit_level, args.enable_flash_attention)
+    backend.setup(args.device_target, mode_name(args), args.jit_level, args.enable_flash_attention)
     backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
 
 
 def load_pipeline(args, log=print, text_encoder: bool = True):
     """Set up the backend and load the pipeline the model flags name (sample.py and gradio_demo.py), with T5 unless
     `text_encoder` is False; run `check_args` first."""
-    from pixart.pipelines.text_to_image import PixArtPipeline
     setup_backend(args)
-    kv = None
-    if args.kv_compress:
-        kv = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
-              "kv_compress_layer": args.kv_compress_layer or []}
+    kv = kv_compress_config(args)
     return PixArtPipeline.from_pretrained(
         checkpoint=args.checkpoint, model=args.model, vae_root=args.vae_root, text_encoder_root=args.text_encoder_root,
         tokenizer_root=args.tokenizer_root, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
@@ -133,11 +122,8 @@ def load_pipeline(args, log=print, text_encoder: bool = True):
 
 def encode_first(args, prompts: list[str], log=print):
     """T5 on its own, before the transformer is loaded: every prompt (and the negative one) encoded, then T5 freed,
-    so the two models never share memory (T5-XXL alone is 19 GB in fp32). Returns the embeddings per prompt and the
-    negative's (None with --uncond y_embedding)."""
-    from pixart.models.pixart import preset_config
-    from pixart.models.t5 import load_t5, load_tokenizer
-    from pixart.pipelines.text_to_image import encode_text
+    so the two models never share memory (T5-XXL is the larger of the two). Returns the embeddings per prompt and
+    the negative's (None with --uncond y_embedding)."""
     setup_backend(args)
     t0 = time.time()
     log(f"loading text encoder {args.text_encoder_root}")
@@ -163,7 +149,6 @@ def generation_kwargs(args, pipe) -> dict:
 
 
 def run(args, log=print) -> list[Path]:
-    from pixart.pipelines.outputs import image_grid, save_png, write_json
     prompts = read_prompts(args)
     check_args(args)
     embeds, negative = encode_first(args, prompts, log)
@@ -177,16 +162,12 @@ def run(args, log=print) -> list[Path]:
         for i, (prompt, emb) in enumerate(zip(prompts, embeds)):
             seed = args.seed + (trial * len(prompts) + i) * args.batch_size
             result = pipe(prompt, seed=seed, prompt_embeds=emb, negative_prompt_embeds=negative, **options)
-            for j, (image, settings) in enumerate(zip(result.images, result.settings)):
-                settings.update(model=args.model, checkpoint=str(args.checkpoint))
-                if args.lora_path:
-                    settings.update(lora=str(args.lora_path), lora_scale=args.lora_scale)
-                path = out_dir / f"{len(records):04d}-p{i}-t{trial}-b{j}.png"
-                save_png(image, path, settings)
-                images.append(image)
-                records.append({"file": path.name, **settings})
-                written.append(path)
-                log(f"saved {path}")
+            first = len(records)
+            paths = save_images(result, lambda j, _: out_dir / f"{first + j:04d}-p{i}-t{trial}-b{j}.png",
+                                provenance(args.model, args.checkpoint, args.lora_path, args.lora_scale), log)
+            images += result.images
+            records += [{"file": path.name, **settings} for path, settings in zip(paths, result.settings)]
+            written += paths
     if args.imagegrid and images:
         grid = out_dir / "grid.png"
         save_png(image_grid(images), grid, {"files": ",".join(r["file"] for r in records)})

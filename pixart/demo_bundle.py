@@ -4,13 +4,17 @@ loading code. Its images are noise: it proves the plumbing, not the model.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
+from pixart import backend
 from pixart.checkpoints import write_ckpt, write_safetensors
+from pixart.models.pixart import PixArt, preset_config
+from pixart.models.t5 import T5Config, T5EncoderModel, make_tiny_tokenizer
+from pixart.models.vae import AutoencoderKL, VAEConfig
 
 PRESET = "PixArt-Sigma-XL-2-256x256"
 ROOT = Path("models/demo")
@@ -50,11 +54,6 @@ def is_built(root=ROOT) -> bool:
 
 def build(root=ROOT, log=print) -> Path:
     """Write the bundle under `root` (seconds). Deterministic: the same files every time."""
-    from pixart import backend
-    from pixart.models.pixart import PixArt, preset_config
-    from pixart.models.t5 import T5Config, T5EncoderModel, make_tiny_tokenizer
-    from pixart.models.vae import AutoencoderKL, VAEConfig
-    import sentencepiece as spm
     root = Path(root)
     if backend.device_target() != "CPU":
         backend.setup("CPU")

@@ -1,0 +1,243 @@
+"""The request logic behind the Gradio page, gradio-free (tests call it directly): check a request, generate it
+with the loaded pipeline, save PNGs that carry their settings, and say the `sample.py` command (and YAML config)
+that reproduces it. A bad value raises a `DemoError`, whose message the page shows; the server goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from pixart.data.buckets import ASPECT_RATIOS
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.models.lora import set_lora_scale
+from pixart.pipelines.outputs import provenance, save_images
+from pixart.pipelines.text_to_image import check_image_size
+
+MAX_SEED = 2 ** 31 - 1
+MAX_STEPS = 1000
+LORA_SCALES = (0.0, 2.0)  # the page's LoRA scale slider: 0 = the base model, 1 = as trained
+CUSTOM = "custom"
+KEEP_REQUESTS = 50  # PNG folders kept on disk for download; older ones are deleted
+# the server-wide sample.py options a reproduce-command carries, in this order
+_MODEL_FLAGS = ("model", "checkpoint", "lora_path", "vae_root", "text_encoder_root", "tokenizer_root",
+                "sd_scale_factor", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode",
+                "jit_level", "enable_flash_attention", "kv_compress", "kv_compress_sampling",
+                "kv_compress_scale_factor", "kv_compress_layer")
+
+
+class DemoError(ValueError):
+    """A request the demo refuses; its message is shown in the page."""
+
+
+def _int(name: str, value, low: int | None, high: int | None = None, why_high: str = "") -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise DemoError(f"{name} must be a whole number, got {value!r}") from None
+    if not np.isfinite(f) or f != int(f):
+        raise DemoError(f"{name} must be a whole number, got {value!r}")
+    v = int(f)
+    if low is not None and v < low:
+        raise DemoError(f"{name} must be at least {low}, got {v}")
+    if high is not None and v > high:
+        raise DemoError(f"{name} must be at most {high}{why_high}, got {v}")
+    return v
+
+
+class DemoApp:
+    """The loaded pipeline and the request logic behind the page (gradio-free, so tests call it directly).
+
+    `args` are the server's options; `sample_args(argv)` parses a `sample.py` command line (its parser and YAML
+    rules), which the reproduce-command is written against."""
+
+    def __init__(self, pipe, args, sample_args: Callable[[list[str]], argparse.Namespace],
+                 out_dir: str | Path | None = None, log=print):
+        self.pipe, self.args, self.log = pipe, args, log
+        self._sample_args = sample_args
+        self.resolution = pipe.resolution
+        self.max_size = args.max_image_size or 2 * self.resolution
+        self.max_batch = max(1, args.max_batch_size)
+        self.table = ASPECT_RATIOS[min(ASPECT_RATIOS, key=lambda r: abs(r - self.resolution))]
+        self.lora = bool(getattr(args, "lora_path", None))  # loaded once with the model; the page sets its scale
+        self._lora_scale = args.lora_scale if self.lora else None  # the scale the transformer holds now
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="pixart-gradio-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # one generation at a time even if called outside gradio's queue
+        self._count = 0
+        self._config, self._base = self._sample_baseline()
+        self._defaults = sample_args([])
+
+    # -- defaults the page starts from (the YAML / flags) ------------------------------------------------------
+    def defaults(self) -> dict:
+        a = self.args
+        h, w = a.image_height or self.resolution, a.image_width or self.resolution
+        return dict(prompt=(a.prompt or [""])[0], negative_prompt=a.negative_prompt, sampler=a.sampling_method,
+                    steps=a.sampling_steps or DEFAULT_STEPS[a.sampling_method], guidance_scale=a.guidance_scale,
+                    seed=a.seed, width=w, height=h, batch_size=min(a.batch_size, self.max_batch),
+                    resolution_binning=a.resolution_binning, aspect_ratio=self.preset_for(h, w),
+                    lora_scale=a.lora_scale if self.lora else None)
+
+    def presets(self) -> list[tuple[str, str]]:
+        """(label, key) for the aspect-ratio dropdown: the model's sampling bins, width x height."""
+        return [(f"{CUSTOM} (width and height below)", CUSTOM)] + [
+            (f"{key}  ({w}x{h})", key) for key, (h, w) in sorted(self.table.items(), key=lambda kv: float(kv[0]))]
+
+    def preset_size(self, key: str) -> tuple[int, int] | None:
+        """(width, height) of a preset, or None for custom."""
+        if key in self.table:
+            h, w = self.table[key]
+            return int(w), int(h)
+        return None
+
+    def preset_for(self, height: int, width: int) -> str:
+        for key, (h, w) in self.table.items():
+            if (int(h), int(w)) == (int(height), int(width)):
+                return key
+        return CUSTOM
+
+    # -- one request ----------------------------------------------------------------------------------------
+    def check_request(self, prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed,
+                      width, height, batch_size, resolution_binning, lora_scale=None) -> dict:
+        """Validate and normalise a request; a DemoError names the first bad value. `lora_scale` counts only when
+        the server has a LoRA (None: the one it was started with)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DemoError("the prompt is empty: type what the image should show")
+        if sampler not in SAMPLERS:
+            raise DemoError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        steps = _int("steps", steps, 1, MAX_STEPS)
+        try:
+            guidance_scale = float(guidance_scale)
+        except (TypeError, ValueError):
+            raise DemoError(f"guidance scale must be a number, got {guidance_scale!r}") from None
+        if not np.isfinite(guidance_scale) or not 0 <= guidance_scale <= 50:
+            raise DemoError(f"guidance scale must be between 0 and 50, got {guidance_scale}")
+        too_large = f" for {self.args.model} (trained at {self.resolution} px; --max_image_size raises the limit)"
+        width = _int("width", width, None, self.max_size, too_large)
+        height = _int("height", height, None, self.max_size, too_large)
+        binning = bool(resolution_binning)
+        try:
+            check_image_size(height, width, self.pipe.transformer.patch_size, binning)
+        except ValueError as e:
+            raise DemoError(str(e)) from None
+        batch_size = _int("batch size", batch_size, 1, self.max_batch, " (--max_batch_size raises the limit)")
+        if randomize_seed:
+            seed = int(np.random.default_rng().integers(0, MAX_SEED - batch_size))
+        seed = _int("seed", seed, 0, MAX_SEED - batch_size)
+        if self.lora:
+            lora_scale = self.args.lora_scale if lora_scale is None else lora_scale
+            try:
+                lora_scale = float(lora_scale)
+            except (TypeError, ValueError):
+                raise DemoError(f"LoRA scale must be a number, got {lora_scale!r}") from None
+            if not np.isfinite(lora_scale) or not LORA_SCALES[0] <= lora_scale <= LORA_SCALES[1]:
+                raise DemoError(f"LoRA scale must be between {LORA_SCALES[0]:g} and {LORA_SCALES[1]:g}, "
+                                f"got {lora_scale}")
+        else:
+            lora_scale = None
+        return dict(prompt=prompt.strip(), negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
+                    guidance_scale=guidance_scale, seed=seed, width=width, height=height, batch_size=batch_size,
+                    resolution_binning=binning, lora_scale=lora_scale)
+
+    def generate(self, request: dict, progress=None) -> dict:
+        """Generate a checked request; returns paths of the PNGs (with metadata), settings, and the command."""
+        a = self.args
+        options = {"schedule": a.dpm_schedule} if request["sampler"] == "dpm" else {}
+        with self._lock:
+            self._count += 1
+            n = self._count
+            t0 = time.time()
+            if progress is not None:
+                progress(0, desc="encoding the prompt")
+            if self.lora and request["lora_scale"] != self._lora_scale:
+                set_lora_scale(self.pipe.transformer, request["lora_scale"])  # a compiled graph reads the new scale
+                self._lora_scale = request["lora_scale"]
+            result = self.pipe(request["prompt"], negative_prompt=request["negative_prompt"],
+                               height=request["height"], width=request["width"], sampler=request["sampler"],
+                               num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
+                               num_images_per_prompt=request["batch_size"], seed=request["seed"], uncond=a.uncond,
+                               use_resolution_binning=request["resolution_binning"], progress=True,
+                               sampler_options=options)
+            seconds = time.time() - t0
+        folder = self.out_dir / f"{n:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._prune()
+        made_by = provenance(a.model, a.checkpoint, a.lora_path, request["lora_scale"])
+        paths = [str(p) for p in save_images(result, lambda _, s: folder / f"pixart-{n:05d}-seed{s['seed']}.png",
+                                             made_by)]
+        self.log(f"request {n}: {request['batch_size']} image(s) {request['width']}x{request['height']}, "
+                 f"{request['sampler']} {request['steps']} steps, seed {request['seed']}: {seconds:.1f}s")
+        return dict(paths=paths, settings=result.settings, seconds=seconds, seed=request["seed"],
+                    command=self.command(request), yaml=self.yaml_config(request))
+
+    def _prune(self):
+        folders = sorted(p for p in self.out_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        for old in folders[:-KEEP_REQUESTS]:
+            for f in old.iterdir():
+                f.unlink(missing_ok=True)
+            old.rmdir()
+
+    # -- reproducing a request with sample.py -------------------------------------------------------------
+    def _sample_baseline(self):
+        """(config, namespace): what sample.py sees before any flag, with this server's -c config if sample.py
+        accepts it (a YAML with server-only keys such as `port` is left out, and every model flag is spelled)."""
+        config = getattr(self.args, "config", None)
+        if config:
+            try:
+                return config, self._sample_args(["-c", str(config)])
+            except (ValueError, SystemExit):  # a ConfigError: the YAML has keys sample.py does not take
+                pass
+        return None, self._sample_args([])
+
+    def sample_options(self, request: dict, complete: bool = False) -> dict:
+        """sample.py options (dest: value) that reproduce `request` with this server's model flags: those that
+        differ from what the -c config already says, or (`complete`, for a YAML config of its own) from sample.py's
+        defaults, the model and its files always."""
+        a, base = self.args, (self._defaults if complete else self._base)
+        opts = {}
+        for name in _MODEL_FLAGS:
+            value = getattr(a, name)
+            always = complete and name in ("model", "checkpoint", "vae_root", "text_encoder_root", "tokenizer_root")
+            if value is not None and (always or value != getattr(base, name)):
+                opts[name] = value
+        opts.update(prompt=[request["prompt"]], negative_prompt=request["negative_prompt"],
+                    sampling_method=request["sampler"], sampling_steps=request["steps"],
+                    guidance_scale=request["guidance_scale"], seed=request["seed"],
+                    image_height=request["height"], image_width=request["width"],
+                    resolution_binning=request["resolution_binning"], batch_size=request["batch_size"])
+        if self.lora:
+            opts["lora_scale"] = request["lora_scale"]
+        if not complete:  # neutralise what the -c config would add to this one image
+            if self._base.prompt_path:
+                opts["prompt_path"] = ""
+            if self._base.num_trials != 1:
+                opts["num_trials"] = 1
+        return opts
+
+    def command(self, request: dict) -> str:
+        """A `python sample.py ...` line: the server's config file (if any), then explicit flags."""
+        parts = ["python", "sample.py"]
+        if self._config:
+            parts += ["-c", str(self._config)]
+        for name, value in self.sample_options(request).items():
+            if isinstance(value, bool):
+                parts += [f"--{name}", str(value).lower()]
+            elif isinstance(value, list):
+                if value:
+                    parts += [f"--{name}", *map(str, value)]
+            else:
+                parts += [f"--{name}", str(value)]
+        return shlex.join(parts)
+
+    def yaml_config(self, request: dict) -> str:
+        """The same as a complete YAML config: `python sample.py -c this.yaml`."""
+        return yaml.safe_dump(self.sample_options(request, complete=True), sort_keys=False, allow_unicode=True)
+
+

@@ -1,0 +1,93 @@
+"""The training loop: optimizer steps with their learning rate, micro-batches, log lines and rows, checkpoints and
+validation at their intervals; then the run's summary."""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from typing import Callable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from pixart.training.batch import BATCH_KEYS
+from pixart.training.optimizers import constant_with_warmup
+from pixart.training.setup import Data, Optimisation
+
+
+def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_steps: int, log,
+               save: Callable[[int, int], None], validate: Callable[[int], None] | None = None,
+               validate_every: int = 0) -> dict:
+    """Optimizer steps start_step+1 .. max_steps: lr, micro-batches, step, log line and jsonl row, checkpoints every
+    --save_every (and the last step), validation every `validate_every`. Returns the step times and overflows."""
+    step_times, window, skipped_steps = [], [], 0
+    last_tic = time.time()
+    step = start_step
+    for step in range(start_step + 1, max_steps + 1):
+        tic = time.time()
+        step_lr = Tensor(constant_with_warmup(step - 1, opt.lr, args.warmup_steps), ms.float32)
+        losses, data_time = [], 0.0
+        for micro in range(args.grad_accumulation):
+            t_data = time.time()
+            ref = next(stream)
+            batch = builder(ref)
+            data_time += time.time() - t_data
+            if step == start_step + 1 and micro == 0:
+                log.rank(f"first batch (global batch {ref.index}, bucket {ref.bucket}): "
+                         + ", ".join(e.path for e in ref.entries))
+            out = opt.step_cell(*(Tensor(batch[k]) for k in BATCH_KEYS), step_lr,
+                                micro == args.grad_accumulation - 1)
+            losses.append(out[1].asnumpy())
+        _, _, norm, finite, scale = out
+        terms = np.mean(losses, 0)
+        finite = bool(finite.asnumpy())
+        skipped_steps += not finite
+        dt = time.time() - tic
+        step_times.append(dt)
+        row = {"step": step, "loss": float(terms[0]), "mse": float(terms[1]), "vb": float(terms[2]),
+               "lr": float(step_lr.asnumpy()), "grad_norm": float(norm.asnumpy()),
+               "loss_scale": float(scale.asnumpy()), "skipped": not finite, "epoch": stream.position(ref.index)[0],
+               "bucket": ref.bucket, "images_per_s": opt.effective_batch / dt, "step_time": dt,
+               "data_time": data_time}
+        log.record(row)
+        window.append(row)
+        if step % args.log_every == 0 or step == start_step + 1 or step == max_steps:
+            t = time.time() - last_tic
+            imgs = opt.effective_batch * len(window) / max(t, 1e-9)
+            mean = lambda k: float(np.mean([r[k] for r in window]))  # noqa: E731
+            log.info(f"step {step}/{max_steps} | loss {mean('loss'):.4f} (mse {mean('mse'):.4f}, vb {mean('vb'):.4f}) "
+                     f"| lr {row['lr']:.3g} | grad norm {mean('grad_norm'):.3g} | {imgs:.2f} img/s (data "
+                     f"{mean('data_time'):.3f}s) | loss scale {row['loss_scale']:g}"
+                     + (f" | {sum(r['skipped'] for r in window)} skipped (overflow)"
+                        if any(r["skipped"] for r in window) else ""))
+            window, last_tic = [], time.time()
+        if step % args.save_every == 0 and step != max_steps:
+            save(step, stream.next_index)
+        if validate is not None and validate_every and step % validate_every == 0:
+            validate(step)
+    if max_steps > start_step:
+        save(step, stream.next_index)
+    return {"step_times": step_times, "skipped_steps": skipped_steps}
+
+
+def finish(args, log, data: Data, failures_before: list, max_steps: int, loop: dict) -> dict:
+    """Report replaced images, the speed and memory summary (log line and jsonl row); returns the summary."""
+    failures = failures_before + [dataclasses.asdict(s) for s in data.dataset.decode_failures]
+    if failures:
+        log.info(f"data: {len(failures)} image(s) failed to decode and were replaced: " +
+                 "; ".join(f"{f['path']} ({f['reason']})" for f in failures[:5]))
+    step_times = loop["step_times"]
+    summary = {"steps": max_steps, "skipped_steps": loop["skipped_steps"], "peak_rss_mb": _peak_rss_mb(),
+               # the first steps compile (one graph per bucket shape in graph mode): the median skips them
+               "median_step_s": float(np.median(step_times[2:] or step_times)) if step_times else None,
+               "skipped_images": len(data.dataset.skipped) + len(failures)}
+    log.info(f"done: {max_steps} steps, {summary['skipped_steps']} skipped; median step "
+             f"{summary['median_step_s'] or 0:.3f}s, peak RSS {summary['peak_rss_mb']:.0f} MB; "
+             f"{summary['skipped_images']} image(s) skipped")
+    log.record({"summary": summary})
+    return summary
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
