@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pixart.checkpoints import write_ckpt, write_safetensors
+from pixart.io import write_ckpt, write_safetensors
 
 PRESET = "PixArt-Sigma-XL-2-256x256"
 ROOT = Path("models/demo")

@@ -18,8 +18,9 @@ import mindspore as ms
 from PIL import Image
 
 from pixart import demo
-from pixart.checkpoints import (CheckpointError, diffusers_to_original, fill_null_caption, load_into,
-                                read_safetensors_metadata, read_state_dict, write_ckpt, write_safetensors)
+from pixart.io import (CheckpointError, diffusers_to_original, load_into, read_safetensors_metadata, read_state_dict,
+                       write_ckpt, write_safetensors)
+from pixart.models.convert import fill_null_caption
 from pixart.models import lora as L
 from pixart.models.pixart import PixArt, preset_config
 from pixart.pipelines.outputs import read_png_settings

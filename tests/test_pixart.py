@@ -9,7 +9,7 @@ import pytest
 import torch
 import mindspore as ms
 
-from pixart.checkpoints import CheckpointError, read_state_dict, load_into
+from pixart.io import CheckpointError, read_state_dict, load_into
 from pixart.models.pixart import PixArt, AttentionKVCompress, preset_config
 from tests.utils import rel_err
 
@@ -37,7 +37,7 @@ def diffusers_model(extra: dict, seed: int = 0):
 
 
 def to_original(state: dict, y_tokens: int, pos_tokens: int) -> dict:
-    """The test's own diffusers -> original renaming (written out independently of pixart.checkpoints)."""
+    """The test's own diffusers -> original renaming (written out independently of pixart.io.keymap)."""
     s = {k: v.clone() for k, v in state.items()}
     out = {"x_embedder.proj.weight": s.pop("pos_embed.proj.weight"), "x_embedder.proj.bias": s.pop("pos_embed.proj.bias")}
     s.pop("pos_embed.pos_embed", None)
@@ -204,7 +204,8 @@ def test_graph_mode_matches_pynative(graph_mode):
     cfg = preset_config("PixArt-XL-2-1024-MS", depth=DEPTH)
     ref = diffusers_model(CASES["PixArt-XL-2-1024-MS"][0])
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    from pixart.checkpoints import diffusers_to_original, fill_null_caption
+    from pixart.io import diffusers_to_original
+    from pixart.models.convert import fill_null_caption
     state, unmapped = diffusers_to_original(state)
     assert not unmapped
     fill_null_caption(state, cfg, 120, log=lambda *_: None)
@@ -228,7 +229,7 @@ def _cli(*args):
 def test_convert_rejects_other_architectures_with_named_keys(tmp_path):
     small = PixArt(preset_config("PixArt-XL-2-256x256", depth=2, hidden_size=64, num_heads=4, caption_channels=32,
                                  model_max_length=8))
-    from pixart.checkpoints import write_safetensors
+    from pixart.io import write_safetensors
     state = {p.name: p.asnumpy() for p in small.get_parameters()}
     write_safetensors(state, tmp_path / "small.safetensors")
     r = _cli("--source", tmp_path / "small.safetensors", "--target", tmp_path / "x.ckpt", "--preset",
@@ -271,7 +272,8 @@ def test_ckpt_reader_equals_mindspore_and_falls_back(tmp_path):
     """.ckpt files are streamed from a map of the file (one copy of the weights at most, shared where aligned); every
     dtype and shape must come back exactly as MindSpore's own reader gives it, and a file it cannot parse goes to
     MindSpore's reader (a CheckpointError where that fails too)."""
-    from pixart.checkpoints import _read_ckpt_stream, read_ckpt, write_ckpt
+    from pixart.io import read_ckpt, write_ckpt
+    from pixart.io.ckpt import _read_ckpt_stream
     g = np.random.default_rng(0)
     state = {"a.weight": g.standard_normal((7, 5)).astype(np.float32),  # odd sizes: unaligned contents follow
              "b": g.standard_normal((3,)).astype(np.float16), "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
@@ -279,7 +281,7 @@ def test_ckpt_reader_equals_mindspore_and_falls_back(tmp_path):
              "steps": np.array([12], np.int64), "flag": np.array([True, False])}
     path = tmp_path / "x.ckpt"
     write_ckpt(state, path)
-    ours, ref = _read_ckpt_stream(path), {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+    ours, ref = _read_ckpt_stream(path)[0], {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
     assert list(ours) == list(ref) and set(ours) == set(state)
     for k in ref:
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k

@@ -12,7 +12,7 @@ The checkpoint may be anything tools/convert.py reads (.ckpt, original .pth, dif
 import argparse
 import sys
 
-from pixart.checkpoints import CheckpointError
+from pixart.io import CheckpointError
 from pixart.models.lora import merge_lora_file
 
 

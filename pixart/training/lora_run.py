@@ -182,7 +182,7 @@ def target_names(spec: list[str], model) -> tuple[str, ...]:
 # Checkpoints: <output_dir>/checkpoint-N/{pytorch_lora_weights.safetensors, train_state.ckpt, state.json}
 # ----------------------------------------------------------------------------------------------------------------
 def load_checkpoint(path) -> dict:
-    from pixart.checkpoints import CheckpointError, read_ckpt
+    from pixart.io import CheckpointError, read_ckpt
     from pixart.models.lora import LORA_WEIGHT_NAME
     from pixart.training import checkpoint as ckpt
     path = Path(path)
@@ -238,7 +238,7 @@ def run(args) -> dict:
 
 
 def _preset_of(weights_cfg, path) -> str:
-    from pixart.checkpoints import match_preset
+    from pixart.models.convert import match_preset
     name, diff = match_preset(weights_cfg)
     if name is None:
         raise TrainError(f"cannot tell which PixArt preset {path} is ({'; '.join(diff)}); pass --model")
@@ -246,7 +246,8 @@ def _preset_of(weights_cfg, path) -> str:
 
 
 def _train(args, ctx, mode, log, resumed, resume_from, out_dir: Path) -> dict:
-    from pixart.checkpoints import convert_pixart, write_ckpt
+    from pixart.io import write_ckpt
+    from pixart.models.convert import convert_pixart
     from pixart.models import lora as L
     from pixart.training import checkpoint as ckpt
     from pixart.training.model_init import initialize_lora

@@ -362,7 +362,8 @@ def model_config(args, caption_channels: int, weights=None):
 def build_model(args, data: Data, log, pretrained=None):
     """PixArt for `data`: PixArt's initialisation from --seed, or the `pretrained` (state, config) of
     `pixart.checkpoints.convert_pixart` loaded into it."""
-    from pixart.checkpoints import fill_null_caption, load_into
+    from pixart.io import load_into
+    from pixart.models.convert import fill_null_caption
     from pixart.models.pixart import PixArt
     from pixart.training.model_init import initialize_weights
     cfg = model_config(args, data.caption_channels, pretrained[1] if pretrained else None)
@@ -449,7 +450,7 @@ def restore_training_state(resumed, path, opt: Optimisation, args, ctx, dataset,
     """Optimizer and loss-scale state of a checkpoint, with warnings where the data order cannot repeat;
     returns (step, global batches consumed)."""
     from mindspore import Tensor
-    from pixart.checkpoints import CheckpointError
+    from pixart.io import CheckpointError
     from pixart.training import checkpoint as ckpt
     state = resumed["state"]
     if state.get("optimizer") != args.optimizer:
@@ -611,7 +612,7 @@ def run(args) -> dict:
 
 
 def _train(args, ctx, mode, log, resumed, resume_from, ckpt_root) -> dict:
-    from pixart.checkpoints import convert_pixart
+    from pixart.models.convert import convert_pixart
     from pixart.training import checkpoint as ckpt
 
     t_setup = time.time()
@@ -667,7 +668,7 @@ def _train(args, ctx, mode, log, resumed, resume_from, ckpt_root) -> dict:
 
 
 def _restore(resumed, path, model, opt: Optimisation, args, ctx, dataset, log) -> tuple[int, int]:
-    from pixart.checkpoints import load_into
+    from pixart.io import load_into
     load_into(model, resumed["model"], what=f"model of checkpoint {path}")
     if opt.ema is not None:
         if resumed["ema"] is None:
