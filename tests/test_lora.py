@@ -25,7 +25,7 @@ from pixart.models import lora as L
 from pixart.models.pixart import PixArt, preset_config
 from pixart.pipelines.outputs import read_png_settings
 from tests.test_pipeline import _diffusers_transformer
-from tests.test_pixart import run_diffusers, run_ours
+from tests.utils import run_diffusers, run_ours
 from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")

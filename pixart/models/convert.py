@@ -144,9 +144,9 @@ def _field(cfg, name):
     if name == "kv_layers":
         kv = cfg.kv_compress_config or {}
         return (tuple(kv.get("kv_compress_layer") or ()), kv.get("sampling") if kv.get("kv_compress_layer") else None)
-    if name == "kv":  # compressed or not, and how (a reduced copy compresses other layers)
+    if name == "kv":  # compressed or not, and how (a reduced copy compresses other layers); always known
         kv = cfg.kv_compress_config or {}
-        return kv.get("sampling") if kv.get("kv_compress_layer") else None
+        return kv.get("sampling") if kv.get("kv_compress_layer") else "none"
     value = getattr(cfg, name)
     return float(value) if name == "pe_interpolation" and value is not None else value
 
