@@ -66,9 +66,8 @@ def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | N
     c = diffusers_config or {}
     heads = num_heads or c.get("num_attention_heads") or (hidden // HEAD_SIZE if hidden % HEAD_SIZE == 0 else None)
     input_size = pe_interpolation = None
-    if diffusers_config:  # diffusers' own defaults where its config leaves them open
-        input_size = c.get("sample_size", 128)
-        pe_interpolation = float(c.get("interpolation_scale") or max(input_size // 64, 1))
+    if diffusers_config:
+        input_size, pe_interpolation, _ = _diffusers_resolution(diffusers_config)
     elif "pos_embed" in state:  # the original's fixed buffer (1, T, D) tells the training resolution
         input_size = int(round(state["pos_embed"].shape[1] ** 0.5)) * patch
     return PixArtConfig(
@@ -81,6 +80,32 @@ def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | N
         micro_condition="csize_embedder.mlp.0.weight" in state, qk_norm="blocks.0.attn.q_norm.weight" in state,
         kv_compress_config={"sampling": "conv" if kv_layers else None, "scale_factor": sr,
                             "kv_compress_layer": kv_layers})
+
+
+def _diffusers_resolution(config: dict) -> tuple[int, float, bool]:
+    """(input_size, pe_interpolation, micro_condition) of a diffusers transformer config.json, with diffusers' own
+    defaults where it leaves them open (folders written before those options existed)."""
+    size = config.get("sample_size", 128)
+    micro = config.get("use_additional_conditions")
+    return size, float(config.get("interpolation_scale") or max(size // 64, 1)), size == 128 if micro is None else micro
+
+
+def _pipeline_class(folder) -> str | None:
+    """The `_class_name` of a diffusers pipeline folder's model_index.json (PixArtAlphaPipeline / ...), if any."""
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name") if index.exists() else None
+
+
+def pipeline_presets(folder) -> list[str]:
+    """The presets a diffusers pipeline folder may hold, by its model_index.json and transformer/config.json alone
+    (no weights read): α or Σ from the pipeline class, size, position-embedding scale, micro-conditions."""
+    config = Path(folder) / "transformer" / "config.json"
+    c = json.loads(config.read_text()) if config.exists() else {}
+    size, pe, micro = _diffusers_resolution(c)
+    cfg = PixArtConfig(input_size=size, pe_interpolation=pe, micro_condition=micro,
+                       model_max_length=_PIPELINE_TOKENS.get(_pipeline_class(folder)), patch_size=c.get("patch_size", 2),
+                       qk_norm=None)
+    return fitting_presets(cfg)
 
 
 # fields the weights always say, compared with a recorded architecture
@@ -98,8 +123,7 @@ def read_pixart(source, num_heads: int | None = None) -> PixArtWeights:
         source = source / "transformer"  # a whole pipeline folder
     if source.is_dir() and (source / "config.json").exists():
         dconfig = read_config(source)
-        index = source.parent / "model_index.json"
-        pipeline = json.loads(index.read_text()).get("_class_name") if index.exists() else None
+        pipeline = _pipeline_class(source.parent)
     state, metadata = read_weights(source)
     if is_diffusers_transformer(state):
         state, unmapped = diffusers_to_original(state)

@@ -1,15 +1,14 @@
 """Building the pipeline's components from files: the one place scripts (sample.py, gradio_demo.py) load models."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mindspore.nn.utils import no_init_parameters
 
 from pixart import backend
 from pixart.io import CheckpointError, load_into
-from pixart.models.convert import fill_null_caption, read_pixart, resolve_config
-from pixart.models.pixart import PRESETS, PixArt, preset_config
+from pixart.models.convert import fill_null_caption, pipeline_presets, read_pixart, resolve_config
+from pixart.models.pixart import PixArt, preset_config
 
 
 def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", kv_compress: dict | None = None,
@@ -75,17 +74,8 @@ def resolve_pipeline_folder(folder, model: str | None = None) -> dict:
     out = {k: str(v) for k, v in paths.items()}
     if model:
         return dict(out, model=model)
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
-    family = {"PixArtAlphaPipeline": "PixArt-XL-2-", "PixArtSigmaPipeline": "PixArt-Sigma-"}.get(
-        index.get("_class_name"))
-    config = json.loads((folder / "transformer" / "config.json").read_text()) \
-        if (folder / "transformer" / "config.json").exists() else {}
-    size, micro = config.get("sample_size"), bool(config.get("use_additional_conditions") or False)
-    if family and size and family == "PixArt-XL-2-" and size == 128 and config.get("use_additional_conditions") is None:
-        micro = True  # diffusers turns the micro-conditions on for α at 1024 when the config leaves it open
-    found = [name for name, p in PRESETS.items() if family and name.startswith(family)
-             and p["input_size"] == size and bool(p.get("micro_condition")) == micro and "kv_compress_config" not in p]
-    if not found:
-        raise CheckpointError(f"{folder}: cannot tell which PixArt model it holds (model_index.json class "
-                              f"{index.get('_class_name')!r}, sample_size {size}); pass --model with a preset name")
+    found = pipeline_presets(folder)
+    if len(found) != 1:
+        raise CheckpointError(f"{folder}: cannot tell which PixArt model it holds (it fits "
+                              f"{', '.join(found) or 'no preset'}); pass --model with a preset name")
     return dict(out, model=found[0])
