@@ -11,7 +11,8 @@ import numpy as np
 import sentencepiece as spm
 
 from pixart import backend
-from pixart.checkpoints import write_ckpt, write_safetensors
+from pixart.io import write_safetensors
+from pixart.models.convert import save_pixart
 from pixart.models.pixart import PixArt, preset_config
 from pixart.models.t5 import T5Config, T5EncoderModel, make_tiny_tokenizer
 from pixart.models.vae import AutoencoderKL, VAEConfig
@@ -76,6 +77,6 @@ def build(root=ROOT, log=print) -> Path:
     state = _random_state(PixArt(cfg), 3)
     state["y_embedder.y_embedding"] = (np.random.default_rng(4).standard_normal(
         (cfg.model_max_length, cfg.caption_channels)) / cfg.caption_channels ** 0.5).astype(np.float32)
-    write_ckpt(state, root / CHECKPOINT)
+    save_pixart(state, cfg, root / CHECKPOINT, PRESET)
     log(f"demo bundle written to {root} (untrained: its images are noise)")
     return root

@@ -19,13 +19,14 @@ from PIL import Image
 
 from pixart import cpu
 from pixart import demo_bundle as demo
-from pixart.checkpoints import (CheckpointError, diffusers_to_original, fill_null_caption, load_into,
-                                read_safetensors_metadata, read_state_dict, write_ckpt, write_safetensors)
+from pixart.io import (CheckpointError, diffusers_to_original, load_into, read_safetensors_metadata, read_state_dict,
+                       write_ckpt, write_safetensors)
+from pixart.models.convert import fill_null_caption
 from pixart.models import lora as L
 from pixart.models.pixart import PixArt, preset_config
 from pixart.pipelines.outputs import read_png_settings
 from tests.test_pipeline import _diffusers_transformer
-from tests.test_pixart import run_diffusers, run_ours
+from tests.utils import run_diffusers, run_ours
 from tests.utils import rel_err
 
 diffusers = pytest.importorskip("diffusers")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pixart import demo_bundle as demo
-from pixart.checkpoints import read_ckpt, read_safetensors_metadata, read_state_dict
+from pixart.io import read_ckpt, read_safetensors_metadata, read_state_dict
 from pixart.cli.options import ConfigError, parse_args
 from pixart.models.lora import LORA_WEIGHT_NAME, METADATA_KEY
 from pixart.training import checkpoint as ckpt

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixart.checkpoints import convert_pixart_file
+from pixart.models.convert import convert_pixart_file
 from pixart.pipelines.loading import load_transformer
 from pixart.pipelines.text_to_image import PixArtPipeline
 from pixart.models.t5 import make_tiny_tokenizer

@@ -1,138 +1,17 @@
-"""PixArt transformer: parity with diffusers' PixArtTransformer2DModel through tools/convert.py, KV compression
-and qk-norm against NumPy, graph mode against PyNative, and clear errors for bad checkpoints."""
-import subprocess
-import sys
-from pathlib import Path
-
+"""PixArt transformer: KV compression and qk-norm against NumPy, graph mode against PyNative and diffusers.
+(Conversion from every checkpoint format and its parity with diffusers: tests/test_convert.py.)"""
 import numpy as np
 import pytest
-import torch
 import mindspore as ms
 
 from pixart import cpu
-from pixart.checkpoints import CheckpointError, read_state_dict, load_into
+from pixart.io import diffusers_to_original, load_into
+from pixart.models.convert import fill_null_caption
 from pixart.models.pixart import PixArt, AttentionKVCompress, preset_config
-from tests.utils import rel_err
+from tests.utils import diffusers_model, inputs, rel_err, run_diffusers, run_ours
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPTH = 2
-CASES = {  # preset -> (diffusers config, latent (H, W))
-    "PixArt-XL-2-256x256": (dict(sample_size=32), (32, 32)),
-    "PixArt-XL-2-1024-MS": (dict(sample_size=128, use_additional_conditions=True), (32, 48)),
-    "PixArt-Sigma-XL-2-1024-MS": (dict(sample_size=128, use_additional_conditions=False, interpolation_scale=2),
-                                  (24, 40)),
-}
-
-
-def diffusers_model(extra: dict, seed: int = 0):
-    from diffusers import PixArtTransformer2DModel
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=DEPTH,
-        cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single", norm_elementwise_affine=False,
-        norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True, num_embeds_ada_norm=1000, **extra)
-    with torch.no_grad():  # the default init zeroes the output layers; make every weight matter
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1))
-    return model.eval()
-
-
-def to_original(state: dict, y_tokens: int, pos_tokens: int) -> dict:
-    """The test's own diffusers -> original renaming (written out independently of pixart.checkpoints)."""
-    s = {k: v.clone() for k, v in state.items()}
-    out = {"x_embedder.proj.weight": s.pop("pos_embed.proj.weight"), "x_embedder.proj.bias": s.pop("pos_embed.proj.bias")}
-    s.pop("pos_embed.pos_embed", None)
-    pairs = {"caption_projection.linear_1": "y_embedder.y_proj.fc1", "caption_projection.linear_2": "y_embedder.y_proj.fc2",
-             "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
-             "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
-             "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
-             "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
-             "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
-             "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
-             "adaln_single.linear": "t_block.1", "proj_out": "final_layer.linear"}
-    for a, b in pairs.items():
-        for suffix in ("weight", "bias"):
-            if f"{a}.{suffix}" in s:
-                out[f"{b}.{suffix}"] = s.pop(f"{a}.{suffix}")
-    out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
-    for i in range(DEPTH):
-        b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
-        out[o + "scale_shift_table"] = s.pop(b + "scale_shift_table")
-        for suffix in ("weight", "bias"):
-            out[o + f"attn.qkv.{suffix}"] = torch.cat([s.pop(b + f"attn1.to_{n}.{suffix}") for n in "qkv"])
-            out[o + f"attn.proj.{suffix}"] = s.pop(b + f"attn1.to_out.0.{suffix}")
-            out[o + f"cross_attn.q_linear.{suffix}"] = s.pop(b + f"attn2.to_q.{suffix}")
-            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([s.pop(b + f"attn2.to_{n}.{suffix}") for n in "kv"])
-            out[o + f"cross_attn.proj.{suffix}"] = s.pop(b + f"attn2.to_out.0.{suffix}")
-            out[o + f"mlp.fc1.{suffix}"] = s.pop(b + f"ff.net.0.proj.{suffix}")
-            out[o + f"mlp.fc2.{suffix}"] = s.pop(b + f"ff.net.2.{suffix}")
-    assert not s, f"test mapping left keys: {list(s)}"
-    out["y_embedder.y_embedding"] = torch.randn(y_tokens, 4096) / 64
-    out["pos_embed"] = torch.zeros(1, pos_tokens, 1152)
-    return out
-
-
-def inputs(hw, micro: bool, seed: int = 1):
-    g = np.random.default_rng(seed)
-    n, length = 2, 16
-    x = g.standard_normal((n, 4, *hw)).astype(np.float32)
-    t = np.array([999.0, 37.0], np.float32)
-    y = g.standard_normal((n, length, 4096)).astype(np.float32)
-    mask = np.ones((n, length), np.int64)
-    mask[1, 5:] = 0  # the second caption is padded after 5 tokens
-    info = {"img_hw": np.array([[hw[0] * 8, hw[1] * 8]] * n, np.float32),
-            "aspect_ratio": np.array([[hw[0] / hw[1]]] * n, np.float32)} if micro else None
-    return x, t, y, mask, info
-
-
-def run_ours(model, x, t, y, mask, info):
-    data_info = {k: ms.Tensor(v) for k, v in info.items()} if info else None
-    out = model(ms.Tensor(x), ms.Tensor(t), ms.Tensor(y[:, None]), ms.Tensor(mask.astype(np.int32)), data_info)
-    return out.asnumpy()
-
-
-def run_diffusers(model, x, t, y, mask, info):
-    cond = {"resolution": torch.from_numpy(info["img_hw"]), "aspect_ratio": torch.from_numpy(info["aspect_ratio"])} \
-        if info else {"resolution": None, "aspect_ratio": None}
-    with torch.no_grad():
-        return model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(y), timestep=torch.from_numpy(t),
-                     encoder_attention_mask=torch.from_numpy(mask), added_cond_kwargs=cond).sample.numpy()
-
-
-def convert(source, target, *extra):
-    from tools.convert import main
-    assert main(["--source", str(source), "--target", str(target), *extra]) == 0
-    return read_state_dict(target)
-
-
-@pytest.mark.parametrize("preset", list(CASES))
-def test_parity_with_diffusers_via_both_checkpoint_formats(preset, tmp_path, capsys):
-    extra, hw = CASES[preset]
-    ref = diffusers_model(extra)
-    cfg = preset_config(preset, depth=DEPTH)
-    ref.save_pretrained(tmp_path / "diffusers")
-    side = cfg.input_size // 2
-    torch.save({"state_dict": to_original(ref.state_dict(), cfg.model_max_length, side * side)}, tmp_path / "orig.pth")
-
-    from_pth = convert(tmp_path / "orig.pth", tmp_path / "a.ckpt")
-    assert "pos_embed" not in from_pth
-    from_diffusers = convert(tmp_path / "diffusers", tmp_path / "b.ckpt", "--model_max_length",
-                             str(cfg.model_max_length))
-    printed = capsys.readouterr().out
-    assert "no public preset matches exactly" in printed  # depth 2 is not a public checkpoint ...
-    assert f"closest: {preset}" in printed and "depth=2" in printed  # ... but it is recognised as a shrunk one
-
-    x, t, y, mask, info = inputs(hw, cfg.micro_condition)
-    expected = run_diffusers(ref, x, t, y, mask, info)
-    for state in (from_pth, from_diffusers):
-        model = cpu.accelerate(PixArt(cfg))
-        load_into(model, state)
-        err = rel_err(run_ours(model, x, t, y, mask, info), expected)
-        assert err <= 1e-4, f"{preset}: relative error {err:.2e}"
-    # the padded caption tokens really are ignored: changing them changes nothing
-    y2 = y.copy()
-    y2[1, 5:] += 3.0
-    assert rel_err(run_ours(model, x, t, y2, mask, info), expected) <= 1e-4
+ALPHA_1024 = dict(sample_size=128, use_additional_conditions=True)
 
 
 def numpy_kv_attention(x, hw, w, heads, sampling, r, qk_norm):
@@ -204,9 +83,8 @@ def test_kv_compressed_preset_runs_and_names_match_original():
 
 def test_graph_mode_matches_pynative(graph_mode):
     cfg = preset_config("PixArt-XL-2-1024-MS", depth=DEPTH)
-    ref = diffusers_model(CASES["PixArt-XL-2-1024-MS"][0])
+    ref = diffusers_model(ALPHA_1024)
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
-    from pixart.checkpoints import diffusers_to_original, fill_null_caption
     state, unmapped = diffusers_to_original(state)
     assert not unmapped
     fill_null_caption(state, cfg, 120, log=lambda *_: None)
@@ -222,76 +100,3 @@ def test_graph_mode_matches_pynative(graph_mode):
     assert rel_err(graph_out, run_diffusers(ref, *args)) <= 1e-4
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
-
-
-def test_convert_rejects_other_architectures_with_named_keys(tmp_path):
-    small = PixArt(preset_config("PixArt-XL-2-256x256", depth=2, hidden_size=64, num_heads=4, caption_channels=32,
-                                 model_max_length=8))
-    from pixart.checkpoints import write_safetensors
-    state = {p.name: p.asnumpy() for p in small.get_parameters()}
-    write_safetensors(state, tmp_path / "small.safetensors")
-    r = _cli("--source", tmp_path / "small.safetensors", "--target", tmp_path / "x.ckpt", "--preset",
-             "PixArt-XL-2-256x256")
-    assert r.returncode == 1, r.stderr
-    assert "missing keys (390): blocks.{2..27}.scale_shift_table" in r.stderr and "shape mismatches" in r.stderr
-    assert "closest: PixArt-XL-2-256x256" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "x.ckpt").exists()
-
-    state["blocks.0.attn.bogus.weight"] = np.zeros(3, np.float32)  # a key no PixArt has
-    write_safetensors(state, tmp_path / "odd.safetensors")
-    r = _cli("--source", tmp_path / "odd.safetensors", "--target", tmp_path / "y.ckpt")
-    assert r.returncode == 1 and "unexpected keys (1): blocks.0.attn.bogus.weight" in r.stderr
-
-    write_safetensors({"encoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((4, 4), np.float32)},
-                      tmp_path / "t5.safetensors")
-    r = _cli("--source", tmp_path / "t5.safetensors", "--target", tmp_path / "z.ckpt")
-    assert r.returncode == 1 and "not a PixArt transformer checkpoint" in r.stderr
-
-
-def test_convert_missing_file_is_one_line(tmp_path):
-    r = _cli("--source", tmp_path / "nope.pth", "--target", tmp_path / "x.ckpt")
-    assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and "checkpoint not found" in r.stderr
-
-
-def test_load_into_reports_all_problems():
-    model = PixArt(preset_config("PixArt-XL-2-256x256", depth=1, hidden_size=64, num_heads=4, caption_channels=32,
-                                 model_max_length=8))
-    state = {p.name: p.asnumpy() for p in model.get_parameters()}
-    state.pop("t_block.1.bias")
-    state["final_layer.linear.weight"] = np.zeros((3, 3), np.float32)
-    with pytest.raises(CheckpointError) as e:
-        load_into(model, state)
-    assert "missing keys (1): t_block.1.bias" in str(e.value)
-    assert "final_layer.linear.weight: checkpoint (3, 3) vs model (32, 64)" in str(e.value)
-
-
-def test_ckpt_reader_equals_mindspore_and_falls_back(tmp_path):
-    """.ckpt files are streamed from a map of the file (one copy of the weights at most, shared where aligned); every
-    dtype and shape must come back exactly as MindSpore's own reader gives it, and a file it cannot parse goes to
-    MindSpore's reader (a CheckpointError where that fails too)."""
-    from pixart.checkpoints import _read_ckpt_stream, read_ckpt, write_ckpt
-    g = np.random.default_rng(0)
-    state = {"a.weight": g.standard_normal((7, 5)).astype(np.float32),  # odd sizes: unaligned contents follow
-             "b": g.standard_normal((3,)).astype(np.float16), "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
-             "long_name." * 9 + "w": g.standard_normal((2, 3, 4)).astype(np.float32),
-             "steps": np.array([12], np.int64), "flag": np.array([True, False])}
-    path = tmp_path / "x.ckpt"
-    write_ckpt(state, path)
-    ours, ref = _read_ckpt_stream(path), {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
-    assert list(ours) == list(ref) and set(ours) == set(state)
-    for k in ref:
-        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
-        np.testing.assert_array_equal(ours[k], ref[k])
-    bf16 = tmp_path / "bf16.ckpt"
-    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(state["a.weight"]).astype(ms.bfloat16)}], str(bf16))
-    np.testing.assert_array_equal(read_ckpt(bf16)["w"], ms.load_checkpoint(str(bf16))["w"].float().asnumpy())
-    bad = tmp_path / "bad.ckpt"
-    bad.write_bytes(b"\x0a\x05hello" + b"\xff" * 40)
-    with pytest.raises(ValueError):
-        _read_ckpt_stream(bad)
-    with pytest.raises(CheckpointError, match="not a readable MindSpore checkpoint"):
-        read_ckpt(bad)

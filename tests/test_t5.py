@@ -14,7 +14,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from pixart import backend
-from pixart.checkpoints import CheckpointError, read_safetensors, write_safetensors
+from pixart.io import CheckpointError, read_safetensors, write_safetensors
 from pixart.models.t5 import encode_prompts, load_t5, load_tokenizer, make_tiny_tokenizer, relative_position_buckets
 from tests.utils import rel_err
 

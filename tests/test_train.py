@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pixart import demo_bundle as demo
-from pixart.checkpoints import read_ckpt
+from pixart.io import read_ckpt
 from tests.synthetic import CAPTIONS, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 from mindspore import Tensor
 
 from pixart import backend
-from pixart.checkpoints import CheckpointError, read_state_dict, write_safetensors
+from pixart.io import CheckpointError, read_state_dict, write_safetensors
 from pixart.models.vae import AutoencoderKL, load_vae
 from tests.utils import rel_err
 

@@ -1,6 +1,57 @@
-"""Shared helpers for the tests."""
+"""Shared helpers for the tests: error measure, and diffusers' PixArt transformer vs ours on the same inputs."""
 import numpy as np
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| relative to the reference's scale (max |ref|)."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def diffusers_model(extra: dict, seed: int = 0, depth: int = 2, heads: int = 16, head_dim: int = 72,
+                    caption_channels: int = 4096):
+    """diffusers' PixArtTransformer2DModel of PixArt-XL/2's block layout (`extra`: sample_size, interpolation_scale,
+    use_additional_conditions...), every parameter random, including those diffusers' init zeroes."""
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=depth,
+        cross_attention_dim=heads * head_dim, caption_channels=caption_channels, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True,
+        num_embeds_ada_norm=1000, **extra)
+    with torch.no_grad():  # the default init zeroes the output layers; make every weight matter
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1))
+    return model.eval()
+
+
+def inputs(hw, micro: bool, seed: int = 1, caption_channels: int = 4096):
+    """(latents, timesteps, caption features, caption mask, micro-conditions or None) for a batch of two; the
+    second caption is padded after 5 tokens."""
+    g = np.random.default_rng(seed)
+    n, length = 2, 16
+    x = g.standard_normal((n, 4, *hw)).astype(np.float32)
+    t = np.array([999.0, 37.0], np.float32)
+    y = g.standard_normal((n, length, caption_channels)).astype(np.float32)
+    mask = np.ones((n, length), np.int64)
+    mask[1, 5:] = 0
+    info = {"img_hw": np.array([[hw[0] * 8, hw[1] * 8]] * n, np.float32),
+            "aspect_ratio": np.array([[hw[0] / hw[1]]] * n, np.float32)} if micro else None
+    return x, t, y, mask, info
+
+
+def run_ours(model, x, t, y, mask, info):
+    import mindspore as ms
+    data_info = {k: ms.Tensor(v) for k, v in info.items()} if info else None
+    out = model(ms.Tensor(x), ms.Tensor(t), ms.Tensor(y[:, None]), ms.Tensor(mask.astype(np.int32)), data_info)
+    return out.asnumpy()
+
+
+def run_diffusers(model, x, t, y, mask, info):
+    import torch
+    cond = {"resolution": torch.from_numpy(info["img_hw"]), "aspect_ratio": torch.from_numpy(info["aspect_ratio"])} \
+        if info else {"resolution": None, "aspect_ratio": None}
+    with torch.no_grad():
+        return model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(y), timestep=torch.from_numpy(t),
+                     encoder_attention_mask=torch.from_numpy(mask), added_cond_kwargs=cond).sample.numpy()

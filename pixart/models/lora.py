@@ -8,7 +8,7 @@ diffusers' and peft's layouts, and ours), `copy_lora_weights` (a saved LoRA back
 Our `attn.qkv` and `cross_attn.kv_linear` fuse what diffusers splits (`attn1.to_q/to_k/to_v`, `attn2.to_k/to_v`).
 A rank-r LoRA on the fused layer is in general no sum of three rank-r LoRAs on its slices, so a fused layer carries
 one independent branch per slice (`lora_A.q`, `lora_B.q`, ...): diffusers LoRAs load exactly and ours save exactly.
-Module names are translated by `pixart.checkpoints`' tables, the one source of truth for diffusers <-> original.
+Module names are translated by `pixart.io.keymap`'s tables, the one source of truth for diffusers <-> original.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
 from pixart.nn import Linear
-from pixart.checkpoints import (CheckpointError, describe_mismatch, diffusers_module_to_original, fused_slices,
-                                original_module_to_diffusers, read_safetensors_metadata, read_state_dict,
-                                write_safetensors)
+from pixart.io import (CheckpointError, describe_mismatch, diffusers_module_to_original, fused_slices,
+                       original_module_to_diffusers, read_safetensors_metadata, read_state_dict, write_safetensors)
+from pixart.models.convert import fill_null_caption, read_pixart, resolve_config, save_pixart
 
 # our module names, matched as name suffixes (`attn.proj` hits `blocks.N.attn.proj`, not `blocks.N.cross_attn.proj`)
 BLOCK_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
@@ -563,19 +563,18 @@ def merge_into_state(state: dict[str, np.ndarray], lora: LoRAWeights, scale: flo
 
 def merge_lora_file(checkpoint, lora_path, target, scale: float = 1.0, unmerge: bool = False, log=print) -> Path:
     """Merge a LoRA into a PixArt checkpoint (any format `tools/convert.py` reads) and write a MindSpore `.ckpt`
-    with original names; `unmerge` subtracts it instead (from a checkpoint it was merged into at `scale`)."""
-    from pixart.checkpoints import convert_pixart, fill_null_caption, match_preset, write_ckpt
-    from pixart.models.pixart import preset_config
+    with original names and the architecture recorded; `unmerge` subtracts it instead (from a checkpoint it was
+    merged into at `scale`)."""
     target = Path(target)
     if target.suffix != ".ckpt":
         raise CheckpointError(f"target must end in .ckpt, got {target}")
-    state, cfg = convert_pixart(checkpoint)
-    lora = read_lora(lora_path, linear_shapes(state), log)
-    name, _ = match_preset(cfg)
-    fill_null_caption(state, cfg, preset_config(name).model_max_length if name else None, log)
-    merged = merge_into_state(state, lora, -scale if unmerge else scale)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_ckpt(merged, target)
+    weights = read_pixart(checkpoint)
+    lora = read_lora(lora_path, linear_shapes(weights.state), log)
+    cfg, preset, _ = resolve_config(weights.config, None, checkpoint, partial=True)
+    if cfg.model_max_length is not None:
+        fill_null_caption(weights.state, cfg, cfg.model_max_length, log)
+    merged = merge_into_state(weights.state, lora, -scale if unmerge else scale)
+    save_pixart(merged, cfg, target, preset or weights.preset)
     log(f"{'unmerged' if unmerge else 'merged'} {len(lora.branches)} low-rank updates ({Path(lora.source).name}, "
         f"scale {scale:g}) {'from' if unmerge else 'into'} {checkpoint}; wrote {target}")
     return target

@@ -225,17 +225,18 @@ class KVCompression:
 
     @classmethod
     def of(cls, value) -> "KVCompression":
-        """From None, a KVCompression, or the configs' dict {"sampling", "scale_factor", "kv_compress_layer"}."""
+        """From None, a KVCompression, or a dict: the configs' {"sampling", "scale_factor", "kv_compress_layer"} or
+        this class's own fields (`dataclasses.asdict`, as a `.ckpt` records it)."""
         if value is None or isinstance(value, cls):
             return value or cls()
         if not isinstance(value, dict):
             raise TypeError(f"KV compression must be a KVCompression or a dict, got {type(value).__name__}")
-        unknown = set(value) - {"sampling", "scale_factor", "kv_compress_layer"}
+        unknown = set(value) - {"sampling", "scale_factor", "kv_compress_layer", "layers"}
         if unknown:
             raise ValueError(f"unknown KV compression keys {sorted(unknown)}; expected sampling, scale_factor, "
                              "kv_compress_layer")
-        return cls(value.get("sampling"), int(value.get("scale_factor", 1)),
-                   tuple(int(i) for i in value.get("kv_compress_layer") or ()))
+        layers = value.get("kv_compress_layer", value.get("layers"))
+        return cls(value.get("sampling"), int(value.get("scale_factor", 1)), tuple(int(i) for i in layers or ()))
 
     def ratio(self, layer: int) -> int:
         """The downsampling factor of block `layer`'s keys and values (1: none)."""

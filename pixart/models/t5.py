@@ -20,7 +20,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from .. import backend
 from ..nn import GELU, Embedding, Linear
-from ..checkpoints import CheckpointError, describe_mismatch, read_config, read_state_dict, safetensors_entries
+from ..io import CheckpointError, load_into, read_config, read_state_dict
 
 _ACTIVATIONS = {"relu": None, "gelu": "none", "gelu_new": "tanh"}  # HF activation name -> GELU approximation
 _FP16_SAFE = 64504.0  # HF clamps overflowed fp16 activations to finfo(fp16).max - 1000
@@ -230,51 +230,27 @@ class T5EncoderModel(nn.Cell):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-def _weight_entries(folder: Path) -> dict:
-    """{name: (shape, read)} for an HF folder: safetensors are read lazily one tensor at a time, others eagerly."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        entries = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            entries.update(safetensors_entries(folder / shard))
-        return entries
-    if (folder / "model.safetensors").exists():
-        return safetensors_entries(folder / "model.safetensors")
-    state = read_state_dict(folder)  # .bin: needs everything in memory once
-    return {k: (tuple(v.shape), lambda k=k: state.pop(k)) for k, v in state.items()}
-
-
 def load_t5(folder, dtype: str = "fp32", max_positions: int = 512) -> T5EncoderModel:
     """Build the T5 encoder from an HF folder (config.json + weights); decoder/lm_head weights are ignored.
 
-    Weights are converted to `dtype` one tensor at a time, and the Cell is built without allocating random
-    weights, so peak memory stays near the size of the model in `dtype`.
+    The weights are maps of the file (safetensors) converted to `dtype` one tensor at a time, and the Cell is built
+    without random weights and takes the arrays' memory, so peak memory stays near the size of the model in `dtype`.
     """
     target = backend.dtype(dtype)  # refuses bf16 on CPU before reading anything
     folder = Path(folder)
     cfg = T5Config.from_dict(read_config(folder))
-    entries = {k: v for k, v in _weight_entries(folder).items() if not k.startswith(("decoder.", "lm_head."))}
-    tied = entries.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; either may be stored
-    if tied is not None and "shared.weight" not in entries:
-        entries["shared.weight"] = tied
+    state = {k: v for k, v in read_state_dict(folder).items() if not k.startswith(("decoder.", "lm_head."))}
+    tied = state.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; either may be stored
+    if tied is not None and "shared.weight" not in state:
+        state["shared.weight"] = tied
+    np_dtype = np.float16 if target == ms.float16 else np.float32  # numpy has no bf16: load_into casts to it
+    for name in list(state):
+        state[name] = np.ascontiguousarray(state[name].astype(np_dtype, copy=False))
     with no_init_parameters():
         model = T5EncoderModel(cfg, max_positions)
-    params = {p.name: p for p in model.get_parameters()}
-    missing = [k for k in params if k not in entries]
-    unexpected = [k for k in entries if k not in params]
-    mismatched = [f"{k}: checkpoint {entries[k][0]} vs model {tuple(p.shape)}"
-                  for k, p in params.items() if k in entries and entries[k][0] != tuple(p.shape)]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{folder}: " + describe_mismatch("T5 encoder", missing, unexpected, mismatched))
-    np_dtype = np.float16 if target == ms.float16 else np.float32  # numpy has no bf16: widen, cast per tensor
-    for name, p in params.items():
-        arr = entries[name][1]().astype(np_dtype, copy=False)
+    for p in model.get_parameters():
         p.set_dtype(target)
-        if target == ms.bfloat16:
-            p.set_data(Tensor(arr).astype(target))
-        else:  # shares the array's memory (a map of the file where no conversion was needed): no copy
-            p.set_data(ms.from_numpy(np.ascontiguousarray(arr)))
-        del arr
+    load_into(model, state, what=f"T5 encoder ({folder})", share=True)
     model.set_train(False)
     return model
 

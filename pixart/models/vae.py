@@ -16,7 +16,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from pixart import backend
 from pixart.nn import Attention, Conv2d, GroupNorm, Linear
-from pixart.checkpoints import CheckpointError, load_into, read_config, read_state_dict
+from pixart.io import CheckpointError, load_into, read_config, read_state_dict
 
 EPS = 1e-6
 

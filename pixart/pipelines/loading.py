@@ -1,47 +1,38 @@
 """Building the pipeline's components from files: the one place scripts (sample.py, gradio_demo.py) load models."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 from mindspore.nn.utils import no_init_parameters
 
 from pixart import backend, cpu
-from pixart.checkpoints import CheckpointError, convert_pixart, fill_null_caption, load_into, match_preset
-from pixart.models.pixart import PRESETS, PixArt, preset_config
-
-# fields a checkpoint must agree on with the preset named in the config (depth and width may be shrunk)
-_STRUCTURE = ("patch_size", "micro_condition", "qk_norm", "model_max_length")
+from pixart.io import CheckpointError, load_into
+from pixart.models.convert import fill_null_caption, pipeline_presets, read_pixart, resolve_config
+from pixart.models.pixart import PixArt, preset_config
 
 
-def load_transformer(checkpoint, model: str, dtype: str = "fp32", kv_compress: dict | None = None,
+def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", kv_compress: dict | None = None,
                      log=print, lora_path=None, lora_scale: float = 1.0) -> PixArt:
     """PixArt from any supported checkpoint (converted .ckpt, original .pth, diffusers folder), with the LoRA at
     `lora_path` (diffusers / peft / our layout, see `pixart.models.lora`) applied at `lora_scale`.
 
-    Resolution fields (training size, position-embedding interpolation) come from the preset `model`; the
-    architecture is read off the weights, which must agree with the preset on structure (else a CheckpointError
-    naming the preset the file looks like). `kv_compress` overrides the KV-compression config (Σ).
+    The architecture is what the file records (our .ckpt) or its weights and config.json say, completed by the
+    preset `model` (the config's `model:` / `--model`) where the file says nothing (a diffusers folder's caption
+    length, for one); a file that contradicts `model` is a CheckpointError naming the preset the file is, and one
+    that several presets fit needs `model` (see `pixart.models.convert.resolve_config`). Depth and width may be
+    those of a reduced copy of the preset. `kv_compress` overrides the KV-compression config (Σ).
     """
-    state, found = convert_pixart(checkpoint)
-    ref = preset_config(model)
-    looks_like, diff = match_preset(found)
-    wrong = [f"{f}={getattr(found, f)!r} (config says {getattr(ref, f)!r})" for f in _STRUCTURE
-             if getattr(found, f) is not None and getattr(found, f) != getattr(ref, f)]
-    if wrong:
-        raise CheckpointError(f"{checkpoint} does not fit model {model}: " + "; ".join(wrong)
-                              + f"; the file looks like {looks_like or diff[0].split(': ', 1)[1]}")
-    fill_null_caption(state, found, ref.model_max_length, log)  # diffusers files lack it
-    cfg = dataclasses.replace(found, input_size=ref.input_size, pe_interpolation=ref.pe_interpolation,
-                              model_max_length=found.model_max_length or ref.model_max_length)
+    weights = read_pixart(checkpoint)
+    cfg, preset, _ = resolve_config(weights.config, model, checkpoint)
+    fill_null_caption(weights.state, cfg, cfg.model_max_length, log)  # diffusers files lack it
     if kv_compress is not None:
         cfg.kv_compress_config = kv_compress
-    if (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
-        log(f"note: {checkpoint} is a reduced {model} (depth {cfg.depth}, width {cfg.hidden_size})")
+    ref = preset_config(preset) if preset else None
+    if ref and (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
+        log(f"note: {checkpoint} is a reduced {preset} (depth {cfg.depth}, width {cfg.hidden_size})")
     with no_init_parameters():  # no random weights: the checkpoint's arrays become the parameters (no copy)
         net = PixArt(cfg)
-    load_into(net, state, what=f"{model} transformer", share=True)
+    load_into(net, weights.state, what=f"{preset or 'PixArt'} transformer", share=True)
     if lora_path:
         from pixart.models.lora import load_lora
         load_lora(net, lora_path, lora_scale, log)  # before the cast, so the LoRA weights take `dtype` too
@@ -83,17 +74,8 @@ def resolve_pipeline_folder(folder, model: str | None = None) -> dict:
     out = {k: str(v) for k, v in paths.items()}
     if model:
         return dict(out, model=model)
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
-    family = {"PixArtAlphaPipeline": "PixArt-XL-2-", "PixArtSigmaPipeline": "PixArt-Sigma-"}.get(
-        index.get("_class_name"))
-    config = json.loads((folder / "transformer" / "config.json").read_text()) \
-        if (folder / "transformer" / "config.json").exists() else {}
-    size, micro = config.get("sample_size"), bool(config.get("use_additional_conditions") or False)
-    if family and size and family == "PixArt-XL-2-" and size == 128 and config.get("use_additional_conditions") is None:
-        micro = True  # diffusers turns the micro-conditions on for α at 1024 when the config leaves it open
-    found = [name for name, p in PRESETS.items() if family and name.startswith(family)
-             and p["input_size"] == size and bool(p.get("micro_condition")) == micro and "kv_compress_config" not in p]
-    if not found:
-        raise CheckpointError(f"{folder}: cannot tell which PixArt model it holds (model_index.json class "
-                              f"{index.get('_class_name')!r}, sample_size {size}); pass --model with a preset name")
+    found = pipeline_presets(folder)
+    if len(found) != 1:
+        raise CheckpointError(f"{folder}: cannot tell which PixArt model it holds (it fits "
+                              f"{', '.join(found) or 'no preset'}); pass --model with a preset name")
     return dict(out, model=found[0])

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from pixart.checkpoints import CheckpointError, read_ckpt, write_ckpt
+from pixart.io import CheckpointError, read_ckpt, write_ckpt
 
 MODEL, EMA, TRAIN_STATE, STATE = "model.ckpt", "ema.ckpt", "train_state.ckpt", "state.json"
 

@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from pixart.checkpoints import CheckpointError, convert_pixart, match_preset, read_ckpt, write_ckpt
+from pixart.io import CheckpointError, read_ckpt, write_ckpt
+from pixart.models.convert import convert_pixart, match_preset
 from pixart.models import lora as L
 from pixart.training import checkpoint as ckpt
 from pixart.training.setup import TrainError

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 from mindspore import Tensor
 
-from pixart.checkpoints import CheckpointError
+from pixart.io import CheckpointError
 from pixart.training import checkpoint as ckpt
 from pixart.training.setup import Data, Optimisation, TrainError, default_flag
 

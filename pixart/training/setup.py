@@ -12,7 +12,8 @@ from typing import Callable
 import mindspore as ms
 
 from pixart import backend, cpu
-from pixart.checkpoints import fill_null_caption, load_into
+from pixart.io import load_into
+from pixart.models.convert import fill_null_caption
 from pixart.cpu.blockwise import BlockwiseTrainStep, refusal
 from pixart.data.dataset import BatchStream, BucketDataset
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder
@@ -131,7 +132,7 @@ def model_config(args, caption_channels: int, weights=None):
 
 def build_model(args, data: Data, log, pretrained=None):
     """PixArt for `data`: PixArt's initialisation from --seed, or the `pretrained` (state, config) of
-    `pixart.checkpoints.convert_pixart` loaded into it."""
+    `pixart.models.convert.convert_pixart` loaded into it."""
     cfg = model_config(args, data.caption_channels, pretrained[1] if pretrained else None)
     if cfg.in_channels != data.latent_channels:
         raise TrainError(f"the model takes {cfg.in_channels} latent channels, the VAE gives {data.latent_channels}")

@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from pixart.checkpoints import convert_pixart, load_into
+from pixart.io import load_into
+from pixart.models.convert import convert_pixart
 from pixart.training import checkpoint as ckpt
 from pixart.training.log import Logger
 from pixart.training.loop import finish, train_loop

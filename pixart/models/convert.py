@@ -1,0 +1,342 @@
+"""PixArt transformer checkpoints: which architecture a file holds, and conversion from any format to our `.ckpt`.
+
+Where the architecture lives: every `.ckpt` written here (`save_pixart`) records it as the string
+`pixart_architecture` in MindSpore's `append_dict` (so `ms.load_checkpoint` returns it too), holding JSON
+`{"preset": name, "config": {PixArtConfig fields}}`: `preset` is the public checkpoint the weights are, or are a
+reduced copy of (depth, width, heads and caption width may shrink), null when none or several fit; a config field
+is null where nothing said it (caption length of a diffusers folder converted without `--model`). It is read back
+first (`read_pixart`) and checked against the weights.
+
+Files without that record (diffusers folders, the original `.pth`, older `.ckpt`) are read by their weights and
+`config.json`. What they do not say (diffusers: the caption length; `.pth`: the position-embedding scale; older
+`.ckpt`: the training size too) comes from the model the user names (`--model`, a config's `model:`) or from the
+only public preset that fits; when several fit, a one-line error names them and the flag that decides
+(`resolve_config`). Nothing is guessed: the attention heads of a file that does not record them are its width
+over 72, the head size of every public preset, and a width that is no multiple of 72 needs `--num_heads`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from mindspore.nn.utils import no_init_parameters
+
+from pixart.io import (RECOMPUTED_BUFFERS, CheckpointError, check_state, describe_mismatch, diffusers_to_original,
+                       is_diffusers_transformer, read_config, read_weights, write_ckpt)
+from pixart.models.pixart import PRESETS, KVCompression, PixArt, PixArtConfig, preset_config
+
+ARCHITECTURE_KEY = "pixart_architecture"
+HEAD_SIZE = 72  # attention head width of every public preset (1152 / 16)
+# fields a file may not say: None in a PixArtConfig read from weights means "unknown"
+UNSAID = ("input_size", "pe_interpolation", "model_max_length")
+# fields a reduced copy shares with its preset (depth, width, heads and caption width may shrink)
+FAMILY = ("patch_size", "micro_condition", "qk_norm", "input_size", "pe_interpolation", "model_max_length")
+# what diffusers pipelines pass as max_sequence_length: a full pipeline folder's model_index.json names the family
+_PIPELINE_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+
+
+@dataclasses.dataclass
+class PixArtWeights:
+    """A PixArt transformer checkpoint read into original names: `config` has None where the file says nothing
+    (see UNSAID); `preset` is the recorded one, if any."""
+    state: dict
+    config: PixArtConfig
+    preset: str | None
+    recorded: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the file says
+# ----------------------------------------------------------------------------------------------------------------
+def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | None = None,
+                        num_heads: int | None = None) -> PixArtConfig:
+    """A PixArtConfig read off original-named weights (and a diffusers config.json, when there is one); fields the
+    weights do not say are None (see UNSAID; `num_heads` too when neither the config nor the argument says it and
+    the width is no multiple of HEAD_SIZE)."""
+    if "x_embedder.proj.weight" not in state:
+        raise CheckpointError("not a PixArt transformer checkpoint: no x_embedder.proj.weight "
+                              f"(found keys like {', '.join(list(state)[:5])})")
+    proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    hidden, patch = proj.shape[0], proj.shape[-1]
+    kv_layers = sorted(int(k.split(".")[1]) for k in state if k.endswith("attn.sr.weight"))
+    sr = state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1] if kv_layers else 1
+    c = diffusers_config or {}
+    heads = num_heads or c.get("num_attention_heads") or (hidden // HEAD_SIZE if hidden % HEAD_SIZE == 0 else None)
+    input_size = pe_interpolation = None
+    if diffusers_config:
+        input_size, pe_interpolation, _ = _diffusers_resolution(diffusers_config)
+    elif "pos_embed" in state:  # the original's fixed buffer (1, T, D) tells the training resolution
+        input_size = int(round(state["pos_embed"].shape[1] ** 0.5)) * patch
+    return PixArtConfig(
+        patch_size=patch, in_channels=proj.shape[1], hidden_size=hidden, depth=depth, num_heads=heads,
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if depth else 4.0,
+        pred_sigma=state["final_layer.linear.weight"].shape[0] == patch * patch * proj.shape[1] * 2,
+        caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1],
+        model_max_length=state["y_embedder.y_embedding"].shape[0] if "y_embedder.y_embedding" in state else None,
+        input_size=input_size, pe_interpolation=pe_interpolation,
+        micro_condition="csize_embedder.mlp.0.weight" in state, qk_norm="blocks.0.attn.q_norm.weight" in state,
+        kv_compress_config={"sampling": "conv" if kv_layers else None, "scale_factor": sr,
+                            "kv_compress_layer": kv_layers})
+
+
+def _diffusers_resolution(config: dict) -> tuple[int, float, bool]:
+    """(input_size, pe_interpolation, micro_condition) of a diffusers transformer config.json, with diffusers' own
+    defaults where it leaves them open (folders written before those options existed)."""
+    size = config.get("sample_size", 128)
+    micro = config.get("use_additional_conditions")
+    return size, float(config.get("interpolation_scale") or max(size // 64, 1)), size == 128 if micro is None else micro
+
+
+def _pipeline_class(folder) -> str | None:
+    """The `_class_name` of a diffusers pipeline folder's model_index.json (PixArtAlphaPipeline / ...), if any."""
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name") if index.exists() else None
+
+
+def pipeline_presets(folder) -> list[str]:
+    """The presets a diffusers pipeline folder may hold, by its model_index.json and transformer/config.json alone
+    (no weights read): α or Σ from the pipeline class, size, position-embedding scale, micro-conditions."""
+    config = Path(folder) / "transformer" / "config.json"
+    c = json.loads(config.read_text()) if config.exists() else {}
+    size, pe, micro = _diffusers_resolution(c)
+    cfg = PixArtConfig(input_size=size, pe_interpolation=pe, micro_condition=micro,
+                       model_max_length=_PIPELINE_TOKENS.get(_pipeline_class(folder)), patch_size=c.get("patch_size", 2),
+                       qk_norm=None)
+    return fitting_presets(cfg)
+
+
+# fields the weights always say, compared with a recorded architecture
+_FROM_WEIGHTS = ("patch_size", "in_channels", "hidden_size", "depth", "mlp_ratio", "pred_sigma", "caption_channels",
+                 "micro_condition", "qk_norm", "kv_layers")
+
+
+def read_pixart(source, num_heads: int | None = None) -> PixArtWeights:
+    """Any PixArt transformer checkpoint (our .ckpt, original .pth / .safetensors, a diffusers folder or file, a
+    whole diffusers pipeline folder) in original names, with the architecture it records or, failing that, what its
+    weights and config.json say. Buffers the model recomputes (`pos_embed`) are dropped after reading."""
+    source = Path(source)
+    dconfig, pipeline = None, None
+    if source.is_dir() and not (source / "config.json").exists() and (source / "transformer" / "config.json").exists():
+        source = source / "transformer"  # a whole pipeline folder
+    if source.is_dir() and (source / "config.json").exists():
+        dconfig = read_config(source)
+        pipeline = _pipeline_class(source.parent)
+    state, metadata = read_weights(source)
+    if is_diffusers_transformer(state):
+        state, unmapped = diffusers_to_original(state)
+        if unmapped:
+            raise CheckpointError(describe_mismatch("PixArt transformer (diffusers names)", [], unmapped, []))
+    found = infer_pixart_config(state, dconfig, num_heads)
+    if dconfig and found.model_max_length is None:
+        found.model_max_length = _PIPELINE_TOKENS.get(pipeline)
+    for key in RECOMPUTED_BUFFERS:
+        state.pop(key, None)
+    if ARCHITECTURE_KEY not in metadata:
+        return PixArtWeights(state, found, None, False)
+    try:
+        record = json.loads(metadata[ARCHITECTURE_KEY])
+        cfg = PixArtConfig(**record["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: unreadable {ARCHITECTURE_KEY} record ({e})") from None
+    if num_heads:
+        cfg.num_heads = num_heads
+    wrong = [f"{f} {_field(cfg, f)!r} (the weights have {_field(found, f)!r})" for f in _FROM_WEIGHTS
+             if _field(cfg, f) != _field(found, f)]
+    if found.model_max_length is not None and cfg.model_max_length not in (None, found.model_max_length):
+        wrong.append(f"model_max_length {cfg.model_max_length} (the weights have {found.model_max_length})")
+    if wrong:
+        raise CheckpointError(f"{source}: the recorded architecture does not fit the weights: " + "; ".join(wrong))
+    cfg.model_max_length = cfg.model_max_length or found.model_max_length
+    return PixArtWeights(state, cfg, record.get("preset"), True)
+
+
+def convert_pixart(source, input_size: int | None = None) -> tuple[dict, PixArtConfig]:
+    """(original-named state, PixArtConfig) of any PixArt transformer checkpoint (see `read_pixart`)."""
+    weights = read_pixart(source)
+    if input_size:
+        weights.config.input_size = input_size
+    return weights.state, weights.config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which preset it is
+# ----------------------------------------------------------------------------------------------------------------
+def _field(cfg, name):
+    if name == "kv_layers":
+        kv = KVCompression.of(cfg.kv_compress_config)
+        return kv.layers, kv.sampling if kv.layers else None
+    if name == "kv":  # compressed or not, and how (a reduced copy compresses other layers); always known
+        kv = KVCompression.of(cfg.kv_compress_config)
+        return kv.sampling if kv.layers else "none"
+    value = getattr(cfg, name)
+    return float(value) if name == "pe_interpolation" and value is not None else value
+
+
+def fitting_presets(cfg, fields=FAMILY + ("kv",)) -> list[str]:
+    """The public presets `cfg` is, or is a reduced copy of: equal on every field of `fields` that `cfg` knows."""
+    return [name for name in PRESETS
+            if all(_field(cfg, f) is None or _field(cfg, f) == _field(preset_config(name), f) for f in fields)]
+
+
+def match_preset(cfg, known=("model_max_length", "input_size", "pe_interpolation")) -> tuple[str | None, list[str]]:
+    """The public checkpoint whose architecture `cfg` has (None if none does), and otherwise the differences from
+    the closest one (among the presets it fits, when it fits several). Fields in `known` are compared only when the
+    file said them."""
+    fields = ["hidden_size", "depth", "patch_size", "caption_channels", "micro_condition", "qk_norm",
+              "kv_layers"] + [f for f in known if _field(cfg, f) is not None]
+    fitting = fitting_presets(cfg)
+    best, best_diff = None, None
+    for name in sorted(PRESETS, key=lambda n: n not in fitting):
+        ref = preset_config(name)
+        diff = [f"{f}={_field(cfg, f)!r} (preset {_field(ref, f)!r})" for f in fields
+                if _field(cfg, f) != _field(ref, f)]
+        if best_diff is None or len(diff) < len(best_diff):
+            best, best_diff = name, diff
+    if not best_diff:
+        return best, []
+    closest = " or ".join(fitting) if len(fitting) > 1 else best
+    return None, [f"closest: {closest}"] + best_diff
+
+
+def _which(cfg) -> str:
+    """What a file is, for messages: the preset(s) it fits or the closest one."""
+    fitting = fitting_presets(cfg)
+    if len(fitting) == 1:
+        return f"the file is {fitting[0]}" + ("" if match_preset(cfg)[0] else " (reduced)")
+    if fitting:
+        return f"the file fits {' and '.join(fitting)}"
+    return f"no public preset fits the file ({'; '.join(match_preset(cfg)[1])})"
+
+
+def resolve_config(cfg: PixArtConfig, model: str | None = None, source="checkpoint",
+                   partial: bool = False) -> tuple[PixArtConfig, str | None, str | None]:
+    """The complete architecture of a checkpoint: what the file said (`cfg`, None where it said nothing) plus the
+    preset `model` the user names, or else the only preset that fits. Returns (config, preset or None, note).
+
+    A field the file says that contradicts `model` is an error naming the preset the file is. When the file leaves
+    a field open and several presets fit with different values, that is an error naming them and `--model`; with
+    `partial` (conversion) the field stays None and `note` says so instead.
+    """
+    cfg = dataclasses.replace(cfg)
+    if cfg.num_heads is None:
+        raise CheckpointError(f"{source} does not record its attention heads, and its width {cfg.hidden_size} is no "
+                              f"multiple of {HEAD_SIZE} (the head size of every public preset): convert it with "
+                              "tools/convert.py --num_heads N")
+    if model is not None:
+        ref = preset_config(model)
+        wrong = [f"{f}={_field(cfg, f)!r} (config says {_field(ref, f)!r})" for f in FAMILY
+                 if _field(cfg, f) is not None and _field(cfg, f) != _field(ref, f)]
+        if wrong:
+            fitting = fitting_presets(cfg)
+            hint = f"; pass --model {fitting[0]}" if len(fitting) == 1 else ""
+            raise CheckpointError(f"{source} does not fit model {model}: " + "; ".join(wrong) + f"; {_which(cfg)}"
+                                  + hint)
+        for f in UNSAID:
+            if getattr(cfg, f) is None:
+                setattr(cfg, f, getattr(ref, f))
+        return cfg, model, None
+    fitting = fitting_presets(cfg)
+    unknown = [f for f in UNSAID if getattr(cfg, f) is None]
+    values = {tuple(getattr(preset_config(name), f) for f in unknown) for name in fitting}
+    if len(values) == 1:
+        for f, v in zip(unknown, values.pop()):
+            setattr(cfg, f, v)
+        return cfg, (fitting[0] if len(fitting) == 1 else None), None
+    if not unknown:
+        return cfg, None, None
+    if fitting:
+        note = (f"{source} fits {' and '.join(fitting)}, which differ in {', '.join(unknown)}: the file does not say "
+                f"it; pass --model to choose")
+    else:
+        note = (f"{source} does not say its {', '.join(unknown)} and no public preset fits it "
+                f"({'; '.join(match_preset(cfg)[1])}): pass --model, or convert with "
+                + " ".join(f"--{f}" for f in unknown if f != "pe_interpolation"))
+    if not partial:
+        raise CheckpointError(note)
+    return cfg, None, note
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------
+def architecture_record(cfg: PixArtConfig, preset: str | None) -> dict[str, str]:
+    """The metadata `save_pixart` writes: {ARCHITECTURE_KEY: JSON of the preset and every PixArtConfig field}."""
+    return {ARCHITECTURE_KEY: json.dumps({"preset": preset, "config": dataclasses.asdict(cfg)}, sort_keys=True)}
+
+
+def save_pixart(state: dict[str, np.ndarray], cfg: PixArtConfig, path, preset: str | None = None) -> None:
+    """Write a PixArt transformer `.ckpt` (original names) that records its architecture (see the module doc)."""
+    if not str(path).endswith(".ckpt"):
+        raise CheckpointError(f"target must end in .ckpt, got {path}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_ckpt(state, path, architecture_record(cfg, preset))
+
+
+def fill_null_caption(state, cfg, model_max_length: int | None = None, log=print):
+    """diffusers checkpoints do not carry the null caption `y_embedding` (only training's caption dropout and the
+    optional `uncond=y_embedding` sampling use it). Fill it as training from scratch initialises it, seeded."""
+    if "y_embedder.y_embedding" in state:
+        return
+    cfg.model_max_length = model_max_length or cfg.model_max_length
+    if cfg.model_max_length is None:
+        raise CheckpointError("the caption length is unknown: pass --model or --model_max_length")
+    rng = np.random.default_rng(0)
+    c = cfg.caption_channels
+    state["y_embedder.y_embedding"] = (rng.standard_normal((cfg.model_max_length, c)) / c ** 0.5).astype(np.float32)
+    log(f"note: the source has no y_embedder.y_embedding (diffusers drops it); initialised a fresh one with "
+        f"{cfg.model_max_length} tokens")
+
+
+def _check_structure(state, cfg: PixArtConfig, what: str) -> None:
+    """Every key and shape of `state` against the model `cfg` describes (its open fields filled with placeholders
+    that change no parameter shape but the null caption's); the null caption may be missing (`fill_null_caption`)."""
+    probe = dataclasses.replace(cfg, num_heads=cfg.num_heads or 1, input_size=cfg.input_size or 32,
+                                pe_interpolation=cfg.pe_interpolation or 1.0,
+                                model_max_length=cfg.model_max_length or 1)
+    with no_init_parameters():  # shapes only: no memory for the weights
+        shapes = {p.name: tuple(p.shape) for p in PixArt(probe).get_parameters()}
+    if "y_embedder.y_embedding" not in state:
+        shapes.pop("y_embedder.y_embedding")
+    problems = check_state(shapes, state)
+    if any(problems):
+        raise CheckpointError(describe_mismatch(what, *problems))
+
+
+def convert_pixart_file(source, target, preset: str | None = None, model: str | None = None,
+                        input_size: int | None = None, model_max_length: int | None = None,
+                        num_heads: int | None = None, log=print) -> tuple[str | None, PixArtConfig]:
+    """`tools/convert.py`: read any PixArt checkpoint, settle its architecture (`resolve_config`, `model` deciding
+    what the file leaves open; `preset` also requires the public checkpoint's exact size), check every key and
+    shape, and write `target` (.ckpt) with the architecture recorded. Returns (preset or None, config)."""
+    weights = read_pixart(source, num_heads)
+    state, cfg = weights.state, weights.config
+    if input_size:
+        cfg.input_size = input_size
+    if model_max_length:
+        if cfg.model_max_length not in (None, model_max_length):
+            raise CheckpointError(f"{source} has {cfg.model_max_length} caption tokens, not {model_max_length}")
+        cfg.model_max_length = model_max_length
+    if preset is not None:
+        looks = match_preset(cfg)
+        _check_structure(state, dataclasses.replace(preset_config(preset), model_max_length=cfg.model_max_length),
+                         f"preset {preset}" + (f" (the file looks like {looks[0]})" if looks[0]
+                                               else f" ({'; '.join(looks[1])})"))
+    _check_structure(state, cfg, "PixArt model inferred from the file")
+    cfg, name, note = resolve_config(cfg, model or preset, source, partial=True)
+    name = name or weights.preset
+    if cfg.model_max_length is not None:
+        fill_null_caption(state, cfg, cfg.model_max_length, log)
+    exact, diff = match_preset(cfg)
+    log(f"matches preset: {exact}" if exact else "no public preset matches exactly; " + "; ".join(diff))
+    kv = list(KVCompression.of(cfg.kv_compress_config).layers) or "no"
+    log(f"config: depth={cfg.depth} hidden={cfg.hidden_size} heads={cfg.num_heads} input_size={cfg.input_size} "
+        f"micro_condition={cfg.micro_condition} kv_compress={kv} qk_norm={cfg.qk_norm} tokens={cfg.model_max_length}")
+    if note:
+        log(f"note: {note} (here, or when sampling: sample.py --model / the config's model)")
+    save_pixart(state, cfg, target, name)
+    log(f"wrote {len(state)} tensors to {target}" + (f" (architecture of {name} recorded)" if name else
+                                                      " (architecture recorded)"))
+    return name, cfg
