@@ -217,6 +217,32 @@ def test_attention_kernels_of_several_shapes_in_one_process(mode, rng, monkeypat
         backend.setup("CPU", "pynative")
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_accelerate_keeps_a_subclass_of_a_layer_its_own(mode, rng):
+    """A subclass of a portable layer (LoRALinear) becomes that subclass over the CPU layer: its own `construct`
+    around the CPU product and epilogue, in both modes, for inference and training, on either side of
+    `kernel_max_rows`; its results equal the portable subclass's, and accelerating twice changes nothing."""
+    from pixart.models.lora import LoRALinear
+    backend.setup("CPU", mode)
+    try:
+        for rows in (40, CPULinear.kernel_max_rows + 8):
+            x = ms.Tensor(rng.standard_normal((rows, 16)).astype(np.float32))
+            for activation in (None, "gelu_tanh"):
+                base = nn.Linear(16, 24, activation=activation)
+                fast, plain = (LoRALinear(base, ("",), {"": 2}, {"": 4.0}) for _ in range(2))
+                for p, q in zip((*fast.lora_A, *fast.lora_B), (*plain.lora_A, *plain.lora_B)):
+                    value = rng.standard_normal(p.shape).astype(np.float32) * 0.1
+                    p.set_data(ms.Tensor(value)), q.set_data(ms.Tensor(value))
+                cpu.accelerate(fast)
+                assert isinstance(fast, LoRALinear) and isinstance(fast, CPULinear)
+                assert type(cpu.accelerate(fast)) is type(fast)
+                for training in (False, True):
+                    fast.set_train(training), plain.set_train(training)
+                    assert rel_err(fast(x).asnumpy(), plain(x).asnumpy()) <= 1e-6, (rows, activation, training)
+    finally:
+        backend.setup("CPU", "pynative")
+
+
 @pytest.mark.parametrize("gemm, mode", [("auto", "pynative"), ("auto", "graph"), ("bf16x3", "graph")])
 def test_cpu_gemm_is_fp32_accurate_on_any_shape(gemm, mode, rng, monkeypatch):
     """Linear's CPU GEMM kernels (auto: pixart/cpu/kernels/gemm_cpu.cc on AVX-512; bf16x3: amx_gemm.cc) against float64

@@ -3,7 +3,9 @@ functions, fewer launches and temporaries on MindSpore's CPU backend.
 
 Each class subclasses its portable layer and only adds kernels: `pixart.cpu.accelerate` swaps a built layer's class
 for the one here and calls `attach()`, its Parameters untouched. Every kernel path is fp32; other dtypes, and
-inference-only kernels in training mode, keep the portable ops (which have gradients).
+inference-only kernels in training mode, keep the portable ops (which have gradients). The portable method is called
+by its class, not by `super()`: MindSpore's graph mode resolves `super()` from the instance's class, so in a class
+that `accelerate` mixes (LoRALinear over CPULinear) `super()` would lead back to the method that calls it.
 """
 from __future__ import annotations
 
@@ -40,14 +42,14 @@ class CPULinear(nn.Linear):
             if self.kernel_adds_bias:
                 return self.kernel(x2d, self.weight, self.bias)
             return self.kernel(x2d, self.weight)
-        return super().product(x2d)
+        return nn.Linear.product(self, x2d)
 
     def epilogue(self, y, in_shape):
         if self.fused_gelu is not None and y.dtype == ms.float32:  # with its gradient: training takes it too
             return self.fused_gelu(y, self.bias).reshape(in_shape[:-1] + (self.out_features,))
         if self.kernel_adds_bias and self.on_kernel(y.dtype, y.shape[0]):  # the product added the bias; no activation
             return y.reshape(in_shape[:-1] + (self.out_features,))
-        return super().epilogue(y, in_shape)
+        return nn.Linear.epilogue(self, y, in_shape)
 
 
 class CPULayerNorm(nn.LayerNorm):
@@ -60,7 +62,7 @@ class CPULayerNorm(nn.LayerNorm):
     def modulated(self, x, shift, scale):
         if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x, shift, scale, self.eps_tensor)
-        return super().modulated(x, shift, scale)
+        return nn.LayerNorm.modulated(self, x, shift, scale)
 
 
 class CPUGatedResidual(nn.GatedResidual):
@@ -72,7 +74,7 @@ class CPUGatedResidual(nn.GatedResidual):
     def construct(self, x, gate, y):
         if x.dtype == ms.float32:
             return self.fused(x, gate, y)
-        return super().construct(x, gate, y)
+        return nn.GatedResidual.construct(self, x, gate, y)
 
 
 class CPUGroupNorm(nn.GroupNorm):
@@ -86,12 +88,12 @@ class CPUGroupNorm(nn.GroupNorm):
     def construct(self, x):
         if self.fused is not None and not self.training and x.dtype == ms.float32:
             return self.fused[0](x, self.weight, self.bias, self.settings)
-        return super().construct(x)
+        return nn.GroupNorm.construct(self, x)
 
     def silu(self, x):
         if self.fused is not None and not self.training and x.dtype == ms.float32:
             return self.fused[1](x, self.weight, self.bias, self.settings)
-        return super().silu(x)
+        return nn.GroupNorm.silu(self, x)
 
 
 class CPUAttention(nn.Attention):
@@ -108,7 +110,7 @@ class CPUAttention(nn.Attention):
 
     def construct(self, q, k, v, mask=None):
         if self.flash or q.dtype != ms.float32:
-            return super().construct(q, k, v, mask)
+            return nn.Attention.construct(self, q, k, v, mask)
         q = self.heads_kernel(q, self.scales[0])  # (B, H, Nq, d), times 1/sqrt(d)
         k, v = self.heads_kernel(k, self.scales[1]), self.heads_kernel(v, self.scales[1])
         keep = None if mask is None else mask.astype(ms.float32)  # (B, Nk)
@@ -120,7 +122,7 @@ class CPUAttention(nn.Attention):
 
     def attend(self, q, k, v, keep):
         if q.dtype != ms.float32:
-            return super().attend(q, k, v, keep)
+            return nn.Attention.attend(self, q, k, v, keep)
         scores = self.bmm_qk(q, k)  # (B, h, Nq, Nk)
         probs = self.plain_softmax(scores) if keep is None else self.masked_softmax(scores, keep)
         return self.bmm_pv(probs, v)

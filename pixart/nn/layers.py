@@ -30,8 +30,8 @@ def chunk(x, chunks: int, axis: int = -1):
 
 
 class Method(nn.Cell):
-    """A method of a Cell as a Cell of its own: in graph mode it compiles on its own (`PixArt.sampler_parts`,
-    `TrainStep.update`). auto_prefix=False: the wrapped Cell's parameter names stay as they are."""
+    """A method of a Cell as a Cell of its own: in graph mode it compiles on its own (`PixArt.sampler_parts`).
+    auto_prefix=False: the wrapped Cell's parameter names stay as they are."""
 
     def __init__(self, owner: nn.Cell, name: str):
         super().__init__(auto_prefix=False)
