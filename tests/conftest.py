@@ -1,8 +1,20 @@
-"""Every test runs MindSpore on CPU in PyNative mode unless it asks for `graph_mode`."""
+"""Shared fixtures and the test tiers.
+
+Every test runs MindSpore on CPU in PyNative mode unless it asks for `graph_mode`. Tiers, by marker (registered in
+pyproject.toml): unmarked tests are fast unit tests; `slow` ones take more than ~30 s on 2 cores; `parity` ones
+compare against the PyTorch reference (diffusers / transformers); `e2e` ones run an entry point end to end in a
+subprocess (sample.py, train.py, msrun, the Gradio page in a browser). `pytest -m "not slow"` is the developer loop;
+CI runs everything (`python -m pytest -q tests`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from pixart import backend
+from pixart import backend, demo
 
 backend.setup("CPU", "pynative")
 
@@ -22,23 +34,30 @@ def rng():
     return np.random.default_rng(0)
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoBundle:
+    """The demo bundle (pixart/demo.py) written under a temporary folder."""
+    root: Path
 
-# MindSpore 2.7.1 can corrupt the heap while the interpreter tears its objects down after a long session of graph
-# compilations ("corrupted size vs. prev_size" / "double free", exit 134, after every test passed; seen with several
-# test files in one process, never with one). Results are final by then: leave with pytest's own status, skipping
-# the teardown.
-_EXIT = {}
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / demo.CHECKPOINT
+
+    @property
+    def components(self) -> Path:
+        return self.root / demo.COMPONENTS
+
+    @property
+    def flags(self) -> list[str]:
+        """The sample.py / gradio_demo.py flags that point at it (on top of configs/inference/demo.yaml)."""
+        comp = self.components
+        return ["--checkpoint", str(self.checkpoint), "--vae_root", str(comp / "vae"),
+                "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
 
 
-def pytest_sessionfinish(session, exitstatus):
-    _EXIT["status"] = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    if "status" in _EXIT:
-        import os
-        import sys
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_EXIT["status"])
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> DemoBundle:
+    """The demo bundle, built once per test session."""
+    root = tmp_path_factory.mktemp("demo")
+    demo.build(root, log=lambda *_: None)
+    return DemoBundle(root)

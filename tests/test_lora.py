@@ -17,7 +17,6 @@ import torch
 import mindspore as ms
 from PIL import Image
 
-from pixart import demo
 from pixart.checkpoints import (CheckpointError, diffusers_to_original, fill_null_caption, load_into,
                                 read_safetensors_metadata, read_state_dict, write_ckpt, write_safetensors)
 from pixart.models import lora as L
@@ -282,20 +281,13 @@ def _cli(script, *args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.build(root, log=lambda *_: None)
-    return root
-
-
 def test_sample_and_inference_script_apply_a_diffusers_lora(base, bundle, tmp_path, capsys):
     from peft import LoraConfig
     config = LoraConfig(**FROM_DIFFUSERS["diffusers-pipeline-file"])
     lora = _save_from_diffusers(base, _diffusers_with_lora(base, config, seed=1), "diffusers-pipeline-file",
                                 config, tmp_path / "lora")
-    comp = bundle / demo.COMPONENTS
-    common = ["-c", ROOT / "configs/inference/demo.yaml", "--checkpoint", bundle / demo.CHECKPOINT,
+    comp = bundle.components
+    common = ["-c", ROOT / "configs/inference/demo.yaml", "--checkpoint", bundle.checkpoint,
               "--vae_root", comp / "vae", "--text_encoder_root", comp / "text_encoder", "--tokenizer_root",
               comp / "tokenizer", "--prompt", "a red square", "--sampling_steps", 2, "--image_height", 64,
               "--image_width", 64, "--resolution_binning", "false"]
