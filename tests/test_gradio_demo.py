@@ -298,6 +298,8 @@ WATCH_STATUS = """() => {  // remember every status the gallery shows, however b
 }"""
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_page_generates_then_shows_errors_and_goes_on(server, browser):
     page = open_page(browser, server)
     try:
@@ -336,6 +338,8 @@ def test_page_generates_then_shows_errors_and_goes_on(server, browser):
         page.context.close()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_requests_at_once_both_complete_one_waiting_in_the_queue(server, browser):
     pages = [open_page(browser, server) for _ in range(2)]
     try:

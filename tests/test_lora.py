@@ -117,6 +117,7 @@ def _save_from_diffusers(base, net, case, config, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", list(FROM_DIFFUSERS))
+@pytest.mark.parity
 def test_lora_saved_by_diffusers_or_peft_loads_here_with_equal_outputs(base, case, tmp_path):
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
@@ -144,6 +145,7 @@ def _random_lora(model, seed=0, **kwargs):
     return params
 
 
+@pytest.mark.parity
 def test_lora_saved_here_loads_into_diffusers_with_equal_outputs(base, tmp_path):
     model = _ours(base)
     targets = L.BLOCK_TARGETS + L.EXTRA_TARGETS + ("final_layer.linear", "t_embedder.mlp.0")
@@ -174,6 +176,7 @@ def test_lora_saved_here_loads_into_diffusers_with_equal_outputs(base, tmp_path)
         assert rel_err(run_ours(again, *base["inputs"]), ours) <= 1e-6
 
 
+@pytest.mark.parity
 def test_per_module_ranks_and_alphas_survive_a_round_trip_through_diffusers(base, tmp_path):
     from peft import LoraConfig
     config = LoraConfig(**FROM_DIFFUSERS["diffusers-pipeline-file"])
@@ -281,6 +284,8 @@ def _cli(script, *args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sample_and_inference_script_apply_a_diffusers_lora(base, bundle, tmp_path, capsys):
     from peft import LoraConfig
     config = LoraConfig(**FROM_DIFFUSERS["diffusers-pipeline-file"])

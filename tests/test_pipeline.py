@@ -16,6 +16,8 @@ from pixart.pipelines.loading import load_transformer
 from pixart.pipelines.text_to_image import PixArtPipeline
 from pixart.models.t5 import make_tiny_tokenizer
 
+pytestmark = pytest.mark.parity
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
@@ -121,6 +123,7 @@ def _ours(diffusers_bundle, preset):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_images_match_diffusers_pipeline(diffusers_bundle, case):
     preset, prompts, height, width, binning = CASES[case]
     ours = _ours(diffusers_bundle, preset)

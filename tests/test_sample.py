@@ -20,6 +20,8 @@ def sample(*args):
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sample_writes_images_metadata_and_grid(bundle, tmp_path, mode):
     out = tmp_path / "out"
     r = sample(*bundle.flags, "--prompt", "a red square", "a blue circle", "--image_height", 200, "--image_width", 328,
@@ -39,6 +41,8 @@ def test_sample_writes_images_metadata_and_grid(bundle, tmp_path, mode):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     outs = []
     for i, method in enumerate(["ddim", "ddim", "iddpm", "sa"]):
@@ -61,6 +65,8 @@ def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     (["--prompt", "x", "--dtype", "bf16"], "bf16 is not supported"),
     (["--prompt", "x", "--model", "PixArt-XL-2-1024-MS"], "does not fit model PixArt-XL-2-1024-MS"),
 ])
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_exits_1_with_one_line(bundle, tmp_path, args, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -74,6 +80,7 @@ def test_bad_input_exits_1_with_one_line(bundle, tmp_path, args, message):
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
+@pytest.mark.e2e
 def test_unknown_yaml_key_is_an_error(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prompt: [a]\nsampling_stepz: 3\n")
