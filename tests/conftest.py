@@ -8,13 +8,11 @@ CI runs everything (`python -m pytest -q tests`).
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from pixart import backend, demo
+from tests.utils import DemoBundle
 
 backend.setup("CPU", "pynative")
 
@@ -32,27 +30,6 @@ def graph_mode():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoBundle:
-    """The demo bundle (pixart/demo.py) written under a temporary folder."""
-    root: Path
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / demo.CHECKPOINT
-
-    @property
-    def components(self) -> Path:
-        return self.root / demo.COMPONENTS
-
-    @property
-    def flags(self) -> list[str]:
-        """The sample.py / gradio_demo.py flags that point at it (on top of configs/inference/demo.yaml)."""
-        comp = self.components
-        return ["--checkpoint", str(self.checkpoint), "--vae_root", str(comp / "vae"),
-                "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from pixart import demo
 from pixart.config import ConfigError, parse_args
 from pixart.pipelines.demo_app import DemoApp, DemoError, build_demo_parser, ensure_demo_bundle
 from pixart.pipelines.sample_run import build_parser
+from tests.utils import DemoBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -36,10 +37,7 @@ TOAST = '[data-testid="toast-text"]'
 
 # -- the demo bundle (the `bundle` fixture of conftest.py); a missing one is built by the demo's own path ----------
 def test_a_missing_bundle_is_built_once(tmp_path):
-    comp = tmp_path / demo.COMPONENTS
-    flags = ["--checkpoint", str(tmp_path / demo.CHECKPOINT), "--vae_root", str(comp / "vae"),
-             "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
-    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *flags])
+    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *DemoBundle(tmp_path).flags])
     lines = []
     assert ensure_demo_bundle(args, log=lines.append) is True
     assert "building it" in lines[0] and demo.is_built(tmp_path)
