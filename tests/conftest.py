@@ -1,10 +1,10 @@
 """Shared fixtures and the test tiers.
 
 Every test runs MindSpore on CPU in PyNative mode unless it asks for `graph_mode`. Tiers, by marker (registered in
-pyproject.toml): unmarked tests are fast unit tests; `slow` ones take more than ~30 s on 2 cores; `parity` ones
-compare against the PyTorch reference (diffusers / transformers); `e2e` ones run an entry point end to end in a
-subprocess (sample.py, train.py, msrun, the Gradio page in a browser). `pytest -m "not slow"` is the developer loop;
-CI runs everything (`python -m pytest -q tests`).
+pyproject.toml): unmarked tests are fast unit tests; `slow` ones take more than ~30 s on 2 cores (or tens of
+seconds of graph compilation); `parity` ones compare against the PyTorch reference (diffusers / transformers);
+`e2e` ones run an entry point end to end in a subprocess (sample.py, train.py, msrun, the Gradio page in a
+browser). `pytest -m "not slow"` is the developer loop; CI runs everything (`python -m pytest -q tests`).
 """
 from __future__ import annotations
 
