@@ -8,13 +8,20 @@ browser). `pytest -m "not slow"` is the developer loop; CI runs everything (`pyt
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from pixart import backend, demo
-from tests.utils import DemoBundle
+_USER_GLOG = os.environ.get("GLOG_v")  # read before importing pixart, which sets its quiet default
+from pixart import backend, demo  # noqa: E402
+from tests.utils import DemoBundle  # noqa: E402
 
 backend.setup("CPU", "pynative")
+if _USER_GLOG is None:
+    # Entry points the tests start quiet themselves (they import pixart); other programs they start (msrun's
+    # scheduler, whose log a test reads) log as they would for a user, so this process's GLOG_v is not passed on.
+    os.environ.pop("GLOG_v", None)
 
 
 @pytest.fixture

@@ -3,9 +3,11 @@
 Quiet by default: importing `pixart` sets MindSpore's GLOG_v to errors only (unless the user set it, or
 PIXART_VERBOSE=1 asks for MindSpore's default), so `sample.py` on the demo bundle prints a handful of lines. Clean
 exit: `sample.py` in graph mode, run several times, returns 0 every time with no heap message from glibc at
-teardown (tools/check_exit_status.py runs it any number of times).
+teardown, and `gradio_demo.py` stopped with Ctrl+C returns 0 (tools/check_exit_status.py runs either any number of
+times).
 """
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,16 @@ def test_graph_mode_sample_exits_cleanly_every_run(bundle, tmp_path, monkeypatch
     lines = []
     cmd = [*_sample_cmd(bundle, tmp_path), "--mode", "graph", "--progress", "false", "--sampling_steps", "2"]
     assert check(cmd, runs=3, log=lines.append), "\n".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_gradio_demo_stopped_with_ctrl_c_exits_0(bundle, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lines = []
+    cmd = [sys.executable, "gradio_demo.py", "-c", str(CONFIG), *bundle.flags, "--port", str(port)]
+    assert check(cmd, runs=2, timeout=300, interrupt_when="serving on", log=lines.append), "\n".join(lines)
