@@ -1,0 +1,43 @@
+"""PixArt-α / Σ in MindSpore.
+
+Importing `pixart` makes runs quiet by default: MindSpore logs errors only (GLOG_v=3) and the deprecation notices of
+the libraries around it are hidden, so a run prints its own progress and results. `PIXART_VERBOSE=1` in the
+environment, or `logging_setup(verbose=True)` (the entry points' `--verbose`), keeps MindSpore's default logging
+(warnings, GLOG_v=2) and shows deprecation warnings. A GLOG_v set by the user is always kept.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+VERBOSE_ENV = "PIXART_VERBOSE"
+_GLOG_QUIET, _GLOG_VERBOSE = "3", "2"  # MindSpore's levels: 0 debug, 1 info, 2 warning, 3 error
+_USER_GLOG = os.environ.get("GLOG_v")  # read before anything of ours sets it
+_QUIET_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def verbose_from_env() -> bool:
+    """Whether PIXART_VERBOSE asks for verbose logging ("1", "true", "yes", "on")."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def logging_setup(verbose: bool | None = None) -> None:
+    """Quiet (verbose=False) or MindSpore's default logging (True); None reads PIXART_VERBOSE.
+
+    MindSpore's C++ side reads GLOG_v once, when `mindspore` is first imported; its Python logger and Python's
+    warning filters follow this call at any time. Importing `pixart` calls it with None before mindspore is loaded.
+    """
+    if verbose is None:
+        verbose = verbose_from_env()
+    if _USER_GLOG is None:
+        level = _GLOG_VERBOSE if verbose else _GLOG_QUIET
+        os.environ["GLOG_v"] = level
+        ms_log = sys.modules.get("mindspore.log")
+        if ms_log is not None and getattr(ms_log, "GLOBAL_LOGGER", None) is not None:
+            ms_log.GLOBAL_LOGGER.setLevel(ms_log._gloglevel_to_name[level])
+    for category in _QUIET_CATEGORIES:
+        warnings.filterwarnings("default" if verbose else "ignore", category=category)
+
+
+logging_setup()

@@ -1,10 +1,28 @@
-"""Every test runs MindSpore on CPU in PyNative mode unless it asks for `graph_mode`."""
+"""Shared fixtures and the test tiers.
+
+Every test runs MindSpore on CPU in PyNative mode unless it asks for `graph_mode`. Tiers, by marker (registered in
+pyproject.toml): unmarked tests are fast unit tests; `slow` ones take more than ~30 s on 2 cores (or tens of
+seconds of graph compilation); `parity` ones compare against the PyTorch reference (diffusers / transformers);
+`e2e` ones run an entry point end to end in a subprocess (sample.py, train.py, msrun, the Gradio page in a
+browser). `pytest -m "not slow"` is the developer loop; CI runs everything (`python -m pytest -q tests`).
+"""
+from __future__ import annotations
+
+import os
+
 import numpy as np
 import pytest
 
-from pixart import backend
+_USER_GLOG = os.environ.get("GLOG_v")  # read before importing pixart, which sets its quiet default
+from pixart import backend  # noqa: E402
+from pixart import demo_bundle as demo  # noqa: E402
+from tests.utils import DemoBundle  # noqa: E402
 
 backend.setup("CPU", "pynative")
+if _USER_GLOG is None:
+    # Entry points the tests start quiet themselves (they import pixart); other programs they start (msrun's
+    # scheduler, whose log a test reads) log as they would for a user, so this process's GLOG_v is not passed on.
+    os.environ.pop("GLOG_v", None)
 
 
 @pytest.fixture
@@ -22,23 +40,9 @@ def rng():
     return np.random.default_rng(0)
 
 
-
-# MindSpore 2.7.1 can corrupt the heap while the interpreter tears its objects down after a long session of graph
-# compilations ("corrupted size vs. prev_size" / "double free", exit 134, after every test passed; seen with several
-# test files in one process, never with one). Results are final by then: leave with pytest's own status, skipping
-# the teardown.
-_EXIT = {}
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _EXIT["status"] = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    if "status" in _EXIT:
-        import os
-        import sys
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_EXIT["status"])
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> DemoBundle:
+    """The demo bundle, built once per test session."""
+    root = tmp_path_factory.mktemp("demo")
+    demo.build(root, log=lambda *_: None)
+    return DemoBundle(root)

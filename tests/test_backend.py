@@ -55,6 +55,7 @@ def test_ascend_selects_mint_kernels_flash_attention_and_half_precision(fake_asc
 
 
 @pytest.mark.parametrize("blocks_per_graph, caption, graphs", [("0", 1, 1), ("1", 2, 3)])
+@pytest.mark.slow
 def test_sampling_compiles_the_transformer_once_per_shape(tmp_path, graph_mode, monkeypatch, blocks_per_graph,
                                                           caption, graphs):
     """No recompiles across steps, prompts, seeds and samplers of the same shape (counts MindSpore's own
@@ -354,6 +355,7 @@ def test_kernel_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_multi_aspect_training_compiles_once_per_bucket_shape(graph_mode, rng):
     """A multi-aspect epoch (batches from three buckets, interleaved, each bucket seen several times) compiles the
     training step once per bucket shape, never per step."""

@@ -16,6 +16,8 @@ from pixart.training.optimizers import build_optimizer
 from pixart.training.step import TrainStep, _ScaledLoss
 from tests.utils import rel_err
 
+pytestmark = pytest.mark.slow
+
 KV = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1, 2]}  # blocks 1, 2 differ from block 0
 
 

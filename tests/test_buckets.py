@@ -32,6 +32,7 @@ def _as_int_table(table):
 
 # -- tables ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("res", RESOLUTIONS)
+@pytest.mark.parity
 def test_sampling_tables_equal_diffusers(res):
     ref = _as_int_table(DIFFUSERS_BINS[res])
     assert ASPECT_RATIOS[res] == ref
@@ -83,6 +84,7 @@ def _sweep():
 
 
 @pytest.mark.parametrize("res", RESOLUTIONS)
+@pytest.mark.parity
 def test_closest_bucket_matches_diffusers(res):
     for h, w in _sweep():
         ref = PixArtImageProcessor.classify_height_width_bin(h, w, ratios=DIFFUSERS_BINS[res])
@@ -173,6 +175,7 @@ RESIZE_CASES = [
 
 
 @pytest.mark.parametrize("src,dst", RESIZE_CASES)
+@pytest.mark.parity
 def test_resize_and_crop_array_matches_diffusers(rng, src, dst):
     x = _smooth_batch(rng, 1, *src)
     ref = _diffusers_resize(x, *dst)

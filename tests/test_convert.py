@@ -112,6 +112,8 @@ def convert(source, target, *extra):
 
 
 @pytest.mark.parametrize("preset", list(CASES))
+@pytest.mark.slow
+@pytest.mark.parity
 def test_parity_with_diffusers_via_both_checkpoint_formats(preset, tmp_path, capsys):
     extra, hw = CASES[preset]
     ref = diffusers_model(extra)
@@ -247,6 +249,8 @@ def _cli(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_convert_rejects_other_architectures_with_named_keys(tmp_path):
     small = PixArt(preset_config("PixArt-XL-2-256x256", depth=2, hidden_size=64, num_heads=4, caption_channels=32,
                                  model_max_length=8))
@@ -270,6 +274,7 @@ def test_convert_rejects_other_architectures_with_named_keys(tmp_path):
     assert r.returncode == 1 and "not a PixArt transformer checkpoint" in r.stderr
 
 
+@pytest.mark.e2e
 def test_convert_missing_file_is_one_line(tmp_path):
     r = _cli("--source", tmp_path / "nope.pth", "--target", tmp_path / "x.ckpt")
     assert r.returncode == 1

@@ -27,6 +27,7 @@ from pixart.cli.options import ConfigError, parse_args
 from pixart.app import DemoApp, DemoError
 from pixart.cli.gradio import build_parser as build_demo_parser, ensure_demo_bundle, sample_args
 from pixart.cli.sample import build_parser
+from tests.utils import DemoBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -35,19 +36,13 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 TOAST = '[data-testid="toast-text"]'
 
 
-# -- the demo bundle, built by the demo's own "missing bundle" path ---------------------------------------------
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo-bundle")
-    comp = root / demo.COMPONENTS
-    flags = ["--checkpoint", str(root / demo.CHECKPOINT), "--vae_root", str(comp / "vae"),
-             "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
-    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *flags])
+# -- the demo bundle (the `bundle` fixture of conftest.py); a missing one is built by the demo's own path ----------
+def test_a_missing_bundle_is_built_once(tmp_path):
+    args = parse_args(build_demo_parser(), ["-c", str(CONFIG), *DemoBundle(tmp_path).flags])
     lines = []
     assert ensure_demo_bundle(args, log=lines.append) is True
-    assert "building it" in lines[0] and demo.is_built(root)
+    assert "building it" in lines[0] and demo.is_built(tmp_path)
     assert ensure_demo_bundle(args, log=lines.append) is False  # built once
-    return flags
 
 
 def test_parser_takes_sample_flags_yaml_and_server_options(tmp_path):
@@ -112,7 +107,7 @@ def test_randomized_seed_and_presets(tmp_path):
 
 
 def test_reproduce_command_and_yaml_give_the_same_settings_to_sample_py(tmp_path, bundle):
-    app = fake_app(tmp_path, *bundle, "--dpm_schedule", "time_uniform")
+    app = fake_app(tmp_path, *bundle.flags, "--dpm_schedule", "time_uniform")
     request = app.check_request(**{**GOOD, "prompt": "it's a \"quoted\" cat", "negative_prompt": "blur"})
     cmd = shlex.split(app.command(request))
     assert cmd[:4] == ["python", "sample.py", "-c", str(CONFIG)]
@@ -123,7 +118,7 @@ def test_reproduce_command_and_yaml_give_the_same_settings_to_sample_py(tmp_path
         assert a.prompt == ["it's a \"quoted\" cat"] and a.negative_prompt == "blur"
         assert (a.sampling_method, a.sampling_steps, a.guidance_scale, a.seed) == ("dpm", 2, 4.5, 3)
         assert (a.image_width, a.image_height, a.batch_size, a.resolution_binning) == (96, 64, 1, True)
-        assert (a.checkpoint, a.dpm_schedule, a.model) == (bundle[1], "time_uniform", demo.PRESET)
+        assert (a.checkpoint, a.dpm_schedule, a.model) == (str(bundle.checkpoint), "time_uniform", demo.PRESET)
 
 
 def test_lora_scale_goes_into_the_request_the_images_and_the_reproduce_command(tmp_path, bundle):
@@ -134,7 +129,7 @@ def test_lora_scale_goes_into_the_request_the_images_and_the_reproduce_command(t
     from pixart.nn import Linear
     from pixart.models.lora import inject_lora, lora_layers
     lora = tmp_path / "my-lora"
-    app = fake_app(tmp_path, *bundle, "--lora_path", str(lora), "--lora_scale", "0.7")
+    app = fake_app(tmp_path, *bundle.flags, "--lora_path", str(lora), "--lora_scale", "0.7")
     assert app.defaults()["lora_scale"] == 0.7
     assert app.check_request(**GOOD)["lora_scale"] == 0.7  # the launch scale when the page sends none
     request = app.check_request(**GOOD, lora_scale=1.5)
@@ -170,9 +165,9 @@ def test_lora_scale_goes_into_the_request_the_images_and_the_reproduce_command(t
     cfg.write_text(out["yaml"])
     for argv in (cmd[2:], ["-c", str(cfg)]):
         a = parse_args(build_parser(), argv)
-        assert (a.lora_path, a.lora_scale, a.checkpoint) == (str(lora), 1.5, bundle[1])
+        assert (a.lora_path, a.lora_scale, a.checkpoint) == (str(lora), 1.5, str(bundle.checkpoint))
 
-    plain = fake_app(tmp_path, *bundle)
+    plain = fake_app(tmp_path, *bundle.flags)
     request = plain.check_request(**GOOD, lora_scale=1.5)
     assert request["lora_scale"] is None and "--lora" not in plain.command(request)
 
@@ -192,8 +187,8 @@ def server(bundle, tmp_path_factory):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp / "cache"),
                NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "gradio_demo.py", "-c", str(CONFIG), *bundle, "--port", str(port),
-                                 "--sampling_steps", "2", "--image_width", "64", "--image_height", "64",
+        proc = subprocess.Popen([sys.executable, "gradio_demo.py", "-c", str(CONFIG), *bundle.flags,
+                                 "--port", str(port), "--sampling_steps", "2", "--image_width", "64", "--image_height", "64",
                                  "--resolution_binning", "false"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -302,6 +297,8 @@ WATCH_STATUS = """() => {  // remember every status the gallery shows, however b
 }"""
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_page_generates_then_shows_errors_and_goes_on(server, browser):
     page = open_page(browser, server)
     try:
@@ -340,6 +337,8 @@ def test_page_generates_then_shows_errors_and_goes_on(server, browser):
         page.context.close()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_requests_at_once_both_complete_one_waiting_in_the_queue(server, browser):
     pages = [open_page(browser, server) for _ in range(2)]
     try:

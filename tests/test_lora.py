@@ -122,6 +122,7 @@ def _save_from_diffusers(base, net, case, config, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", list(FROM_DIFFUSERS))
+@pytest.mark.parity
 def test_lora_saved_by_diffusers_or_peft_loads_here_with_equal_outputs(base, case, tmp_path):
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
@@ -151,6 +152,7 @@ def _random_lora(model, seed=0, **kwargs):
     return params
 
 
+@pytest.mark.parity
 def test_lora_saved_here_loads_into_diffusers_with_equal_outputs(base, tmp_path):
     model = _ours(base)
     targets = L.BLOCK_TARGETS + L.EXTRA_TARGETS + ("final_layer.linear", "t_embedder.mlp.0")
@@ -182,6 +184,7 @@ def test_lora_saved_here_loads_into_diffusers_with_equal_outputs(base, tmp_path)
         assert rel_err(run_ours(again, *base["inputs"]), ours) <= 1e-6
 
 
+@pytest.mark.parity
 def test_per_module_ranks_and_alphas_survive_a_round_trip_through_diffusers(base, tmp_path):
     from peft import LoraConfig
     config = LoraConfig(**FROM_DIFFUSERS["diffusers-pipeline-file"])
@@ -291,20 +294,15 @@ def _cli(script, *args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.build(root, log=lambda *_: None)
-    return root
-
-
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sample_and_inference_script_apply_a_diffusers_lora(base, bundle, tmp_path, capsys):
     from peft import LoraConfig
     config = LoraConfig(**FROM_DIFFUSERS["diffusers-pipeline-file"])
     lora = _save_from_diffusers(base, _diffusers_with_lora(base, config, seed=1), "diffusers-pipeline-file",
                                 config, tmp_path / "lora")
-    comp = bundle / demo.COMPONENTS
-    common = ["-c", ROOT / "configs/inference/demo.yaml", "--checkpoint", bundle / demo.CHECKPOINT,
+    comp = bundle.components
+    common = ["-c", ROOT / "configs/inference/demo.yaml", "--checkpoint", bundle.checkpoint,
               "--vae_root", comp / "vae", "--text_encoder_root", comp / "text_encoder", "--tokenizer_root",
               comp / "tokenizer", "--prompt", "a red square", "--sampling_steps", 2, "--image_height", 64,
               "--image_width", 64, "--resolution_binning", "false"]

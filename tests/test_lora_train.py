@@ -76,6 +76,8 @@ def tagged(stdout: str, what: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith("[rank 0/1]") and what in line).split()[-1]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_lowers_the_loss_keeps_the_base_and_writes_a_small_diffusers_lora(setup, trained):
     out = trained["out"]
     loss = losses(out)
@@ -105,6 +107,8 @@ def test_training_lowers_the_loss_keeps_the_base_and_writes_a_small_diffusers_lo
     assert size < 0.1 * base_size
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_trained_lora_changes_the_model_and_samples_with_sample_py(setup, trained, tmp_path):
     from mindspore import Tensor
     from pixart.models.lora import set_lora_scale
@@ -136,6 +140,8 @@ def test_the_trained_lora_changes_the_model_and_samples_with_sample_py(setup, tr
     assert settings["lora"] == str(trained["out"]) and settings["lora_scale"] == 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_resume_repeats_the_uninterrupted_run(setup, trained, tmp_path):
     """checkpoint-30 of the learning run, copied into a fresh output folder, resumed with `latest` to step 40: the
     same losses, LoRA file and optimizer state, bit for bit."""
@@ -156,6 +162,7 @@ def test_resume_repeats_the_uninterrupted_run(setup, trained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_msrun_two_ranks_train_what_one_process_trains(setup, trained, tmp_path):
     """Two CPU workers with batch 2 each (PyNative) against the learning run's first two steps (one process, batch
     4, graph mode): each rank trains its half of the same batches, both ranks end with bit-identical LoRA weights
@@ -194,6 +201,8 @@ def test_msrun_two_ranks_train_what_one_process_trains(setup, trained, tmp_path)
     ("targets", "--lora_targets: LoRA targets match no linear layer: attn.qkvv"),
     ("other_rank", "trained a LoRA with --rank 4, this run asks for 8"),
 ])
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_exits_1_with_one_line(setup, trained, tmp_path, capsys, case, message):
     """In-process (the script's main()); the cases that pass the checks run in PyNative up to the refusal."""
     args = [*map(str, setup["common"]), "--max_train_steps", "1", "--output_dir", str(tmp_path / "out"),

@@ -14,6 +14,8 @@ import pytest
 from tests.test_train import (ROOT, check_data_parallel, environment, msrun_common_args,
                               setup)  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.e2e
+
 SCRIPT = ROOT / "tools" / "simulate_two_nodes.sh"
 # a namespace prefix and subnet of this test's own, so a manual simulation running beside it is not disturbed
 NETNS = {"PIXART_NETNS_PREFIX": f"pxt{os.getpid() % 100000}-n", "PIXART_NETNS_SUBNET": "10.78.0"}

@@ -16,6 +16,8 @@ from pixart.pipelines.loading import load_transformer
 from pixart.pipelines.text_to_image import PixArtPipeline
 from pixart.models.t5 import make_tiny_tokenizer
 
+pytestmark = pytest.mark.parity
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
@@ -67,7 +69,7 @@ def _diffusers_transformer(extra: dict, seed: int):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def diffusers_bundle(tmp_path_factory):
     """Tiny random components saved in diffusers' layout: {'root', 'tokenizer', 't5', 'vae': {family: model},
     'transformer': {preset: model}}; our transformers are converted to `<preset>.ckpt` by the tools/convert path."""
     root = tmp_path_factory.mktemp("pipeline")
@@ -99,11 +101,12 @@ def _scheduler():
         algorithm_type="dpmsolver++", prediction_type="epsilon")
 
 
-def _run_diffusers(bundle, preset, prompts, height, width, binning, latents):
+def _run_diffusers(diffusers_bundle, preset, prompts, height, width, binning, latents):
     family, _, tokens = PRESETS[preset]
     cls = diffusers.PixArtSigmaPipeline if family == "sigma" else diffusers.PixArtAlphaPipeline
-    pipe = cls(tokenizer=bundle["tokenizer"], text_encoder=bundle["t5"], vae=bundle["vae"][family],
-               transformer=bundle["transformer"][preset], scheduler=_scheduler())
+    pipe = cls(tokenizer=diffusers_bundle["tokenizer"], text_encoder=diffusers_bundle["t5"],
+               vae=diffusers_bundle["vae"][family], transformer=diffusers_bundle["transformer"][preset],
+               scheduler=_scheduler())
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(prompts, negative_prompt="", height=height, width=width, num_inference_steps=STEPS,
@@ -111,18 +114,19 @@ def _run_diffusers(bundle, preset, prompts, height, width, binning, latents):
                     use_resolution_binning=binning, clean_caption=False, max_sequence_length=tokens).images
 
 
-def _ours(bundle, preset):
+def _ours(diffusers_bundle, preset):
     family = PRESETS[preset][0]
-    root = bundle["root"]
+    root = diffusers_bundle["root"]
     return PixArtPipeline.from_pretrained(checkpoint=root / f"{preset}.ckpt", model=preset,
                                           vae_root=root / f"vae_{family}", text_encoder_root=root / "text_encoder",
                                           tokenizer_root=root / "tokenizer", log=lambda *a: None)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_images_match_diffusers_pipeline(bundle, case):
+@pytest.mark.slow
+def test_images_match_diffusers_pipeline(diffusers_bundle, case):
     preset, prompts, height, width, binning = CASES[case]
-    ours = _ours(bundle, preset)
+    ours = _ours(diffusers_bundle, preset)
     assert ours.max_sequence_length == PRESETS[preset][2]
     if binning:  # both sides denoise in the same bucket
         from pixart.data.buckets import closest_bucket
@@ -131,7 +135,7 @@ def test_images_match_diffusers_pipeline(bundle, case):
         lh, lw = height // 8, width // 8
     latents = np.random.default_rng(0).standard_normal((len(prompts), 4, lh, lw)).astype(np.float32)
 
-    ref = _run_diffusers(bundle, preset, prompts, height, width, binning, latents)
+    ref = _run_diffusers(diffusers_bundle, preset, prompts, height, width, binning, latents)
     out = ours(prompts, negative_prompt="", height=height, width=width, sampler="dpm", num_inference_steps=STEPS,
                guidance_scale=GUIDANCE, latents=latents, use_resolution_binning=binning, output_type="np",
                progress=False)
@@ -146,7 +150,7 @@ def test_images_match_diffusers_pipeline(bundle, case):
     assert within >= 0.99, f"{case}: only {within:.2%} of pixels within 1/255 (max |diff| {diff.max():.3f})"
 
 
-def test_transformer_loads_from_diffusers_folder(bundle):
-    net = load_transformer(bundle["root"] / "PixArt-Sigma-XL-2-512-MS", "PixArt-Sigma-XL-2-512-MS",
+def test_transformer_loads_from_diffusers_folder(diffusers_bundle):
+    net = load_transformer(diffusers_bundle["root"] / "PixArt-Sigma-XL-2-512-MS", "PixArt-Sigma-XL-2-512-MS",
                            log=lambda *a: None)
     assert net.config.model_max_length == 300

@@ -15,24 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.build(root, log=lambda *_: None)
-    comp = root / demo.COMPONENTS
-    return ["--checkpoint", str(root / demo.CHECKPOINT), "--vae_root", str(comp / "vae"),
-            "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
-
-
 def sample(*args):
     return subprocess.run([sys.executable, "sample.py", "-c", str(CONFIG), "--progress", "false", *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sample_writes_images_metadata_and_grid(bundle, tmp_path, mode):
     out = tmp_path / "out"
-    r = sample(*bundle, "--prompt", "a red square", "a blue circle", "--image_height", 200, "--image_width", 328,
+    r = sample(*bundle.flags, "--prompt", "a red square", "a blue circle", "--image_height", 200, "--image_width", 328,
                "--sampling_steps", 3, "--seed", 7, "--imagegrid", "true", "--mode", mode, "--output_path", out)
     assert r.returncode == 0, r.stderr[-3000:]
     pngs = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
@@ -49,11 +42,13 @@ def test_sample_writes_images_metadata_and_grid(bundle, tmp_path, mode):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     outs = []
     for i, method in enumerate(["ddim", "ddim", "iddpm", "sa"]):
         out = tmp_path / f"o{i}"
-        r = sample(*bundle, "--prompt", "a cat", "--sampling_method", method, "--sampling_steps", 2,
+        r = sample(*bundle.flags, "--prompt", "a cat", "--sampling_method", method, "--sampling_steps", 2,
                    "--image_height", 64, "--image_width", 64, "--resolution_binning", "false", "--output_path", out)
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(np.asarray(Image.open(next(out.glob("0000*.png")))))
@@ -71,12 +66,14 @@ def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     (["--prompt", "x", "--dtype", "bf16"], "bf16 is not supported"),
     (["--prompt", "x", "--model", "PixArt-XL-2-1024-MS"], "does not fit model PixArt-XL-2-1024-MS"),
 ])
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_exits_1_with_one_line(bundle, tmp_path, args, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     out = tmp_path / "out"
     args = [str(empty) if a == "EMPTY" else a for a in args]
-    r = sample(*bundle, *args, "--output_path", out, "--sampling_steps", 1)
+    r = sample(*bundle.flags, *args, "--output_path", out, "--sampling_steps", 1)
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert message in last, r.stderr[-2000:]
@@ -84,6 +81,7 @@ def test_bad_input_exits_1_with_one_line(bundle, tmp_path, args, message):
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
+@pytest.mark.e2e
 def test_unknown_yaml_key_is_an_error(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("prompt: [a]\nsampling_stepz: 3\n")
@@ -106,7 +104,7 @@ def test_prompts_are_encoded_first_and_t5_is_freed(bundle, graph_mode, monkeypat
         params.extend(weakref.ref(p) for p in model.get_parameters())
         return model
     monkeypatch.setattr(sample_run, "load_t5", load_and_watch)  # the name sample.py's code calls
-    args = parse_args(sample_run.build_parser(), ["-c", str(CONFIG), *bundle, "--mode", "graph", "--prompt", "x"])
+    args = parse_args(sample_run.build_parser(), ["-c", str(CONFIG), *bundle.flags, "--mode", "graph", "--prompt", "x"])
     embeds, negative = sample_run.encode_first(args, ["a red square", "a blue circle"], log=lambda *_: None)
     gc.collect()
     assert params and not any(p() is not None for p in params)

@@ -55,6 +55,7 @@ def vp(t):
 
 
 # ---- diffusers parity -----------------------------------------------------------------------------------------
+@pytest.mark.parity
 def test_dpm_solver_matches_diffusers(x_T):
     from diffusers import DPMSolverMultistepScheduler
     sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -73,6 +74,7 @@ def test_dpm_solver_matches_diffusers(x_T):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parity
 def test_ddim_matches_diffusers(x_T, eta):
     from diffusers import DDIMScheduler
     sch = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",

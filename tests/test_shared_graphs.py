@@ -26,6 +26,7 @@ def sigma_kv(rng):
     return model, (x, t, y, mask, info)
 
 
+@pytest.mark.slow
 def test_grouped_denoiser_equals_the_one_graph_denoiser(sigma_kv, graph_mode):
     model, (x, t, y, mask, info) = sigma_kv
     caption_kv = ms.mutable(Method(model, "encode_caption")(y))

@@ -57,6 +57,7 @@ def tiny(tmp_path_factory):
     return folder, hf_encode(hf, ids, mask), ids, mask
 
 
+@pytest.mark.parity
 def test_relative_position_buckets_match_hf():
     rel = torch.arange(600)[None, :] - torch.arange(600)[:, None]
     for buckets, distance in [(32, 128), (32, 16), (64, 256)]:
@@ -64,6 +65,7 @@ def test_relative_position_buckets_match_hf():
         np.testing.assert_array_equal(relative_position_buckets(600, buckets, distance), ref)
 
 
+@pytest.mark.parity
 def test_parity_with_padding(tiny):
     folder, ref, ids, mask = tiny
     model = load_t5(folder)
@@ -76,6 +78,7 @@ def test_parity_with_padding(tiny):
     assert np.array_equal(ms_encode(model, other, mask)[mask == 1], out[mask == 1])
 
 
+@pytest.mark.parity
 def test_parity_relu_t5(tmp_path):
     hf = hf_folder(tmp_path, feed_forward_proj="relu")
     ids, mask = padded_batch(TINY["vocab_size"])
@@ -107,6 +110,7 @@ def test_full_t5_folder_ignores_decoder_and_tied_name(tmp_path, tiny):
     assert rel_err(ms_encode(load_t5(renamed), ids, mask), ref) <= 1e-5
 
 
+@pytest.mark.parity
 def test_one_layer_at_xxl_width(tmp_path, graph_mode):
     """T5-XXL's width (d_model 4096, 64 heads, d_ff 10240), one layer; graph mode, as PyNative is slow at this size."""
     cfg = HFT5Config(**{**TINY, "vocab_size": 256, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 1,

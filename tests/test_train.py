@@ -105,6 +105,7 @@ def trained(setup, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_training_learns_the_two_captions(setup, trained, graph_mode):
     from pixart.pipelines.loading import load_components
     from pixart.pipelines.text_to_image import PixArtPipeline
@@ -141,6 +142,7 @@ def test_training_learns_the_two_captions(setup, trained, graph_mode):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_trained_checkpoint_loads_into_sample_py(setup, trained, tmp_path):
     from pixart.pipelines.loading import load_transformer
     r = run("sample.py", "--model", "PixArt-XL-2-256x256", "--checkpoint", trained["checkpoint"] / "model.ckpt",
@@ -156,6 +158,7 @@ def test_trained_checkpoint_loads_into_sample_py(setup, trained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_on_the_fly_pynative_gives_the_cached_graph_losses(setup, trained, tmp_path):
     """No cache: T5 and VAE encode every batch, in PyNative mode; the first steps repeat the cached graph run.
     Validation images (fixed prompt and seed) come out at step 2."""
@@ -178,6 +181,7 @@ def test_on_the_fly_pynative_gives_the_cached_graph_losses(setup, trained, tmp_p
 # Resume: kill a run, resume it, and get the same losses and weights as a run that was never interrupted
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_resume_after_kill_equals_an_uninterrupted_run(setup, tmp_path):
     k = 4
     common = [*TINY, "--json_path", setup["square"], "--feature_dir", setup["cache"], "--batch_size", 2,
@@ -268,6 +272,7 @@ def check_data_parallel(single, single_stdout, dp, worker) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup, tmp_path):
     single = tmp_path / "single"
     r1 = single_process_run(setup, single)
@@ -294,6 +299,8 @@ def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup,
     ("bf16_on_cpu", "bf16 is not supported on MindSpore's CPU backend"),
     ("parallel_without_msrun", "--use_parallel True needs the msrun launcher"),
 ])
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_exits_1_with_one_line(setup, tmp_path, case, message):
     args = [*TINY, "--json_path", setup["labels"], "--feature_dir", setup["cache"], "--batch_size", 2,
             "--max_steps", 1, "--output_dir", tmp_path / "out"]

@@ -69,6 +69,7 @@ def torch_reference(out, x0, t, noise):
     return loss.detach().numpy(), mse.detach().numpy(), vb.detach().numpy(), out.grad.numpy()
 
 
+@pytest.mark.parity
 def test_loss_matches_official_formulas_values_and_gradients(rng):
     b, c = 6, 4
     x0 = rng.standard_normal((b, c, 4, 6)).astype(np.float32)
@@ -152,6 +153,7 @@ def torch_came_step(p, g, state, lr, betas, eps, wd, clip=1.0):
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_in_place", "came"])
+@pytest.mark.parity
 def test_optimizers_match_pytorch(rng, name):
     """adamw_in_place: the fused CPU kernel (`AdamW.update_in_place`) that the train step uses on CPU."""
     if name == "adamw_in_place" and cpu.in_place_kernel("AdamWUpdate", [Parameter(Tensor(np.zeros(2, np.float32)),

@@ -49,6 +49,7 @@ def torch_encode_decode(vae, x, z):
         return dist.mean.numpy(), dist.logvar.numpy(), vae.decode(torch.from_numpy(z)).sample.numpy()
 
 
+@pytest.mark.parity
 def test_small_matches_diffusers(small, rng):
     folder, ref = small
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
@@ -66,6 +67,7 @@ def test_small_matches_diffusers(small, rng):
     np.testing.assert_allclose(s, mean_ref + np.exp(0.5 * logvar_ref) * noise, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parity
 def test_sd_width_matches_diffusers(tmp_path, rng):
     """The real SD/SDXL widths, where accumulation error shows; weights saved as shards."""
     ref = reference_vae(tmp_path, seed=1, max_shard_size="100MB", **SD)
@@ -118,6 +120,7 @@ def test_graph_mode_matches_pynative(small, graph_mode, rng):
     assert max(errs) <= 1e-5
 
 
+@pytest.mark.parity
 def test_tiled_decode_matches_diffusers_tiling(small, rng):
     folder, ref = small
     tile, overlap, f = 8, 2, 2  # latent px; the small VAE upsamples by f = 2

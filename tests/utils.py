@@ -1,5 +1,13 @@
-"""Shared helpers for the tests: error measure, and diffusers' PixArt transformer vs ours on the same inputs."""
+"""Shared helpers for the tests: error measure, the demo bundle's paths, and diffusers' PixArt transformer vs ours on
+the same inputs."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
 import numpy as np
+
+from pixart import demo_bundle as demo
 
 
 def rel_err(ours, ref) -> float:
@@ -55,3 +63,24 @@ def run_diffusers(model, x, t, y, mask, info):
     with torch.no_grad():
         return model(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(y), timestep=torch.from_numpy(t),
                      encoder_attention_mask=torch.from_numpy(mask), added_cond_kwargs=cond).sample.numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoBundle:
+    """Where the demo bundle's files are (or will be) under `root`; pixart/demo.py builds them."""
+    root: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / demo.CHECKPOINT
+
+    @property
+    def components(self) -> Path:
+        return self.root / demo.COMPONENTS
+
+    @property
+    def flags(self) -> list[str]:
+        """The sample.py / gradio_demo.py flags that point at it (on top of configs/inference/demo.yaml)."""
+        comp = self.components
+        return ["--checkpoint", str(self.checkpoint), "--vae_root", str(comp / "vae"),
+                "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
