@@ -23,9 +23,10 @@ NETNS = {"PIXART_NETNS_PREFIX": f"pxt{os.getpid() % 100000}-n", "PIXART_NETNS_SU
 
 def _simulate(*args, timeout):
     """Run the script in its own process group; on timeout stop it with SIGTERM so its trap removes the namespaces
-    and whatever runs in them."""
+    and whatever runs in them. msrun's scheduler runs the training script itself, which imports pixart (quiet by
+    default): GLOG_v=2 keeps MindSpore's default level there, whose registration lines the test reads."""
     p = subprocess.Popen(["bash", str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT, env=environment(NETNS), start_new_session=True)
+                         text=True, cwd=ROOT, env=environment({**NETNS, "GLOG_v": "2"}), start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
