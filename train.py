@@ -1,6 +1,6 @@
 r"""Fine-tune PixArt-α / Σ on an image-caption set.
 
-    python train.py -c configs/train/pixart-sigma-512-ms.yaml --json_path data/labels.json --image_dir data/images \
+    python train.py -c configs/train/pixart-sigma-512-MS.yaml --json_path data/labels.json --image_dir data/images \
         --load_from models/PixArt-Sigma-XL-2-512-MS.pth --vae_root ... --text_encoder_root ...
     python train.py ... --feature_dir cache/          # captions / latents from tools/extract_features.py
     python train.py ... --resume latest               # continue exactly where the last checkpoint stopped
