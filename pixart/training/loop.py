@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pixart.training.batch import BATCH_KEYS
-from pixart.training.optimizers import constant_with_warmup
+from pixart.training.optimizers import learning_rate_at
 from pixart.training.setup import Data, Optimisation
 
 
@@ -29,7 +29,8 @@ def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_st
     step = start_step
     for step in range(start_step + 1, max_steps + 1):
         tic = time.time()
-        step_lr = Tensor(constant_with_warmup(step - 1, opt.lr, args.warmup_steps), ms.float32)
+        step_lr = Tensor(learning_rate_at(getattr(args, "lr_scheduler", "constant_with_warmup"), step - 1, opt.lr,
+                                          args.warmup_steps, max_steps), ms.float32)
         losses, data_time = [], 0.0
         for micro in range(args.grad_accumulation):
             t_data = time.time()
