@@ -197,11 +197,13 @@ def test_dtype_fp16_falls_back_on_cpu_only(capsys):
     (["--validation_prompts", "a", "b", "--validation_negative_prompts", "x"],
      "--validation_negative_prompts: 1 given for 2 validation prompt(s)"),
     (["--ckpt_save_interval", "0"], "--ckpt_save_interval must be >= 1"),
+    (["-c", ROOT / "configs" / "train" / "pixart-sigma-256x256.yaml", "--optim", "adamw", "--betas", "0.9"],
+     "--betas: adamw takes 2 value(s), got [0.9]"),
 ])
 def test_flags_we_cannot_honour_exit_1_with_one_line(tmp_path, capsys, extra, message):
     labels = tmp_path / "labels.json"
     labels.write_text("[]")
-    assert cli_main(train, ["--json_path", str(labels), "--image_dir", str(tmp_path), *extra]) == 1
+    assert cli_main(train, ["--json_path", str(labels), "--image_dir", str(tmp_path), *map(str, extra)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert sum(line.startswith("error: ") for line in err) == 1
@@ -234,7 +236,7 @@ def test_lora_schedule_we_do_not_have_exits_1(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """models/ as the reference README lays it out (the demo bundle's files), configs/ of this checkout, 4 labelled
+    """models/ as the reference README lays it out (the demo bundle's files), configs/ of this checkout, 8 labelled
     images at 2 aspect ratios (data/labels.json) and their square half (data/square.json)."""
     from pixart import demo_bundle as demo
     root = tmp_path_factory.mktemp("reference")
@@ -246,7 +248,7 @@ def workdir(tmp_path_factory):
     for part in ("vae", "text_encoder", "tokenizer"):
         (models / part).symlink_to(root / "demo" / demo.COMPONENTS / part)
     (root / "cwd" / "configs").symlink_to(ROOT / "configs")
-    labels, images = make_dataset(root / "cwd" / "data", per_kind_and_ratio=1)
+    labels, images = make_dataset(root / "cwd" / "data", per_kind_and_ratio=2)
     items = json.loads(labels.read_text())
     (root / "cwd" / "data" / "square.json").write_text(json.dumps([i for i in items if i["ratio"] == 1.0]))
     return root / "cwd"
@@ -270,7 +272,7 @@ def step_rows(out) -> list[dict]:
 @pytest.mark.e2e
 def test_reference_training_command_trains_on_cpu(workdir):
     """The README's `python train.py -c configs/train/pixart-sigma-512-MS.yaml --json_path ... --image_dir ...`,
-    shrunk by `--batch_size 2 --max_steps 2` (the config's batch 48 is more than the 4 test images)."""
+    shrunk by `--batch_size 2 --max_steps 2` (the config's batch 48 is more than the 8 test images)."""
     r = run_train(workdir, "-c", "configs/train/pixart-sigma-512-MS.yaml", "--json_path", "data/labels.json",
                   "--image_dir", "data/images", "--batch_size", 2, "--max_steps", 2)
     assert r.returncode == 0, r.stderr[-3000:]

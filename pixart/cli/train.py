@@ -131,6 +131,11 @@ def resolve_reference_options(args, flag: Callable[[str], str] = default_flag) -
             args.betas = list(args.came_betas)
         if getattr(args, "came_eps", None) and args.eps is None:
             args.eps = list(args.came_eps)
+    counts = {"adamw": (2, 1), "came": (3, 2)}.get(optimizer)
+    for name, n in zip(("betas", "eps"), counts or ()):
+        if getattr(args, name) is not None and len(getattr(args, name)) != n:
+            raise TrainError(f"{flag(name)}: {optimizer} takes {n} value(s), got {getattr(args, name)} (the "
+                             "optimizer's own keys, --adamw_eps / --came_betas / --came_eps, apply only to it)")
     if args.device_target != "Ascend":
         if args.enable_flash_attention:
             warn(f"{flag('enable_flash_attention')}: flash attention needs an Ascend device; using plain attention "
