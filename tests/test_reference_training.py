@@ -222,6 +222,29 @@ def test_lora_script_reference_defaults_and_names():
             a.keep_last) == (8, 120, "cosine", 0, "fp32", 5, 10)
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--snr_gamma", "5.0"], "--snr_gamma 5.0: Min-SNR loss weighting is not implemented"),
+    (["--push_to_hub"], "--push_to_hub: this script does not upload"),
+    (["--prediction_type", "v_prediction"], "--prediction_type v_prediction: PixArt predicts epsilon"),
+    (["--noise_offset", "0.1"], "--noise_offset 0.1: offset noise is not implemented"),
+])
+def test_lora_reference_options_we_do_not_have_exit_1(tmp_path, capsys, extra, message):
+    labels = tmp_path / "labels.json"
+    labels.write_text("[]")
+    assert cli_main(lora_train, ["--pretrained_model_name_or_path", str(labels), "--json_path", str(labels),
+                                 "--image_dir", str(tmp_path), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    a = parsed(["--prediction_type", "epsilon", "--noise_offset", "0"], lora_train.build_parser)
+    lora_train.check_refused(a)  # what this trainer does anyway is accepted
+
+
+def test_lora_fp16_falls_back_on_cpu(capsys):
+    a = parsed(["--mixed_precision", "fp16", "--device_target", "CPU"], lora_train.build_parser)
+    lora_train.device_fallbacks(a)
+    assert a.mixed_precision == "fp32" and capsys.readouterr().err.startswith("warning: --mixed_precision fp16")
+
+
 def test_lora_schedule_we_do_not_have_exits_1(tmp_path, capsys):
     labels = tmp_path / "labels.json"
     labels.write_text("[]")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pixart.cli.options import ArgumentParser, add_kv_compress_group, flag_namer, mode_name, str2bool
 from pixart.cli.train import (add_model_options, add_precision_options, add_training_data_options,
-                              add_training_execution_options, check_common_args)
+                              add_training_execution_options, check_common_args, device_fallbacks)
 from pixart.pipelines.loading import resolve_pipeline_folder
 from pixart.training.lora import LoRAMethod
 from pixart.training.optimizers import LR_SCHEDULES
@@ -94,9 +94,45 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--validation_seed", type=int, default=None, help="default: --seed")
     g.add_argument("--param_digest", type=str2bool, default=False,
                    help="every rank prints SHA-256 digests of its LoRA and of its base weights")
+    add_refused_options(p)
     # what the trainer reads and this script fixes
     p.set_defaults(optimizer="adamw", use_ema=False, ema_rate=0.0, auto_lr="none")
     return p
+
+
+# The reference LoRA script's options (not data options) that this trainer does not have: accepted by the parser so
+# that the refusal names the reason, never silently ignored. flag -> (argparse keywords, default, reason).
+REFUSED = {
+    "--revision": ({}, None, "weights come from a local folder here, not the hub"),
+    "--variant": ({}, None, "weights come from a local folder here, not the hub"),
+    "--push_to_hub": ({"action": "store_true"}, False, "this script does not upload; copy --output_dir"),
+    "--hub_token": ({}, None, "this script does not upload; copy --output_dir"),
+    "--hub_model_id": ({}, None, "this script does not upload; copy --output_dir"),
+    "--scale_lr": ({"action": "store_true"}, False, "not implemented; scale --learning_rate yourself"),
+    "--snr_gamma": ({"type": float}, None, "Min-SNR loss weighting is not implemented"),
+    "--noise_offset": ({"type": float}, 0.0, "offset noise is not implemented"),
+    "--prediction_type": ({"choices": ["epsilon", "v_prediction"]}, None,
+                          "PixArt predicts epsilon (and its variance) only"),
+    "--logging_dir": ({}, None, "logs go to <output_dir>/train.log and train_log.jsonl"),
+    "--enable_xformers_memory_efficient_attention": ({"action": "store_true"}, False,
+                                                     "no xformers in MindSpore; --enable_flash_attention is Ascend's"),
+    "--micro_conditions": ({"action": "store_true"}, False,
+                           "micro-conditions follow the preset (on for PixArt-XL-2-1024-MS)"),
+}
+ALLOWED = {"--prediction_type": "epsilon"}  # the value that is what this trainer does anyway
+
+
+def add_refused_options(p) -> None:
+    g = p.add_argument_group("reference options not supported here (each refused with its reason)")
+    for name, (kwargs, default, reason) in REFUSED.items():
+        g.add_argument(name, default=default, help=reason, **kwargs)
+
+
+def check_refused(args) -> None:
+    for name, (_, default, reason) in REFUSED.items():
+        value = getattr(args, name.lstrip("-"))
+        if value not in (default, ALLOWED.get(name)):
+            raise TrainError(f"{name} {value if not isinstance(value, bool) else ''}".rstrip() + f": {reason}")
 
 
 FLAG = flag_namer(build_parser())
@@ -129,6 +165,8 @@ def complete_args(args) -> None:
 
 
 def check_args(args) -> None:
+    check_refused(args)
+    device_fallbacks(args, FLAG)
     check_common_args(args, FLAG)
     if args.lr_scheduler in UNSUPPORTED_SCHEDULES:
         raise TrainError(f"--lr_scheduler {args.lr_scheduler} is not implemented; use one of "

@@ -106,36 +106,42 @@ def add_reference_options(p) -> None:
 
 
 def resolve_reference_options(args, flag: Callable[[str], str] = default_flag) -> None:
-    """The reference port's options -> ours; Ascend-only requests on another device fall back with one warning line;
-    a request that cannot be honoured raises TrainError."""
+    """The reference port's options -> ours (a request that cannot be honoured raises TrainError), then the device
+    fallbacks."""
     if isinstance(args.auto_lr, str) and args.auto_lr == "":
         args.auto_lr = "none"
     if isinstance(args.clip_grad, bool):
         args.clip_grad = args.max_grad_norm if args.clip_grad else 0.0
     args.clip_grad = float(args.clip_grad)
-    if getattr(args, "sample_size", None) is not None and args.model is not None:
+    if args.sample_size is not None and args.model is not None:
         family = "sigma" if "Sigma" in args.model else "alpha"
         if preset_config(args.model).input_size != args.sample_size:
             if args.sample_size not in SAMPLE_SIZE_PRESETS[family]:
                 raise TrainError(f"{flag('sample_size')} {args.sample_size}: no {family} preset of that latent size; "
                                  f"allowed: {', '.join(map(str, SAMPLE_SIZE_PRESETS[family]))}")
             args.model = SAMPLE_SIZE_PRESETS[family][args.sample_size]
-    if getattr(args, "path_column", "path") != "path":
+    if args.path_column != "path":
         raise TrainError(f"{flag('path_column')} {args.path_column!r}: the label JSON's image path is read from its "
                          "'path' key only")
-    optimizer = getattr(args, "optimizer", "adamw")
-    if optimizer == "adamw" and getattr(args, "adamw_eps", None) is not None and args.eps is None:
+    optimizer = args.optimizer
+    if optimizer == "adamw" and args.adamw_eps is not None and args.eps is None:
         args.eps = [args.adamw_eps]
     if optimizer == "came":
-        if getattr(args, "came_betas", None) and args.betas is None:
+        if args.came_betas and args.betas is None:
             args.betas = list(args.came_betas)
-        if getattr(args, "came_eps", None) and args.eps is None:
+        if args.came_eps and args.eps is None:
             args.eps = list(args.came_eps)
     counts = {"adamw": (2, 1), "came": (3, 2)}.get(optimizer)
     for name, n in zip(("betas", "eps"), counts or ()):
         if getattr(args, name) is not None and len(getattr(args, name)) != n:
             raise TrainError(f"{flag(name)}: {optimizer} takes {n} value(s), got {getattr(args, name)} (the "
                              "optimizer's own keys, --adamw_eps / --came_betas / --came_eps, apply only to it)")
+    device_fallbacks(args, flag)
+
+
+def device_fallbacks(args, flag: Callable[[str], str] = default_flag) -> None:
+    """Ascend-only requests on another device: one warning line each, then what that device has (train.py and the
+    LoRA script)."""
     if args.device_target != "Ascend":
         if args.enable_flash_attention:
             warn(f"{flag('enable_flash_attention')}: flash attention needs an Ascend device; using plain attention "
