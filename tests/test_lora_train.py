@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
     base = root / "demo" / demo.CHECKPOINT
     common = ["--pretrained_model_name_or_path", base, "--model", demo.PRESET, "--json_path", labels,
               "--feature_dir", cache, "--train_batch_size", 4, "--learning_rate", 2e-3, "--log_every", EVERY,
-              "--checkpointing_steps", EVERY, "--param_digest", "true"]
+              "--checkpointing_steps", EVERY, "--param_digest", "true", "--rank", 4, "--lora_targets", "blocks"]
     return dict(root=root, base=base, comp=comp, labels=labels, images=images, cache=cache, common=common,
                 env=compile_cache(root / "compile_cache"))
 
@@ -233,7 +233,7 @@ def test_flags_yaml_and_aliases(tmp_path):
                                       "max_token_length": 120, "mixed_precision": "no"}))
     a = parse_args(build_parser(), ["-c", str(config), "--rank", "8", "--json_path", "x.json"])
     assert (a.batch_size, a.save_every, a.rank, a.random_flip, a.max_length) == (3, 7, 8, True, 120)
-    assert (a.mixed_precision, a.learning_rate, a.lora_alpha, a.class_dropout_prob) == ("fp32", 1e-4, None, 0.0)
+    assert (a.mixed_precision, a.learning_rate, a.lora_alpha, a.class_dropout_prob) == ("fp32", 1e-6, None, 0.0)
     complete_args(a)
     assert (a.betas, a.eps, a.weight_decay, a.keep_last, a.warmup_steps) == ([0.9, 0.999], [1e-8], 1e-2, 0, 0)
     a = parse_args(build_parser(), ["--random_flip", "--gradient_checkpointing", "--batch_size", "2",

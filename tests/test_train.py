@@ -331,13 +331,14 @@ def test_bad_input_exits_1_with_one_line(setup, tmp_path, case, message):
 
 def test_train_configs_parse_with_the_published_settings():
     from pixart.cli.options import parse_args
-    from pixart.cli.train import build_parser
+    from pixart.cli.train import build_parser, resolve_reference_options
     configs = sorted((ROOT / "configs" / "train").glob("*.yaml"))
-    assert {c.stem for c in configs} >= {"pixart-alpha-256", "pixart-alpha-512-ms", "pixart-alpha-1024-ms",
-                                         "pixart-sigma-256", "pixart-sigma-512-ms", "pixart-sigma-1024-ms",
-                                         "pixart-sigma-2k-ms"}
+    assert {c.stem for c in configs} >= {"pixart-alpha-256x256", "pixart-alpha-512x512", "pixart-alpha-1024-MS",
+                                         "pixart-sigma-256x256", "pixart-sigma-512-MS", "pixart-sigma-1024-MS",
+                                         "pixart-sigma-2K-MS"}
     for c in configs:
         a = parse_args(build_parser(), ["-c", str(c), "--json_path", "x.json"])
+        resolve_reference_options(a)  # the optimizer's own betas / eps keys
         assert a.learning_rate == 2e-5 and a.clip_grad == 0.01 and a.recompute and a.auto_lr == "sqrt", c.name
         if "sigma" in c.stem:
             assert a.optimizer == "came" and a.real_prompt_ratio == 0.5 and not a.use_ema, c.name

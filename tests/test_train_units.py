@@ -11,7 +11,7 @@ from pixart import cpu
 from pixart.diffusion.loss import DiffusionLoss
 from pixart.diffusion.schedule import default_schedule
 from pixart.training.ema import EMA
-from pixart.training.optimizers import AdamW, CAME, auto_scale_lr, constant_with_warmup
+from pixart.training.optimizers import AdamW, CAME, auto_scale_lr, constant_with_warmup, learning_rate_at
 from pixart.training.step import TrainStep
 from tests.utils import rel_err
 
@@ -282,3 +282,13 @@ def test_overflow_skips_the_update_and_backs_off_the_scale(rng):
     assert not np.array_equal(w, w0)
     avg = ema.state_dict()["w"]
     assert np.all(np.abs(avg - w) > 0) and np.all(np.abs(avg - w0) > 0)
+
+
+def test_lr_schedules_follow_diffusers():
+    """--lr_scheduler of the LoRA script: warm-up, then constant, a linear decay to 0, or a half cosine to 0."""
+    assert [learning_rate_at("constant_with_warmup", k, 1.0, 2, 6) for k in range(4)] == [0.0, 0.5, 1.0, 1.0]
+    assert [learning_rate_at("linear", k, 1.0, 2, 6) for k in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+    cosine = [learning_rate_at("cosine", k, 1.0, 0, 4) for k in range(5)]
+    assert np.allclose(cosine, [1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5, 0.5 - 0.5 * np.cos(np.pi / 4), 0.0])
+    with pytest.raises(ValueError, match="lr schedule must be one of"):
+        learning_rate_at("polynomial", 3, 1.0, 0, 4)

@@ -12,11 +12,15 @@ from pathlib import Path
 
 from pixart.cli.options import ArgumentParser, add_kv_compress_group, flag_namer, mode_name, str2bool
 from pixart.cli.train import (add_model_options, add_precision_options, add_training_data_options,
-                              add_training_execution_options, check_common_args)
+                              add_training_execution_options, check_common_args, device_fallbacks)
 from pixart.pipelines.loading import resolve_pipeline_folder
 from pixart.training.lora import LoRAMethod
+from pixart.training.optimizers import LR_SCHEDULES
 from pixart.training.setup import TrainError
 from pixart.training.trainer import Trainer
+
+
+UNSUPPORTED_SCHEDULES = ("cosine_with_restarts", "polynomial")
 
 
 def build_parser(description: str | None = None) -> ArgumentParser:
@@ -33,36 +37,39 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.set_defaults(class_dropout_prob=0.0)  # diffusers' --proportion_empty_prompts default
 
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=4, help="rank r of the low-rank updates")
+    g.add_argument("--rank", "--lorarank", dest="rank", type=int, default=16, help="rank r of the low-rank updates")
     g.add_argument("--lora_alpha", type=float, default=None, help="alpha; updates are scaled by alpha / r "
                    "(default: alpha = rank, scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branches' input")
-    g.add_argument("--lora_targets", nargs="+", default=["blocks"],
-                   help="blocks: the attention and MLP linears of every block (default); all: every linear layer "
-                        "(PixArt's LoRA example, less the patch embedding); or module names, matched as suffixes: "
+    g.add_argument("--lora_targets", nargs="+", default=["all"],
+                   help="all: every linear layer (default; the reference LoRA script's targets, less the patch "
+                        "embedding's convolution); blocks: the attention and MLP linears of every block; or module "
+                        "names, matched as suffixes: "
                         "attn.qkv attn.proj cross_attn.q_linear cross_attn.kv_linear cross_attn.proj mlp.fc1 "
                         "mlp.fc2 t_block.1 y_embedder.y_proj.fc1 final_layer.linear ...")
     g.add_argument("--use_rslora", type=str2bool, nargs="?", const=True, default=False,
                    help="rank-stabilised scaling alpha / sqrt(r)")
 
     g = p.add_argument_group("optimisation (AdamW on the LoRA weights only)")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=1e-6)
     g.add_argument("--train_batch_size", "--batch_size", dest="batch_size", type=int, default=16, help="per rank")
     g.add_argument("--gradient_accumulation_steps", "--grad_accumulation", dest="grad_accumulation", type=int,
                    default=1)
     g.add_argument("--num_train_epochs", "--epochs", dest="epochs", type=int, default=100)
     g.add_argument("--max_train_steps", "--max_steps", dest="max_steps", type=int, default=None,
                    help="optimizer steps (overrides --num_train_epochs)")
-    g.add_argument("--lr_scheduler", default="constant", choices=["constant", "constant_with_warmup"])
-    g.add_argument("--lr_warmup_steps", "--warmup_steps", dest="warmup_steps", type=int, default=0,
-                   help="linear warm-up (used by --lr_scheduler constant_with_warmup, as in diffusers)")
+    g.add_argument("--lr_scheduler", default="constant", choices=[*LR_SCHEDULES, *UNSUPPORTED_SCHEDULES],
+                   help=f"diffusers' schedules; {' and '.join(UNSUPPORTED_SCHEDULES)} are refused")
+    g.add_argument("--lr_warmup_steps", "--warmup_steps", dest="warmup_steps", type=int, default=500,
+                   help="linear warm-up (not used by --lr_scheduler constant, as in diffusers)")
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", "--clip_grad", dest="clip_grad", type=float, default=1.0,
                    help="global gradient-norm clip (0: off)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="every random draw (the reference's default None is an "
+                   "unseeded run; here ranks must agree on the data order, so there is always a seed)")
     add_precision_options(p)
     add_training_execution_options(p)
 
@@ -87,9 +94,45 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--validation_seed", type=int, default=None, help="default: --seed")
     g.add_argument("--param_digest", type=str2bool, default=False,
                    help="every rank prints SHA-256 digests of its LoRA and of its base weights")
+    add_refused_options(p)
     # what the trainer reads and this script fixes
     p.set_defaults(optimizer="adamw", use_ema=False, ema_rate=0.0, auto_lr="none")
     return p
+
+
+# The reference LoRA script's options (not data options) that this trainer does not have: accepted by the parser so
+# that the refusal names the reason, never silently ignored. flag -> (argparse keywords, default, reason).
+REFUSED = {
+    "--revision": ({}, None, "weights come from a local folder here, not the hub"),
+    "--variant": ({}, None, "weights come from a local folder here, not the hub"),
+    "--push_to_hub": ({"action": "store_true"}, False, "this script does not upload; copy --output_dir"),
+    "--hub_token": ({}, None, "this script does not upload; copy --output_dir"),
+    "--hub_model_id": ({}, None, "this script does not upload; copy --output_dir"),
+    "--scale_lr": ({"action": "store_true"}, False, "not implemented; scale --learning_rate yourself"),
+    "--snr_gamma": ({"type": float}, None, "Min-SNR loss weighting is not implemented"),
+    "--noise_offset": ({"type": float}, 0.0, "offset noise is not implemented"),
+    "--prediction_type": ({"choices": ["epsilon", "v_prediction"]}, None,
+                          "PixArt predicts epsilon (and its variance) only"),
+    "--logging_dir": ({}, None, "logs go to <output_dir>/train.log and train_log.jsonl"),
+    "--enable_xformers_memory_efficient_attention": ({"action": "store_true"}, False,
+                                                     "no xformers in MindSpore; --enable_flash_attention is Ascend's"),
+    "--micro_conditions": ({"action": "store_true"}, False,
+                           "micro-conditions follow the preset (on for PixArt-XL-2-1024-MS)"),
+}
+ALLOWED = {"--prediction_type": "epsilon"}  # the value that is what this trainer does anyway
+
+
+def add_refused_options(p) -> None:
+    g = p.add_argument_group("reference options not supported here (each refused with its reason)")
+    for name, (kwargs, default, reason) in REFUSED.items():
+        g.add_argument(name, default=default, help=reason, **kwargs)
+
+
+def check_refused(args) -> None:
+    for name, (_, default, reason) in REFUSED.items():
+        value = getattr(args, name.lstrip("-"))
+        if value not in (default, ALLOWED.get(name)):
+            raise TrainError(f"{name} {value if not isinstance(value, bool) else ''}".rstrip() + f": {reason}")
 
 
 FLAG = flag_namer(build_parser())
@@ -122,7 +165,12 @@ def complete_args(args) -> None:
 
 
 def check_args(args) -> None:
+    check_refused(args)
+    device_fallbacks(args, FLAG)
     check_common_args(args, FLAG)
+    if args.lr_scheduler in UNSUPPORTED_SCHEDULES:
+        raise TrainError(f"--lr_scheduler {args.lr_scheduler} is not implemented; use one of "
+                         f"{', '.join(LR_SCHEDULES)}")
     if not args.load_from:
         raise TrainError(f"{FLAG('load_from')} is required: a LoRA trains on top of pretrained weights (a diffusers "
                          "pipeline folder, or a .pth / .ckpt / .safetensors / diffusers transformer folder)")

@@ -36,6 +36,23 @@ ALIASES: dict[str, str] = {
     "--gradient_checkpointing": "--recompute",  # diffusers
 }
 
+# Training (train.py, the LoRA script): the reference MindSpore port's names for train.py's options, same meaning.
+ALIASES.update({
+    "--checkpoint": "--load_from",
+    "--output_path": "--output_dir",
+    "--t5_max_length": "--max_length",
+    "--dtype": "--mixed_precision",
+    "--start_learning_rate": "--learning_rate",
+    "--optim": "--optimizer",
+    "--loss_scaler_type": "--loss_scaler",
+    "--scale_window": "--loss_scale_window",
+    "--gradient_accumulation_steps": "--grad_accumulation",
+    "--ckpt_max_keep": "--keep_last",
+    "--log_loss_interval": "--log_every",
+    "--sampling_steps": "--validation_steps",
+    "--guidance_scale": "--validation_guidance",
+})
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that exits 1 (bad input), with the error as the last line, like every other error here."""

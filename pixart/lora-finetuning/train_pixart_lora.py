@@ -1,7 +1,7 @@
 r"""Train a LoRA on a pretrained PixArt-α / Σ (only the low-rank matrices learn; the base stays frozen).
 
     python pixart/lora-finetuning/train_pixart_lora.py --pretrained_model_name_or_path models/PixArt-XL-2-512x512 \
-        --json_path data/labels.json --image_dir data/images --rank 16 --learning_rate 1e-4 \
+        --json_path data/labels.json --image_dir data/images --lorarank 16 --learning_rate 1e-4 \
         --train_batch_size 4 --max_train_steps 2000 --checkpointing_steps 500 --output_dir output/my-lora
     python pixart/lora-finetuning/train_pixart_lora.py ... --resume_from_checkpoint latest
     msrun --worker_num=8 --local_worker_num=8 pixart/lora-finetuning/train_pixart_lora.py ... --use_parallel True

@@ -7,6 +7,7 @@ sample gets the same draws whether it is trained by one process or by one of sev
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +42,14 @@ def sample_draws(seed: int, batch_index: int, slot: int, latent_shape, real_prom
 class BatchBuilder:
     """BatchRef -> dict of arrays for DiffusionLoss: x0, t, noise, y, mask, img_hw, aspect_ratio, drop.
 
-    Captions and latents come from the FeatureCache where it has them, else from the encoders (on the fly).
+    Captions and latents come from the FeatureCache where it has them, else from the encoders (on the fly); with
+    `workers` > 1 a batch's images are decoded by that many threads (same images, same order).
     """
 
     def __init__(self, dataset, seed: int, max_length: int, scaling_factor: float, latent_channels: int = 4,
                  vae_factor: int = 8, num_timesteps: int = 1000, real_prompt_ratio: float = 1.0,
                  class_dropout_prob: float = 0.1, random_flip: bool = False, sample_posterior: bool = True,
-                 cache=None, text_encoder=None, image_encoder=None):
+                 cache=None, text_encoder=None, image_encoder=None, workers: int = 1):
         self.dataset, self.seed, self.max_length = dataset, seed, max_length
         self.scaling_factor, self.latent_channels, self.vae_factor = scaling_factor, latent_channels, vae_factor
         self.num_timesteps, self.real_prompt_ratio = num_timesteps, real_prompt_ratio
@@ -56,6 +58,7 @@ class BatchBuilder:
         self.cache, self.text_encoder, self.image_encoder = cache, text_encoder, image_encoder
         self.text_cached = cache is not None and cache.has_text
         self.latents_cached = cache is not None and cache.has_latents
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 and not self.latents_cached else None
         if not self.text_cached and text_encoder is None:
             raise ValueError("captions are neither cached nor encodable: give --text_encoder_root or --feature_dir")
         if not self.latents_cached and image_encoder is None:
@@ -81,7 +84,9 @@ class BatchBuilder:
             moments = [self.cache.latents(e.path, d.flip) for e, d in zip(entries, draws)]
             mean, std = np.stack([m for m, _ in moments]), np.stack([s for _, s in moments])
         else:
-            images = [self.dataset.image(pos, d.flip)[0] for pos, d in zip(ref.positions, draws)]
+            load = lambda pos, d: self.dataset.image(pos, d.flip)[0]  # noqa: E731
+            pairs = list(zip(ref.positions, draws))
+            images = list(self.pool.map(load, *zip(*pairs))) if self.pool else [load(*pd) for pd in pairs]
             mean, std = self.image_encoder(np.stack(images))
         noise = np.stack([d.posterior for d in draws]) if self.sample_posterior else None
         x0 = posterior_latents(mean, std, noise, self.scaling_factor)

@@ -12,21 +12,25 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pixart.training.batch import BATCH_KEYS
-from pixart.training.optimizers import constant_with_warmup
+from pixart.training.optimizers import learning_rate_at
 from pixart.training.setup import Data, Optimisation
 
 
 def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_steps: int, log,
                save: Callable[[int, int], None], validate: Callable[[int], None] | None = None,
-               validate_every: int = 0) -> dict:
+               validate_every: int = 0, steps_per_epoch: int = 0, validate_last: bool = False) -> dict:
     """Optimizer steps start_step+1 .. max_steps: lr, micro-batches, step, log line and jsonl row, checkpoints every
-    --save_every (and the last step), validation every `validate_every`. Returns the step times and overflows."""
+    --save_every steps, at the end of every --ckpt_save_interval-th epoch (`steps_per_epoch` steps each) and at the
+    last step; validation every `validate_every` steps (and at the last step with `validate_last`). Returns the step
+    times and overflows."""
+    save_epochs = getattr(args, "ckpt_save_interval", None)
     step_times, window, skipped_steps = [], [], 0
     last_tic = time.time()
     step = start_step
     for step in range(start_step + 1, max_steps + 1):
         tic = time.time()
-        step_lr = Tensor(constant_with_warmup(step - 1, opt.lr, args.warmup_steps), ms.float32)
+        step_lr = Tensor(learning_rate_at(getattr(args, "lr_scheduler", "constant_with_warmup"), step - 1, opt.lr,
+                                          args.warmup_steps, max_steps), ms.float32)
         losses, data_time = [], 0.0
         for micro in range(args.grad_accumulation):
             t_data = time.time()
@@ -62,9 +66,12 @@ def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_st
                      + (f" | {sum(r['skipped'] for r in window)} skipped (overflow)"
                         if any(r["skipped"] for r in window) else ""))
             window, last_tic = [], time.time()
-        if step % args.save_every == 0 and step != max_steps:
+        epoch_end = bool(steps_per_epoch) and step % steps_per_epoch == 0
+        if step != max_steps and (step % args.save_every == 0 or (
+                save_epochs and epoch_end and (step // steps_per_epoch) % save_epochs == 0)):
             save(step, stream.next_index)
-        if validate is not None and validate_every and step % validate_every == 0:
+        if validate is not None and ((validate_every and step % validate_every == 0)
+                                     or (validate_last and step == max_steps)):
             validate(step)
     if max_steps > start_step:
         save(step, stream.next_index)

@@ -246,6 +246,22 @@ def constant_with_warmup(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr
 
 
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def learning_rate_at(schedule: str, step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """diffusers' schedules (num_cycles 0.5 for cosine) at optimizer step `step` (from 0) of `total_steps`: a linear
+    warm-up, then constant, a linear decay to 0, or a half cosine to 0. "constant" is given warmup_steps 0."""
+    if schedule in ("constant", "constant_with_warmup") or step < warmup_steps:
+        return constant_with_warmup(step, base_lr, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return base_lr * max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+
+
 def auto_scale_lr(lr: float, effective_batch: int, rule: str | None, base_batch: int = 256) -> tuple[float, float]:
     """PixArt's auto_lr: scale lr by effective_batch / 256 ("linear") or its square root ("sqrt")."""
     if rule in (None, "none"):

@@ -193,7 +193,8 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     dynamic = args.loss_scaler == "dynamic" or (args.loss_scaler == "auto" and args.mixed_precision == "fp16")
     init_scale = args.init_loss_scale or (65536.0 if dynamic else 1.0)
     step_cell = TrainStep(DiffusionLoss(compute_model), optimizer, ema, args.clip_grad, args.grad_accumulation,
-                          ctx.world_size, init_scale, dynamic, scale_window=args.loss_scale_window)
+                          ctx.world_size, init_scale, dynamic, scale_factor=args.loss_scale_factor,
+                          scale_window=args.loss_scale_window)
     step_cell.set_train(True)
     cpu.accelerate_step(step_cell)
     if _host_recompute(args, compute_model):
@@ -216,7 +217,8 @@ def open_stream(args, data: Data, ctx, batches_done: int, flag: Callable[[str], 
                            data.vae_factor, real_prompt_ratio=args.real_prompt_ratio,
                            class_dropout_prob=args.class_dropout_prob, random_flip=args.random_flip,
                            sample_posterior=args.sample_posterior, cache=data.cache,
-                           text_encoder=data.text_encoder, image_encoder=data.image_encoder)
+                           text_encoder=data.text_encoder, image_encoder=data.image_encoder,
+                           workers=getattr(args, "num_parallel_workers", 1))
     return stream, builder, steps_per_epoch, max_steps
 
 

@@ -74,6 +74,8 @@ class Method:
     def validation(self, args, steps_per_epoch: int) -> tuple[list | None, int] | None:
         """(prompts, steps between validations) or None for none; prompts None: --validation_prompts, one image
         each."""
+        if getattr(args, "visualize", False):  # the reference port's: every N epochs (and at the end)
+            return None, args.visualize_interval * max(steps_per_epoch, 1)
         return (None, args.validation_every) if args.validation_every else None
 
     def save(self, root: Path, step: int, model, opt, train_state: dict, state: dict, args) -> Path:
@@ -158,7 +160,8 @@ class Trainer:
                  f"x {args.grad_accumulation} accumulation, {stream.per_epoch} batches per epoch, "
                  f"{method.schedule(args, opt)}, {args.mixed_precision}"
                  f"{' + dynamic loss scale' if opt.dynamic else ''}; set-up {time.time() - t_setup:.1f}s")
-        loop = train_loop(args, opt, stream, builder, start_step, max_steps, log, save, validate, validate_every)
+        loop = train_loop(args, opt, stream, builder, start_step, max_steps, log, save, validate, validate_every,
+                          steps_per_epoch, validate_last=getattr(args, "visualize", False))
         method.end(model, args, ctx, log, validate, validate_every, start_step, max_steps)
         summary = finish(args, log, data, failures_before, max_steps, loop)
         if args.param_digest:

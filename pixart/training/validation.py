@@ -1,6 +1,6 @@
 """Validation images during training: fixed prompts, fixed seeds, the sampling pipeline on the weights being trained.
 
-Prompts are encoded once at start-up (T5 is loaded for that if captions come from the cache, then freed) and the
+Prompts (and negative prompts, default the empty caption) are encoded once at start-up (T5 is loaded for that if captions come from the cache, then freed) and the
 VAE is kept for decoding; images go to <output_dir>/validation/step_XXXXXXXX/NN.png.
 """
 from __future__ import annotations
@@ -27,7 +27,10 @@ class Validation:
                                               args.text_encoder_dtype)
         unique = {p: pad_captions(encoder([p]), max_length) for p in dict.fromkeys(self.prompts)}
         self.embeds = [unique[p] for p in self.prompts]
-        self.negative = pad_captions(encoder([""]), max_length)
+        negatives = getattr(args, "validation_negative_prompts", None) or [""] * len(self.prompts)
+        unique_neg = {p: pad_captions(encoder([p]), max_length) for p in dict.fromkeys(negatives)}
+        self.negatives = [unique_neg[p] for p in negatives]
+        self.sampler = getattr(args, "sampling_method", "dpm")
         if text_encoder is None:
             del encoder
             gc.collect()
@@ -41,10 +44,10 @@ class Validation:
         written = []
         self.model.set_train(False)  # no dropout while sampling (LoRA dropout)
         try:
-            for i, (prompt, emb) in enumerate(zip(self.prompts, self.embeds)):
-                result = self.pipe(prompt, height=self.size, width=self.size, sampler="dpm",
+            for i, (prompt, emb, negative) in enumerate(zip(self.prompts, self.embeds, self.negatives)):
+                result = self.pipe(prompt, height=self.size, width=self.size, sampler=self.sampler,
                                    num_inference_steps=self.steps, guidance_scale=self.guidance, seed=self.seed + i,
-                                   prompt_embeds=emb, negative_prompt_embeds=self.negative, progress=False,
+                                   prompt_embeds=emb, negative_prompt_embeds=negative, progress=False,
                                    use_resolution_binning=False)
                 written += save_images(result, lambda *_: folder / f"{i:02d}.png", {"training_step": step})
         finally:
