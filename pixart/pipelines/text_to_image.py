@@ -115,7 +115,8 @@ class PixArtPipeline:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *, mindspore_dtype=None, transformer=None,
                         text_encoder=..., vae=None, tokenizer=None, scheduler: str | None = None,
-                        model: str | None = None, lora_path=None, lora_scale: float = 1.0, log=None,
+                        model: str | None = None, lora_path=None, lora_scale: float = 1.0,
+                        text_encoder_dtype=None, vae_dtype=None, kv_compress: dict | None = None, log=None,
                         **kwargs) -> "PixArtPipeline":
         """A diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)
         or a hub id in the local Hugging Face cache, as diffusers' `from_pretrained`:
@@ -126,7 +127,9 @@ class PixArtPipeline:
         a component passed in (`transformer=`, `vae=`, `tokenizer=`) is used as is, `text_encoder=None` loads no T5
         (prompts then come as embeddings); `scheduler` names our sampler instead of the folder's
         scheduler_config.json; `model` names the preset where the folder leaves it open; a LoRA (`lora_path`) is
-        applied at `lora_scale`. Returns the folder's pipeline class (α or Σ) when called on PixArtPipeline.
+        applied at `lora_scale`; `text_encoder_dtype` / `vae_dtype` override the dtype of those two, `kv_compress`
+        the transformer's KV compression (Σ). Returns the folder's pipeline class (α or Σ) when called on
+        PixArtPipeline.
 
         Without a folder, the keyword form loads separate files: `from_pretrained(checkpoint=..., model=...,
         vae_root=..., text_encoder_root=...)` (see `pixart.pipelines.loading.load_components`)."""
@@ -146,12 +149,13 @@ class PixArtPipeline:
         folder = Path(paths["checkpoint"]).parent
         dtype = dtype_name(mindspore_dtype)
         if transformer is None:
-            transformer = load_transformer(paths["checkpoint"], paths["model"], dtype, log=log, lora_path=lora_path,
-                                           lora_scale=lora_scale, cls=PixArtTransformer2DModel)
+            transformer = load_transformer(paths["checkpoint"], paths["model"], dtype, kv_compress, log=log,
+                                           lora_path=lora_path, lora_scale=lora_scale, cls=PixArtTransformer2DModel)
         if vae is None:
-            vae = cpu.accelerate(load_vae(paths["vae_root"]))
+            vae = cpu.accelerate(load_vae(paths["vae_root"], dtype_name(vae_dtype)))
         if text_encoder is ...:
-            text_encoder = cpu.accelerate(load_t5(paths["text_encoder_root"], dtype))
+            text_encoder = cpu.accelerate(load_t5(paths["text_encoder_root"],
+                                                  dtype_name(text_encoder_dtype or mindspore_dtype)))
         if tokenizer is None and text_encoder is not None:
             tokenizer = load_tokenizer(paths["tokenizer_root"])
         sampler = scheduler or read_scheduler(folder) or "dpm"
