@@ -45,8 +45,6 @@ def default_target(source, to: str) -> Path:
 
 
 def run(args) -> None:
-    if not Path(args.source).exists():
-        raise CheckpointError(f"source not found: {args.source}")
     to = args.to or ("ckpt" if args.target is None else None)
     target = args.target or default_target(args.source, to)
     if Path(target).exists():
