@@ -135,7 +135,11 @@ class PixArtPipeline:
         vae_root=..., text_encoder_root=...)` (see `pixart.pipelines.loading.load_components`)."""
         log = log or (lambda *a: None)
         if pretrained_model_name_or_path is None:
-            return cls(**load_components(**kwargs, log=log))
+            named = dict(model=model, lora_path=lora_path, lora_scale=lora_scale, kv_compress=kv_compress,
+                         text_encoder_dtype=text_encoder_dtype, vae_dtype=vae_dtype or "fp32")
+            if text_encoder is not ...:
+                named["text_encoder"] = text_encoder
+            return cls(**load_components(**kwargs, **named, log=log))
         if kwargs:
             raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(kwargs))}")
         from pixart.models.t5 import load_t5, load_tokenizer
