@@ -334,3 +334,19 @@ def test_import_pixart_is_cheap_and_exports_diffusers_names():
             "from pixart import (PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtPipeline, PixArtTransformer2DModel, "
             "AutoencoderKL, T5EncoderModel); assert issubclass(PixArtSigmaPipeline, PixArtPipeline)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hub_id_loads_from_the_local_cache_only(sigma_folder, tmp_path, monkeypatch):
+    """A hub id resolves to its snapshot in the local Hugging Face cache; one not there is a one-line error."""
+    import shutil
+    import huggingface_hub.constants
+    folder, pipe = sigma_folder
+    repo = tmp_path / "models--PixArt-test--tiny-sigma"
+    shutil.copytree(folder, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    net = pixart.PixArtTransformer2DModel.from_pretrained("PixArt-test/tiny-sigma", subfolder="transformer")
+    assert net.config == pipe.transformer.config
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        pixart.PixArtSigmaPipeline.from_pretrained("PixArt-test/absent")
