@@ -41,3 +41,30 @@ def logging_setup(verbose: bool | None = None) -> None:
 
 
 logging_setup()
+
+
+# The public API, diffusers' names. Exported lazily (PEP 562): `import pixart` stays cheap and imports no MindSpore,
+# so the logging set-up above runs before MindSpore reads GLOG_v, and entry points that need little load little.
+_EXPORTS = {
+    "PixArtPipeline": "pixart.pipelines.text_to_image",
+    "PixArtAlphaPipeline": "pixart.pipelines.text_to_image",
+    "PixArtSigmaPipeline": "pixart.pipelines.text_to_image",
+    "PipelineOutput": "pixart.pipelines.text_to_image",
+    "PixArtTransformer2DModel": "pixart.pipelines.transformer",
+    "AutoencoderKL": "pixart.models.vae",
+    "T5EncoderModel": "pixart.models.t5",
+}
+__all__ = ["logging_setup", "verbose_from_env", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pixart' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import mindspore as ms
+from mindspore.nn.utils import no_init_parameters
 
 from pixart.cli.options import load_yaml
 from pixart.io import CheckpointError, load_into, read_ckpt_with_metadata, read_state_dict, write_safetensors
@@ -320,3 +321,59 @@ def test_ckpt_reader_equals_mindspore_and_falls_back(tmp_path):
         _read_ckpt_stream(bad)
     with pytest.raises(CheckpointError, match="not a readable MindSpore checkpoint"):
         read_ckpt(bad)
+
+
+def _random_ckpt(path, cfg, preset, seed: int = 0) -> dict:
+    """A .ckpt of `cfg` with every parameter random (also those PixArt's init zeroes) and a null caption."""
+    g = np.random.default_rng(seed)
+    with no_init_parameters():
+        shapes = {p.name: tuple(p.shape) for p in PixArt(cfg).get_parameters()}
+    state = {k: (g.standard_normal(s) * (s[-1] ** -0.5 if len(s) > 1 else 0.1)).astype(np.float32)
+             for k, s in shapes.items()}
+    save_pixart(state, cfg, path, preset)
+    return state
+
+
+def _assert_same_tensors(a, b):
+    (sa, _), (sb, _) = read_ckpt_with_metadata(a), read_ckpt_with_metadata(b)
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and np.array_equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parity
+def test_ckpt_to_diffusers_and_original_and_back_bit_exact(tmp_path, capsys):
+    """.ckpt -> diffusers folder -> .ckpt and .ckpt -> .pth / .safetensors -> .ckpt keep every tensor bit for bit
+    and the architecture; diffusers loads the exported folder as it is and computes what ours does."""
+    from tools.convert import main
+    preset = "PixArt-XL-2-1024-MS"  # the micro-conditions: every embedder travels
+    cfg = preset_config(preset, depth=2, hidden_size=144, num_heads=2, caption_channels=32)
+    _random_ckpt(tmp_path / "a.ckpt", cfg, preset)
+    assert main(["-s", str(tmp_path / "a.ckpt"), "-t", str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert main(["-s", str(tmp_path / "d"), "-t", str(tmp_path / "b.ckpt")]) == 0
+    _assert_same_tensors(tmp_path / "a.ckpt", tmp_path / "b.ckpt")
+    for name in ("x.pth", "x.safetensors"):
+        assert main(["--source", str(tmp_path / "a.ckpt"), "--target", str(tmp_path / name)]) == 0
+        assert main(["-s", str(tmp_path / name), "-t", str(tmp_path / f"{name}.ckpt")]) == 0
+        _assert_same_tensors(tmp_path / "a.ckpt", tmp_path / f"{name}.ckpt")
+    assert main(["-s", str(tmp_path / "x.pth")]) == 0  # the reference port's default target: next to the source
+    _assert_same_tensors(tmp_path / "a.ckpt", tmp_path / "x.ckpt")
+
+    import diffusers
+    ref = diffusers.PixArtTransformer2DModel.from_pretrained(str(tmp_path / "d")).eval()
+    ours = load_transformer(tmp_path / "b.ckpt", None, **QUIET)
+    assert ours.config == load_transformer(tmp_path / "a.ckpt", None, **QUIET).config
+    x, t, y, mask, info = inputs((16, 24), True, caption_channels=32)
+    assert rel_err(run_ours(ours, x, t, y, mask, info), run_diffusers(ref, x, t, y, mask, info)) <= 1e-5
+
+
+def test_export_refuses_what_diffusers_cannot_hold(tmp_path, capsys):
+    from tools.convert import main
+    cfg = preset_config("PixArt-Sigma-XL-2-2K-MS", depth=2, hidden_size=144, num_heads=2, caption_channels=32,
+                        kv_compress_config={"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1]})
+    _random_ckpt(tmp_path / "k.ckpt", cfg, None)
+    assert main(["-s", str(tmp_path / "k.ckpt"), "-t", str(tmp_path / "d"), "--to", "diffusers"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KV compression in layers [1]" in err, err
+    assert main(["-s", str(tmp_path / "k.ckpt"), "--to", "ckpt"]) == 1  # default target would be the source
+    assert "is the source itself" in capsys.readouterr().err

@@ -345,3 +345,51 @@ def test_sample_and_inference_script_apply_a_diffusers_lora(base, bundle, tmp_pa
     assert err.startswith("error: LoRA ") and "Traceback" not in err
     assert "transformer.transformer_blocks.{2..3}.attn1.to_q.lora_A.weight" in err
     assert not (tmp_path / "no.png").exists()
+
+
+# mindone's examples/pixart_sigma LoRA script: peft on the diffusers model with these targets ("proj" also hits the
+# patch convolution pos_embed.proj), saved by StableDiffusionPipeline.save_lora_weights(unet_lora_layers=
+# convert_state_dict_to_diffusers(get_peft_model_state_dict(peft_model))): `unet.base_model.model.` keys,
+# lora.down / lora.up names, alpha = rank, no metadata
+MINDONE_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
+                   "linear", "linear_1", "linear_2"]
+
+
+def _mindone_lora(base, folder: Path, targets=MINDONE_TARGETS):
+    import safetensors.torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    net = _diffusers_with_lora(base, LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                                target_modules=targets), seed=2)
+    state = convert_state_dict_to_diffusers({f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(net).items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({f"unet.{k}": v.contiguous() for k, v in state.items()},
+                                folder / L.LORA_WEIGHT_NAME)
+    return net, folder
+
+
+@pytest.mark.parity
+def test_mindone_lora_script_output_loads_and_merges_exactly(base, tmp_path):
+    from pixart.models.convert import save_pixart
+    from pixart.pipelines.loading import load_transformer
+    net, folder = _mindone_lora(base, tmp_path / "mindone")
+    keys = list(read_state_dict(folder / L.LORA_WEIGHT_NAME))
+    assert any(k.startswith("unet.base_model.model.pos_embed.proj.lora_A") for k in keys)
+    assert any(k.endswith("attn1.to_q.lora.down.weight") for k in keys)  # diffusers' converter renames Linears only
+    expected = run_diffusers(net, *base["inputs"])
+    assert rel_err(expected, base["base_out"]) > 0.05
+    # the patch convolution cannot be a live branch: refused by name, pointing at the exact route
+    with pytest.raises(CheckpointError, match=r"x_embedder\.proj.*tools/merge_lora\.py"):
+        L.load_lora(_ours(base), folder, **QUIET)
+    save_pixart(base["state"], base["cfg"], tmp_path / "base.ckpt", PRESET)
+    L.merge_lora_file(tmp_path / "base.ckpt", folder, tmp_path / "merged.ckpt", **QUIET)
+    merged = load_transformer(tmp_path / "merged.ckpt", PRESET, **QUIET)
+    assert rel_err(run_ours(merged, *base["inputs"]), expected) <= 1e-5
+
+    # without the convolution the same file loads live
+    net, folder = _mindone_lora(base, tmp_path / "mindone-linear", [t for t in MINDONE_TARGETS if t != "proj"])
+    model = _ours(base)
+    L.load_lora(model, folder, **QUIET)
+    cpu.accelerate(model)
+    assert rel_err(run_ours(model, *base["inputs"]), run_diffusers(net, *base["inputs"])) <= 1e-5

@@ -1,7 +1,8 @@
 """Diffusion schedule and samplers.
 
 Every sampler: `sampler.sample(model_fn, x_T, num_steps=None, progress=True, generator=None) -> x_0` and
-`sampler.timesteps(num_steps=None)` (the model timesteps it will call, in order), where
+`sampler.timesteps(num_steps=None)` (the model timesteps it will call, in order); `sample(..., callback=f)` calls
+`f(k, t, x) -> (x, stop)` after each step k (see `common.after_step`), where
 `model_fn(x, t) -> out`, x (B, C, H, W) float32, t (B,) float32 in 0..999 units, out (B, C, ...) eps or
 (B, 2C, ...) [eps, v] (needed by "iddpm"; the others take the first C channels).
 """

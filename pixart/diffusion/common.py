@@ -30,5 +30,14 @@ def steps_iter(steps, progress: bool, desc: str):
     return tqdm(range(steps) if isinstance(steps, int) else steps, desc=desc, disable=not progress, leave=False)
 
 
+def after_step(callback, k: int, t, x: Tensor) -> tuple[Tensor, bool]:
+    """(latents, stop) after step k at model timestep t: `callback(k, t, x) -> (x, stop)` may replace the latents
+    and end the loop early (the pipeline's `callback_on_step_end`); without one, (x, False)."""
+    if callback is None:
+        return x, False
+    x, stop = callback(k, float(t), x)
+    return as_float32(x), bool(stop)
+
+
 def as_float32(x: Tensor) -> Tensor:
     return x if x.dtype == ms.float32 else x.astype(ms.float32)

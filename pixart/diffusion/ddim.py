@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import as_float32, call_eps, randn_like, steps_iter
+from .common import after_step, as_float32, call_eps, randn_like, steps_iter
 from .schedule import NoiseSchedule, default_schedule
 
 DEFAULT_STEPS = 20  # PixArt's inference script has no DDIM; 20 matches the DPM-Solver budget
@@ -31,7 +31,8 @@ class DDIMSampler:
         n = num_steps or DEFAULT_STEPS
         return (np.arange(n) * (self.ns.num_timesteps // n))[::-1].astype(np.int64)
 
-    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None):
+    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
+               callback=None):
         """`generator` (a NumPy Generator) supplies the noise when eta > 0: one draw of x's shape per step."""
         n = num_steps or DEFAULT_STEPS
         ts = self.timesteps(n)
@@ -50,4 +51,7 @@ class DDIMSampler:
             x = x * float(c_x) + eps * float(c_eps)
             if s > 0:
                 x = x + randn_like(x, generator) * float(s)
+            x, stop = after_step(callback, i, t, x)
+            if stop:
+                break
         return x

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import as_float32, call_eps, steps_iter
+from .common import after_step, as_float32, call_eps, steps_iter
 from .schedule import NoiseSchedule, default_schedule
 
 DEFAULT_STEPS = 20
@@ -57,7 +57,8 @@ class DPMSolver:
         """The model timesteps (0..999 units) that sample() calls the model at, in order."""
         return self._nodes(num_steps or DEFAULT_STEPS)[0]
 
-    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None):
+    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
+               callback=None):
         """Deterministic; `generator` is accepted for a uniform signature and unused."""
         n = num_steps or DEFAULT_STEPS
         model_t, alpha, sigma, lam = self._nodes(n)
@@ -75,4 +76,7 @@ class DPMSolver:
                     r = (lam[k] - lam[k - 1]) / h
                     x = x - (d - d_prev) * float(0.5 * alpha[k + 1] * phi / r)
             d_prev = d
+            x, stop = after_step(callback, k, model_t[k], x)
+            if stop:
+                break
         return x

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from mindspore import ops
 
-from .common import as_float32, call_model, randn_like, steps_iter
+from .common import after_step, as_float32, call_model, randn_like, steps_iter
 from .schedule import NoiseSchedule, default_schedule
 
 DEFAULT_STEPS = 100
@@ -64,7 +64,8 @@ class IDDPMSampler:
         """Original model timesteps in call order (high to low)."""
         return np.asarray(self.respace(num_steps)[0][::-1], np.int64)
 
-    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None):
+    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
+               callback=None):
         """x_{i-1} = mean + exp(0.5 log_var) z for respaced i > 0, the mean alone at i = 0. `generator` (a NumPy
         Generator) gives one draw of x's shape per step except the last."""
         kept, ns = self.respace(num_steps)
@@ -76,4 +77,7 @@ class IDDPMSampler:
                                  f"got {out.shape[1]}")
             mean, log_var, _ = ns.p_mean_variance(out, x, i)
             x = mean + ops.exp(0.5 * log_var) * randn_like(x, generator) if i > 0 else mean
+            x, stop = after_step(callback, len(kept) - 1 - i, kept[i], x)
+            if stop:
+                break
         return x

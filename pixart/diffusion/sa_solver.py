@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import as_float32, call_eps, randn_like, steps_iter
+from .common import after_step, as_float32, call_eps, randn_like, steps_iter
 from .schedule import NoiseSchedule, default_schedule
 
 DEFAULT_STEPS = 25
@@ -58,7 +58,8 @@ class SASolver:
     def timesteps(self, num_steps: int | None = None) -> np.ndarray:
         return self._nodes(num_steps or DEFAULT_STEPS)[0]
 
-    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None):
+    def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
+               callback=None):
         """`generator` (a NumPy Generator) gives one draw of x's shape for each step k = 1..n with tau_k > 0."""
         n = num_steps or DEFAULT_STEPS
         if n < 2:
@@ -86,9 +87,12 @@ class SASolver:
             order = 1 if k in (1, n) else 2
             x_p = step(x, k, hist[:order], z)  # predictor
             if k == n:
-                x = x_p
+                x, _ = after_step(callback, k - 1, model_t[k - 1], x_p)
                 break
             d = predict_x0(x_p, k)  # evaluate
             x = step(x, k, [(d, k), hist[0]], z)  # corrector
             hist = [(d, k), hist[0]]
+            x, stop = after_step(callback, k - 1, model_t[k - 1], x)
+            if stop:
+                break
         return x

@@ -115,6 +115,27 @@ def diffusers_to_original(state: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
     return out, unmapped
 
 
+def original_to_diffusers(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The inverse of `diffusers_to_original`: original names -> diffusers', the fused `attn.qkv` and
+    `cross_attn.kv_linear` split into equal slices along the output. Returns (state, keys diffusers has no name for,
+    e.g. the KV-compression convs `attn.sr`). The null caption goes to `caption_projection.y_embedding`, a key
+    diffusers' model does not have and skips when loading, so that a round trip keeps it."""
+    out, unmapped = {}, []
+    for key, value in state.items():
+        if key in RECOMPUTED_BUFFERS:
+            continue
+        found = _translate(key, to_original=False, module=False)
+        if found is None:
+            unmapped.append(key)
+            continue
+        if len(found) == 1 and found[0][1] is None:
+            out[found[0][0]] = value
+            continue
+        for (target, _, _), part in zip(found, np.split(value, len(found), 0)):
+            out[target] = np.ascontiguousarray(part)
+    return out, unmapped
+
+
 def diffusers_module_to_original(name: str) -> tuple[str, int | None, int] | None:
     """A diffusers `PixArtTransformer2DModel` module name -> (our module, index of its slice in a fused layer or
     None, number of slices), e.g. `transformer_blocks.3.attn1.to_k` -> (`blocks.3.attn.qkv`, 1, 3); None when

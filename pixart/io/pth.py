@@ -2,6 +2,8 @@
 read (tools/convert.py and the tests reach it; sampling and training never need torch)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .base import CheckpointError
@@ -26,3 +28,14 @@ def read_torch(path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
     return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
             for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def write_torch(state: dict[str, np.ndarray], path) -> None:
+    """Write `state` as the original PixArt release files are: a PyTorch file holding {"state_dict": tensors}."""
+    try:
+        import torch  # optional: only conversion to PyTorch files needs it
+    except ImportError:
+        raise CheckpointError(f"{path}: writing PyTorch files needs torch (pip install torch==2.13.0)") from None
+    tmp = f"{path}.tmp"
+    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}}, tmp)
+    os.replace(tmp, path)

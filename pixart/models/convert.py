@@ -1,4 +1,5 @@
-"""PixArt transformer checkpoints: which architecture a file holds, and conversion from any format to our `.ckpt`.
+"""PixArt transformer checkpoints: which architecture a file holds, and conversion between every format: any of them
+to our `.ckpt`, and back to a diffusers folder or an original `.pth` / `.safetensors` (`export_pixart`).
 
 Where the architecture lives: every `.ckpt` written here (`save_pixart`) records it as the string
 `pixart_architecture` in MindSpore's `append_dict` (so `ms.load_checkpoint` returns it too), holding JSON
@@ -24,8 +25,9 @@ import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
 from pixart.io import (RECOMPUTED_BUFFERS, CheckpointError, check_state, describe_mismatch, diffusers_to_original,
-                       is_diffusers_transformer, read_config, read_weights, write_ckpt)
-from pixart.models.pixart import PRESETS, KVCompression, PixArt, PixArtConfig, preset_config
+                       is_diffusers_transformer, original_to_diffusers, read_config, read_weights, write_ckpt,
+                       write_safetensors, write_torch)
+from pixart.models.pixart import PRESETS, KVCompression, PixArt, PixArtConfig, get_2d_sincos_pos_embed, preset_config
 
 ARCHITECTURE_KEY = "pixart_architecture"
 HEAD_SIZE = 72  # attention head width of every public preset (1152 / 16)
@@ -90,7 +92,7 @@ def _diffusers_resolution(config: dict) -> tuple[int, float, bool]:
     return size, float(config.get("interpolation_scale") or max(size // 64, 1)), size == 128 if micro is None else micro
 
 
-def _pipeline_class(folder) -> str | None:
+def pipeline_class(folder) -> str | None:
     """The `_class_name` of a diffusers pipeline folder's model_index.json (PixArtAlphaPipeline / ...), if any."""
     index = Path(folder) / "model_index.json"
     return json.loads(index.read_text()).get("_class_name") if index.exists() else None
@@ -103,7 +105,7 @@ def pipeline_presets(folder) -> list[str]:
     c = json.loads(config.read_text()) if config.exists() else {}
     size, pe, micro = _diffusers_resolution(c)
     cfg = PixArtConfig(input_size=size, pe_interpolation=pe, micro_condition=micro,
-                       model_max_length=_PIPELINE_TOKENS.get(_pipeline_class(folder)), patch_size=c.get("patch_size", 2),
+                       model_max_length=_PIPELINE_TOKENS.get(pipeline_class(folder)), patch_size=c.get("patch_size", 2),
                        qk_norm=None)
     return fitting_presets(cfg)
 
@@ -123,7 +125,7 @@ def read_pixart(source, num_heads: int | None = None) -> PixArtWeights:
         source = source / "transformer"  # a whole pipeline folder
     if source.is_dir() and (source / "config.json").exists():
         dconfig = read_config(source)
-        pipeline = _pipeline_class(source.parent)
+        pipeline = pipeline_class(source.parent)
     state, metadata = read_weights(source)
     if is_diffusers_transformer(state):
         state, unmapped = diffusers_to_original(state)
@@ -305,12 +307,99 @@ def _check_structure(state, cfg: PixArtConfig, what: str) -> None:
         raise CheckpointError(describe_mismatch(what, *problems))
 
 
+DIFFUSERS_CLASS = "PixArtTransformer2DModel"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TARGETS = ("ckpt", "diffusers", "original")  # tools/convert.py --to
+
+
+def diffusers_config(cfg: PixArtConfig) -> dict:
+    """The config.json of diffusers' PixArtTransformer2DModel for the architecture `cfg`; a CheckpointError naming
+    what diffusers' model cannot express (KV compression, q/k norms, an MLP ratio other than 4)."""
+    kv = KVCompression.of(cfg.kv_compress_config)
+    wrong = ([f"KV compression in layers {list(kv.layers)}"] if kv.layers else []) + \
+        (["q/k norms (qk_norm)"] if cfg.qk_norm else []) + \
+        ([f"mlp_ratio {cfg.mlp_ratio}"] if cfg.mlp_ratio != 4.0 else [])
+    if wrong:
+        raise CheckpointError(f"diffusers' {DIFFUSERS_CLASS} cannot hold this model: {'; '.join(wrong)}; "
+                              "convert it to --to ckpt or --to original instead")
+    if None in (cfg.input_size, cfg.pe_interpolation, cfg.num_heads):
+        raise CheckpointError("the training size of this model is unknown: pass --model (or --input_size)")
+    return {"_class_name": DIFFUSERS_CLASS, "activation_fn": "gelu-approximate", "attention_bias": True,
+            "attention_head_dim": cfg.hidden_size // cfg.num_heads, "attention_type": "default",
+            "caption_channels": cfg.caption_channels, "cross_attention_dim": cfg.hidden_size, "dropout": 0.0,
+            "in_channels": cfg.in_channels, "interpolation_scale": cfg.pe_interpolation,
+            "norm_elementwise_affine": False, "norm_eps": 1e-6, "norm_num_groups": 32, "norm_type": "ada_norm_single",
+            "num_attention_heads": cfg.num_heads, "num_embeds_ada_norm": 1000, "num_layers": cfg.depth,
+            "out_channels": cfg.in_channels * (2 if cfg.pred_sigma else 1), "patch_size": cfg.patch_size,
+            "sample_size": cfg.input_size, "upcast_attention": False,
+            "use_additional_conditions": cfg.micro_condition}
+
+
+def save_diffusers_transformer(state: dict[str, np.ndarray], cfg: PixArtConfig, folder) -> Path:
+    """Write a diffusers `PixArtTransformer2DModel` folder (config.json + safetensors) of original-named `state`.
+    The null caption is kept as `caption_projection.y_embedding`, which diffusers skips and a round trip keeps."""
+    config = diffusers_config(cfg)
+    out, unmapped = original_to_diffusers(state)
+    if unmapped:
+        raise CheckpointError(describe_mismatch(f"diffusers {DIFFUSERS_CLASS} (no diffusers name)", [], unmapped, []))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_safetensors(out, folder / DIFFUSERS_WEIGHTS, {"format": "pt"})
+    return folder
+
+
+def save_original(state: dict[str, np.ndarray], cfg: PixArtConfig, path) -> None:
+    """Write the original release layout: PixArt names with the fixed position-embedding buffer `pos_embed`
+    (1, T, D) of the training size, as `.pth` ({"state_dict": ...}) or `.safetensors`."""
+    state = dict(state)
+    if cfg.input_size is not None and cfg.pe_interpolation is not None:
+        grid = cfg.input_size // cfg.patch_size
+        state["pos_embed"] = get_2d_sincos_pos_embed(cfg.hidden_size, grid, grid, cfg.pe_interpolation, grid)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if str(path).endswith((".pth", ".pt", ".bin")):
+        write_torch(state, path)
+    elif str(path).endswith(".safetensors"):
+        write_safetensors(state, path, {"format": "pt"})
+    else:
+        raise CheckpointError(f"an original checkpoint ends in .pth or .safetensors, got {path}")
+
+
+def export_pixart(state: dict[str, np.ndarray], cfg: PixArtConfig, target, to: str = "ckpt",
+                  preset: str | None = None) -> None:
+    """Write original-named `state` of architecture `cfg` as `to`: "ckpt" (ours, architecture recorded),
+    "diffusers" (a transformer folder) or "original" (.pth / .safetensors)."""
+    if to == "ckpt":
+        save_pixart(state, cfg, target, preset)
+    elif to == "diffusers":
+        save_diffusers_transformer(state, cfg, target)
+    elif to == "original":
+        save_original(state, cfg, target)
+    else:
+        raise CheckpointError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+
+
+def target_format(target, to: str | None) -> str:
+    """The format to write: `to`, or what `target`'s name says (.ckpt; .pth / .safetensors: original; else a
+    diffusers folder)."""
+    if to is not None:
+        if to not in TARGETS:
+            raise CheckpointError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+        return to
+    name = str(target)
+    if name.endswith(".ckpt"):
+        return "ckpt"
+    return "original" if name.endswith((".pth", ".pt", ".bin", ".safetensors")) else "diffusers"
+
+
 def convert_pixart_file(source, target, preset: str | None = None, model: str | None = None,
                         input_size: int | None = None, model_max_length: int | None = None,
-                        num_heads: int | None = None, log=print) -> tuple[str | None, PixArtConfig]:
+                        num_heads: int | None = None, log=print, to: str | None = None) -> tuple[str | None, PixArtConfig]:
     """`tools/convert.py`: read any PixArt checkpoint, settle its architecture (`resolve_config`, `model` deciding
     what the file leaves open; `preset` also requires the public checkpoint's exact size), check every key and
-    shape, and write `target` (.ckpt) with the architecture recorded. Returns (preset or None, config)."""
+    shape, and write `target` as `to` (see `target_format`; a .ckpt records the architecture). Returns (preset or
+    None, config)."""
+    to = target_format(target, to)
     weights = read_pixart(source, num_heads)
     state, cfg = weights.state, weights.config
     if input_size:
@@ -336,7 +425,8 @@ def convert_pixart_file(source, target, preset: str | None = None, model: str | 
         f"micro_condition={cfg.micro_condition} kv_compress={kv} qk_norm={cfg.qk_norm} tokens={cfg.model_max_length}")
     if note:
         log(f"note: {note} (here, or when sampling: sample.py --model / the config's model)")
-    save_pixart(state, cfg, target, name)
-    log(f"wrote {len(state)} tensors to {target}" + (f" (architecture of {name} recorded)" if name else
-                                                      " (architecture recorded)"))
+    export_pixart(state, cfg, target, to, name)
+    recorded = (f" (architecture of {name} recorded)" if name else " (architecture recorded)") if to == "ckpt" else \
+        f" ({to} layout)"
+    log(f"wrote {len(state)} tensors to {target}" + recorded)
     return name, cfg

@@ -39,6 +39,9 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' `save_lora_w
 PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # peft's `save_pretrained`
 METADATA_KEY = "lora_adapter_metadata"  # diffusers keeps the LoraConfig (r, lora_alpha, patterns) here, as JSON
 PREFIX = "transformer."  # diffusers pipelines prefix the transformer's LoRA keys with its component name
+# every prefix a producer puts before the module name, stripped in this order: mindone's LoRA script saves through
+# StableDiffusionPipeline.save_lora_weights(unet_lora_layers=...) a peft model's state, hence `unet.base_model.model.`
+KEY_PREFIXES = ("unet.", PREFIX, "base_model.model.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeig
     unexpected, missing, mismatched = [], [], []
     for key, value in state.items():
         bare = key
-        for prefix in (PREFIX, "base_model.model."):
+        for prefix in KEY_PREFIXES:
             bare = bare[len(prefix):] if bare.startswith(prefix) else bare
         m = _KEY.match(bare)
         if not m:
@@ -357,6 +360,8 @@ def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeig
             missing.append(other)
             continue
         (ka, a), (kb, b) = entry["A"], entry["B"]
+        if a.ndim == 4 and b.ndim == 4 and b.shape[2:] == (1, 1):  # a convolution's LoRA: k x k down, 1 x 1 up
+            a, b = a.reshape(a.shape[0], -1), b[:, :, 0, 0]
         out, inp = shapes[module]
         width = out // max(1, len(fused_slices(module)))
         if a.ndim != 2 or a.shape[1] != inp:
@@ -378,6 +383,11 @@ def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeig
         alpha = (alpha_pattern[key_a] if key_a is not None else alphas.get(name, config.get("lora_alpha")))
         branches.append(LoRABranch(module, part, a.astype(np.float32), b.astype(np.float32),
                                    float(a.shape[0] if alpha is None else alpha), rslora))
+    convs = sorted({m for m in (_module_of(k) for k in unexpected) if m in CONV_MODULES})
+    if convs and not (missing or mismatched) and len(convs) == len({_module_of(k) for k in unexpected}):
+        raise CheckpointError(f"LoRA {path} targets the patch convolution {', '.join(convs)} (diffusers' "
+                              "pos_embed.proj), which a loaded model cannot carry as a branch: merge the LoRA into "
+                              "the checkpoint with tools/merge_lora.py (exact), then load that")
     if unexpected or missing or mismatched:
         raise CheckpointError(f"LoRA {path}: " + describe_mismatch("PixArt transformer", missing, unexpected,
                                                                      mismatched))
@@ -388,6 +398,21 @@ def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeig
     for n in notes:
         log(n)
     return LoRAWeights(branches, str(path), notes)
+
+
+CONV_MODULES = ("x_embedder.proj",)  # the patch embedding: a LoRA on it merges into a checkpoint (merge_lora_file)
+
+
+def _module_of(key: str) -> str | None:
+    """Our module a LoRA file key names, None when it names none."""
+    bare = key
+    for prefix in KEY_PREFIXES:
+        bare = bare[len(prefix):] if bare.startswith(prefix) else bare
+    m = _KEY.match(bare)
+    if not m:
+        return None
+    mapped = diffusers_module_to_original(m["module"])
+    return mapped[0] if mapped else m["module"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -544,20 +569,25 @@ def save_lora(model, path, layout: str = "diffusers") -> Path:
 # Merging into a checkpoint file (tools/merge_lora.py)
 # ----------------------------------------------------------------------------------------------------------------
 def linear_shapes(state: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
-    """{module: (out, in)} of the 2-D `.weight` tensors of an original-named state dict (PixArt's Linears)."""
-    return {k[:-len(".weight")]: tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and v.ndim == 2}
+    """{module: (out, in)} of the `.weight` tensors of an original-named state dict that a LoRA can update: PixArt's
+    Linears, and its patch convolution as the Linear it is on flattened patches (out, in * k * k)."""
+    out = {k[:-len(".weight")]: tuple(v.shape) for k, v in state.items() if k.endswith(".weight") and v.ndim == 2}
+    out.update({m: (state[f"{m}.weight"].shape[0], int(np.prod(state[f"{m}.weight"].shape[1:])))
+                for m in CONV_MODULES if f"{m}.weight" in state})
+    return out
 
 
 def merge_into_state(state: dict[str, np.ndarray], lora: LoRAWeights, scale: float = 1.0) -> dict[str, np.ndarray]:
     """W + scale * alpha/r * B A for every branch, in float64, cast back to each weight's dtype; a new dict."""
     out = dict(state)
     for module, branches in lora.by_module().items():
-        w = state[f"{module}.weight"].astype(np.float64)
+        shape = state[f"{module}.weight"].shape
+        w = state[f"{module}.weight"].astype(np.float64).reshape(shape[0], -1)  # a convolution as (out, in * k * k)
         width = w.shape[0] // max(1, len(fused_slices(module)))
         for b in branches:
             row = (fused_slices(module).index(b.part) if b.part else 0) * width
             w[row:row + width] += scale * b.scaling * (b.B.astype(np.float64) @ b.A.astype(np.float64))
-        out[f"{module}.weight"] = w.astype(state[f"{module}.weight"].dtype)
+        out[f"{module}.weight"] = w.reshape(shape).astype(state[f"{module}.weight"].dtype)
     return out
 
 

@@ -1,8 +1,10 @@
-"""Building the pipeline's components from files: the one place scripts (sample.py, gradio_demo.py) load models."""
+"""Building the pipeline's components from files: the one place scripts (sample.py, gradio_demo.py) and the
+diffusers-shaped `from_pretrained` load models."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
 from pixart import backend, cpu
@@ -11,8 +13,44 @@ from pixart.models.convert import fill_null_caption, pipeline_presets, read_pixa
 from pixart.models.pixart import PixArt, preset_config
 
 
+_DTYPE_NAMES = {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16", "float32": "fp32", "float16": "fp16",
+                "bfloat16": "bf16", "fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def dtype_name(dtype) -> str:
+    """'fp32' / 'fp16' / 'bf16' for a MindSpore dtype (diffusers' `mindspore_dtype=ms.float16`) or its name; None:
+    fp32."""
+    if dtype is None:
+        return "fp32"
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        raise ValueError(f"mindspore_dtype must be ms.float32, ms.float16 or ms.bfloat16, got {dtype!r}") from None
+
+
+def resolve_pretrained(path, subfolder: str | None = None) -> Path:
+    """A local folder, or a hub id (`PixArt-alpha/PixArt-Sigma-XL-2-1024-MS`) already in the local Hugging Face
+    cache (nothing is downloaded), then `subfolder` inside it."""
+    folder = Path(path)
+    if not folder.exists():
+        name = str(path)
+        if name.count("/") != 1 or name.startswith((".", "/")):
+            raise CheckpointError(f"{path}: no such folder (and not a hub id like PixArt-alpha/PixArt-XL-2-512x512)")
+        try:
+            from huggingface_hub import snapshot_download  # optional: only hub ids need it
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            raise CheckpointError(f"{path}: no such folder, and the hub id is not in the local Hugging Face cache "
+                                  f"(download it first: huggingface-cli download {name})") from None
+    if subfolder:
+        folder = folder / subfolder
+        if not folder.exists():
+            raise CheckpointError(f"{folder}: no such folder")
+    return folder
+
+
 def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", kv_compress: dict | None = None,
-                     log=print, lora_path=None, lora_scale: float = 1.0) -> PixArt:
+                     log=print, lora_path=None, lora_scale: float = 1.0, cls=PixArt) -> PixArt:
     """PixArt from any supported checkpoint (converted .ckpt, original .pth, diffusers folder), with the LoRA at
     `lora_path` (diffusers / peft / our layout, see `pixart.models.lora`) applied at `lora_scale`.
 
@@ -20,7 +58,8 @@ def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", 
     preset `model` (the config's `model:` / `--model`) where the file says nothing (a diffusers folder's caption
     length, for one); a file that contradicts `model` is a CheckpointError naming the preset the file is, and one
     that several presets fit needs `model` (see `pixart.models.convert.resolve_config`). Depth and width may be
-    those of a reduced copy of the preset. `kv_compress` overrides the KV-compression config (Σ).
+    those of a reduced copy of the preset. `kv_compress` overrides the KV-compression config (Σ). `cls`: PixArt or
+    a subclass (the diffusers-named `PixArtTransformer2DModel`).
     """
     weights = read_pixart(checkpoint)
     cfg, preset, _ = resolve_config(weights.config, model, checkpoint)
@@ -31,7 +70,7 @@ def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", 
     if ref and (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
         log(f"note: {checkpoint} is a reduced {preset} (depth {cfg.depth}, width {cfg.hidden_size})")
     with no_init_parameters():  # no random weights: the checkpoint's arrays become the parameters (no copy)
-        net = PixArt(cfg)
+        net = cls(cfg)
     load_into(net, weights.state, what=f"{preset or 'PixArt'} transformer", share=True)
     if lora_path:
         from pixart.models.lora import load_lora
@@ -60,20 +99,23 @@ def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokeniz
                 scaling_factor=scaling_factor or vae.config.scaling_factor)
 
 
-def resolve_pipeline_folder(folder, model: str | None = None) -> dict:
-    """A diffusers pipeline folder (`PixArt-alpha/PixArt-XL-2-512x512` downloaded) -> the component paths and the
-    preset (`model`, unless given): α or Σ from model_index.json, training size and micro-conditions from
-    transformer/config.json."""
-    folder = Path(folder)
+def resolve_pipeline_folder(folder, model: str | None = None, given: tuple[str, ...] = ()) -> dict:
+    """A diffusers pipeline folder (`PixArt-alpha/PixArt-XL-2-512x512` downloaded, or its hub id when cached) -> the
+    component paths and the preset (`model`, unless given): α or Σ from model_index.json, training size and
+    micro-conditions from transformer/config.json. Components named in `given` (passed in already: "checkpoint",
+    "vae_root", ...) may be missing from the folder."""
+    folder = resolve_pretrained(folder)
     paths = {"checkpoint": folder / "transformer", "vae_root": folder / "vae",
              "text_encoder_root": folder / "text_encoder", "tokenizer_root": folder / "tokenizer"}
-    lacking = [str(p) for p in paths.values() if not p.is_dir()]
+    lacking = [str(p) for k, p in paths.items() if k not in given and not p.is_dir()]
     if lacking:
         raise CheckpointError(f"{folder} is not a diffusers PixArt pipeline folder: no {', '.join(lacking)} (download "
                               "one, e.g. huggingface-cli download PixArt-alpha/PixArt-XL-2-512x512 --local-dir ...)")
     out = {k: str(v) for k, v in paths.items()}
     if model:
         return dict(out, model=model)
+    if "checkpoint" in given:
+        return dict(out, model=None)
     found = pipeline_presets(folder)
     if len(found) != 1:
         raise CheckpointError(f"{folder}: cannot tell which PixArt model it holds (it fits "

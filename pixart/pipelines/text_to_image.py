@@ -1,25 +1,25 @@
 """Text-to-image with PixArt-α / Σ: prompts -> T5 -> denoise with classifier-free guidance -> VAE -> images.
 
-    pipe = PixArtPipeline.from_pretrained(checkpoint="models/PixArt-Sigma-XL-2-1024-MS.ckpt",
-                                          model="PixArt-Sigma-XL-2-1024-MS",
-                                          text_encoder_root="models/t5-v1_1-xxl", vae_root="models/sdxl-vae")
-    images = pipe("a small cactus with a happy face in the Sahara desert", seed=0).images
+    pipe = PixArtSigmaPipeline.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", mindspore_dtype=ms.float16)
+    image = pipe("a small cactus with a happy face in the Sahara desert", generator=0)[0][0]
 """
 from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 from PIL import Image
 
-from pixart import backend
+from pixart import backend, cpu
 from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_array
 from pixart.diffusion import DEFAULT_STEPS, make_sampler
 from pixart.models.t5 import encode_prompts
-from pixart.pipelines.loading import load_components
+from pixart.models.convert import pipeline_class
+from pixart.pipelines.loading import (dtype_name, load_components, load_transformer, resolve_pipeline_folder)
 
 
 MIN_IMAGE_SIZE = 8  # pixels: one latent pixel
@@ -49,64 +49,227 @@ def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int):
     return emb[:, None], mask
 
 
+OUTPUT_TYPES = ("pil", "np", "ms", "latent")
+CALLBACK_TENSOR_INPUTS = ("latents",)
+
+
 @dataclass
 class PipelineOutput:
-    images: list                     # PIL images, or (N, H, W, 3) float arrays in [0, 1] with output_type="np"
-    latents: np.ndarray              # final latents (N, 4, h, w), unscaled
+    """`.images`, and indexable as diffusers' and mindone's outputs are: `out[0]` is the images, `out[0][0]` the
+    first image."""
+    images: list                     # PIL images; (N, H, W, 3) float arrays in [0, 1] ("np"); a Tensor ("ms"); latents
+    latents: np.ndarray              # final latents (N, 4, h, w), in the transformer's space (before / scaling_factor)
     settings: list = field(default_factory=list)  # per image: prompt, seed, sampler, steps, guidance, size
+
+    def to_tuple(self) -> tuple:
+        return (self.images,)
+
+    def __getitem__(self, index):
+        return self.to_tuple()[index]
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _as_list(value, name: str, n: int | None = None) -> list:
+    items = [value] if isinstance(value, str) else list(value)
+    if any(not isinstance(v, str) for v in items):
+        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+    if n is not None and len(items) != n:
+        raise ValueError(f"{name} has {len(items)} entries for {n} prompts; pass one string or {n}")
+    return items
+
+
+def _embeddings(embeds, mask, name: str):
+    """(features (N, 1, L, C) float32, mask (N, L)) from diffusers' (N, L, C) + mask, ours (N, 1, L, C), or the
+    tuple (features, mask) this pipeline's own `encode_prompt` returns."""
+    if isinstance(embeds, tuple):
+        embeds, mask = embeds
+    embeds = np.asarray(embeds.asnumpy() if isinstance(embeds, Tensor) else embeds, np.float32)
+    if embeds.ndim == 3:
+        embeds = embeds[:, None]
+    if mask is None:
+        raise ValueError(f"{name.replace('embeds', 'attention_mask')} must be given with {name}")
+    mask = np.asarray(mask.asnumpy() if isinstance(mask, Tensor) else mask)
+    if embeds.ndim != 4 or mask.shape != (embeds.shape[0], embeds.shape[2]):
+        raise ValueError(f"{name} must be (N, L, C) with a mask (N, L), got {embeds.shape} and mask {mask.shape}")
+    return embeds, mask
 
 
 class PixArtPipeline:
-    """The documented Python API; every component is a MindSpore Cell already loaded."""
+    """Text-to-image with PixArt-α / Σ, shaped as diffusers' PixArtAlphaPipeline / PixArtSigmaPipeline; every
+    component is a MindSpore Cell already loaded. `sampler` ("dpm", "ddim", "sa", "iddpm") plays the part of
+    diffusers' scheduler (from_pretrained reads it from the folder's scheduler_config.json)."""
 
-    def __init__(self, transformer, vae, text_encoder, tokenizer, scaling_factor: float,
-                 max_sequence_length: int | None = None):
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scaling_factor: float | None = None,
+                 max_sequence_length: int | None = None, sampler: str = "dpm"):
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.scaling_factor = scaling_factor
+        self.scaling_factor = scaling_factor or vae.config.scaling_factor
         self.max_sequence_length = max_sequence_length or transformer.config.model_max_length
+        self.sampler = sampler
         self.resolution = transformer.config.input_size * 8  # the training size picks the aspect-ratio table
         self.tiled_decode_from = 256  # latent pixels: images of 2048 px and more decode in tiles
+        self._interrupt = False
 
     @classmethod
-    def from_pretrained(cls, **kwargs) -> "PixArtPipeline":
-        """Load every component; see `pixart.pipelines.loading.load_components` for the arguments."""
-        return cls(**load_components(**kwargs))
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, mindspore_dtype=None, transformer=None,
+                        text_encoder=..., vae=None, tokenizer=None, scheduler: str | None = None,
+                        model: str | None = None, lora_path=None, lora_scale: float = 1.0,
+                        text_encoder_dtype=None, vae_dtype=None, kv_compress: dict | None = None, log=None,
+                        **kwargs) -> "PixArtPipeline":
+        """A diffusers pipeline folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)
+        or a hub id in the local Hugging Face cache, as diffusers' `from_pretrained`:
+
+            pipe = PixArtSigmaPipeline.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", mindspore_dtype=ms.float16)
+
+        `mindspore_dtype` is the transformer's and T5's (the VAE stays float32: the SDXL VAE overflows in float16);
+        a component passed in (`transformer=`, `vae=`, `tokenizer=`) is used as is, `text_encoder=None` loads no T5
+        (prompts then come as embeddings); `scheduler` names our sampler instead of the folder's
+        scheduler_config.json; `model` names the preset where the folder leaves it open; a LoRA (`lora_path`) is
+        applied at `lora_scale`; `text_encoder_dtype` / `vae_dtype` override the dtype of those two, `kv_compress`
+        the transformer's KV compression (Σ). Returns the folder's pipeline class (α or Σ) when called on
+        PixArtPipeline.
+
+        Without a folder, the keyword form loads separate files: `from_pretrained(checkpoint=..., model=...,
+        vae_root=..., text_encoder_root=...)` (see `pixart.pipelines.loading.load_components`)."""
+        log = log or (lambda *a: None)
+        if pretrained_model_name_or_path is None:
+            named = dict(model=model, lora_path=lora_path, lora_scale=lora_scale, kv_compress=kv_compress,
+                         text_encoder_dtype=text_encoder_dtype, vae_dtype=vae_dtype or "fp32")
+            if text_encoder is not ...:
+                named["text_encoder"] = text_encoder
+            return cls(**load_components(**kwargs, **named, log=log))
+        if kwargs:
+            raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(kwargs))}")
+        from pixart.models.t5 import load_t5, load_tokenizer
+        from pixart.models.vae import load_vae
+        from pixart.pipelines.scheduler import read_scheduler
+        from pixart.pipelines.transformer import PixArtTransformer2DModel
+        given = tuple(k for k, v in (("checkpoint", transformer), ("vae_root", vae), ("tokenizer_root", tokenizer),
+                                     ("text_encoder_root", text_encoder)) if v is not ... and v is not None) + \
+            (("text_encoder_root", "tokenizer_root") if text_encoder is None else ())
+        paths = resolve_pipeline_folder(pretrained_model_name_or_path, model, given)
+        folder = Path(paths["checkpoint"]).parent
+        dtype = dtype_name(mindspore_dtype)
+        if transformer is None:
+            transformer = load_transformer(paths["checkpoint"], paths["model"], dtype, kv_compress, log=log,
+                                           lora_path=lora_path, lora_scale=lora_scale, cls=PixArtTransformer2DModel)
+        if vae is None:
+            vae = cpu.accelerate(load_vae(paths["vae_root"], dtype_name(vae_dtype)))
+        if text_encoder is ...:
+            text_encoder = cpu.accelerate(load_t5(paths["text_encoder_root"],
+                                                  dtype_name(text_encoder_dtype or mindspore_dtype)))
+        if tokenizer is None and text_encoder is not None:
+            tokenizer = load_tokenizer(paths["tokenizer_root"])
+        sampler = scheduler or read_scheduler(folder) or "dpm"
+        make_sampler(sampler)  # refuses an unknown name now, not at the first call
+        target = cls
+        if cls is PixArtPipeline:
+            target = _PIPELINE_CLASSES.get(pipeline_class(folder), cls)
+        return target(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      sampler=sampler)
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write a diffusers pipeline folder that diffusers' PixArt pipelines load as it is: model_index.json,
+        transformer/ (diffusers names), vae/, text_encoder/, tokenizer/, scheduler/ (our sampler's diffusers
+        scheduler)."""
+        from pixart.pipelines.saving import save_pipeline
+        save_pipeline(self, save_directory)
 
     # -- 1. text ---------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompts: list[str]):
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int | None = None):
         """T5 features (N, 1, L, C) and masks (N, L) for `prompts` (see `encode_text`)."""
         if self.text_encoder is None:
             raise RuntimeError("the text encoder was released; pass prompt embeddings or reload the pipeline")
-        return encode_text(self.text_encoder, self.tokenizer, prompts, self.max_sequence_length)
+        return encode_text(self.text_encoder, self.tokenizer, prompts, max_sequence_length or self.max_sequence_length)
 
     def release_text_encoder(self):
         """Free T5 once prompts are encoded, so it is not resident while denoising."""
         self.text_encoder = None
         gc.collect()
 
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
     # -- the whole call ---------------------------------------------------------------------------------------
-    def __call__(self, prompt, negative_prompt: str | list[str] = "", height: int | None = None,
-                 width: int | None = None, sampler: str = "dpm", num_inference_steps: int | None = None,
-                 guidance_scale: float = 4.5, num_images_per_prompt: int = 1, seed: int | list[int] | None = None,
-                 latents: np.ndarray | None = None, use_resolution_binning: bool = True, uncond: str = "negative",
-                 prompt_embeds=None, negative_prompt_embeds=None, output_type: str = "pil",
-                 progress: bool = True, sampler_options: dict | None = None) -> PipelineOutput:
-        # 1. check inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        if prompt_embeds is None and (not prompts or any(not isinstance(p, str) for p in prompts)):
-            raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompt!r}")
-        if prompt_embeds is not None:
-            prompts = prompts or [""] * len(prompt_embeds[0])
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+    def __call__(self, prompt=None, negative_prompt: str | list[str] = "", num_inference_steps: int | None = None,
+                 timesteps=None, sigmas=None, guidance_scale: float = 4.5, num_images_per_prompt: int = 1,
+                 height: int | None = None, width: int | None = None, eta: float = 0.0, generator=None,
+                 latents=None, prompt_embeds=None, prompt_attention_mask=None, negative_prompt_embeds=None,
+                 negative_prompt_attention_mask=None, output_type: str = "pil", return_dict: bool = True,
+                 callback=None, callback_steps: int = 1, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), clean_caption: bool = False,
+                 use_resolution_binning: bool = True, max_sequence_length: int | None = None,
+                 sampler: str | None = None, seed: int | list[int] | None = None, uncond: str = "negative",
+                 progress: bool = True, sampler_options: dict | None = None):
+        """diffusers' arguments with diffusers' meanings; beside them `sampler` (instead of the scheduler), `seed`
+        (as `generator`), `uncond="y_embedding"` (the checkpoint's learned null caption as the unconditional
+        branch, as the original repo samples), `sampler_options` and `progress`.
+
+        `generator`: an int seed, a list of seeds (one per image), or a NumPy Generator (or a list of them, one per
+        image) from which the initial latents are drawn as `generator.standard_normal((4, h, w))` per image, and the
+        sampler's noise (eta > 0, SA-Solver) after them. A seed s means `np.random.default_rng(s)`: images do not
+        depend on the device. `callback_on_step_end(pipe, i, t, {"latents": x})` may return {"latents": ...} to
+        replace them and set `pipe._interrupt = True` to stop after step i. `output_type="latent"` returns the
+        denoised latents; `pipe.decode_latents(latents, "np")` then gives exactly the "np" images.
+        """
+        # 1. check inputs: every error names the argument and what is allowed
+        sampler = sampler or self.sampler
+        if generator is not None and seed is not None:
+            raise ValueError("pass generator or seed, not both")
+        generator = seed if generator is None else generator
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(f"{'timesteps' if timesteps is not None else 'sigmas'}: custom schedules are not "
+                             f"supported by sampler {sampler!r}; pass num_inference_steps")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
         if uncond not in ("negative", "y_embedding"):
             raise ValueError(f"uncond must be 'negative' or 'y_embedding', got {uncond!r}")
-        if output_type not in ("pil", "np"):
-            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs or () if k not in CALLBACK_TENSOR_INPUTS]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may hold {', '.join(CALLBACK_TENSOR_INPUTS)}, "
+                             f"got {', '.join(map(repr, bad))}")
+        if not isinstance(callback_steps, int) or callback_steps < 1:
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        if clean_caption:
+            raise ValueError("clean_caption=True (diffusers' caption cleaning, which needs beautifulsoup4 and ftfy) "
+                             "is not available here; pass clean_caption=False")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        max_length = int(max_sequence_length or self.max_sequence_length)
+        legacy = isinstance(prompt_embeds, tuple)  # our (features, mask): prompts may stay as the record
+        if prompt_embeds is not None:
+            if prompt is not None and not legacy:
+                raise ValueError("pass prompt or prompt_embeds, not both")
+            y, mask = _embeddings(prompt_embeds, prompt_attention_mask, "prompt_embeds")
+            prompts = _as_list(prompt, "prompt", len(y)) if prompt is not None else [""] * len(y)
+        elif prompt is None or (not isinstance(prompt, str) and not list(prompt)):
+            raise ValueError(f"prompt must be a non-empty string or list of strings (or pass prompt_embeds), got "
+                             f"{prompt!r}")
+        else:
+            prompts = _as_list(prompt, "prompt")
+        if negative_prompt_embeds is not None:
+            y_neg, mask_neg = _embeddings(negative_prompt_embeds, negative_prompt_attention_mask,
+                                          "negative_prompt_embeds")
+            if len(y_neg) != len(prompts):
+                raise ValueError(f"negative_prompt_embeds has batch size {len(y_neg)}, prompt_embeds "
+                                 f"{len(prompts)}: they must match")
+            negatives = [""] * len(prompts) if negative_prompt is None else \
+                _as_list(negative_prompt, "negative_prompt", None)
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        else:
+            negatives = _as_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts; pass "
+                                 f"one string or {len(prompts)}")
         steps = num_inference_steps or DEFAULT_STEPS.get(sampler)
-        sampler_impl = make_sampler(sampler, **(sampler_options or {}))
+        options = dict(sampler_options or {})
+        if eta and sampler in ("ddim", "sa"):
+            options.setdefault("eta", eta)
+        sampler_impl = make_sampler(sampler, **options)
         if steps is None or int(steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
         height, width = height or self.resolution, width or self.resolution
@@ -115,11 +278,18 @@ class PixArtPipeline:
         if use_resolution_binning:
             height, width, _ = closest_bucket(height, width, self._table_resolution())
         n = len(prompts) * num_images_per_prompt
+        shape = (4, height // 8, width // 8)
+        seeds, rngs = self._generators(generator, n)
+        if latents is not None:
+            latents = np.asarray(latents.asnumpy() if isinstance(latents, Tensor) else latents, np.float32)
+            if latents.shape != (n, *shape):
+                raise ValueError(f"latents must have shape {(n, *shape)} for {n} images of {height}x{width}, got "
+                                 f"{latents.shape}")
 
         # 2. encode prompts: [negative, positive] as diffusers orders the guidance batch
         if prompt_embeds is None:
-            prompt_embeds = self.encode_prompt(prompts)
-        y, mask = (np.repeat(a, num_images_per_prompt, 0) for a in prompt_embeds)
+            y, mask = self.encode_prompt(prompts, max_length)
+        y, mask = (np.repeat(a, num_images_per_prompt, 0) for a in (y, mask))
         if uncond == "y_embedding":  # the checkpoint's learned null caption, with the prompt's mask (original repo)
             null = self.transformer.y_embedder.y_embedding.asnumpy()
             if null.shape[0] != y.shape[2]:
@@ -127,39 +297,50 @@ class PixArtPipeline:
             y_neg, mask_neg = np.broadcast_to(null[None, None], y.shape).copy(), mask
         else:
             if negative_prompt_embeds is None:
-                negative_prompt_embeds = self.encode_prompt(negatives)
-            y_neg, mask_neg = (np.repeat(a, num_images_per_prompt, 0) for a in negative_prompt_embeds)
+                y_neg, mask_neg = self.encode_prompt(negatives, y.shape[2])
+            y_neg, mask_neg = (np.repeat(a, num_images_per_prompt, 0) for a in (y_neg, mask_neg))
         do_cfg = guidance_scale > 1.0
         y_in = np.concatenate([y_neg, y]) if do_cfg else y
         mask_in = np.concatenate([mask_neg, mask]) if do_cfg else mask
 
-        # 3. prepare latents: one seed per image, NumPy's generator so results do not depend on the device
-        seeds = self._seeds(seed, n)
-        shape = (4, height // 8, width // 8)
+        # 3. prepare latents: one NumPy generator per image, so results do not depend on the device
         if latents is None:
-            latents = np.stack([np.random.default_rng(s).standard_normal(shape) for s in seeds]).astype(np.float32)
-        latents = np.asarray(latents, np.float32)
-        if latents.shape != (n, *shape):
-            raise ValueError(f"latents must have shape {(n, *shape)}, got {latents.shape}")
+            latents = np.stack([g.standard_normal(shape) for g in rngs]).astype(np.float32)
 
         # 4. denoise
         model_fn = self._guided_denoiser(Tensor(y_in), Tensor(mask_in.astype(np.int32)), guidance_scale, do_cfg,
                                          height, width, n)
+        self._interrupt = False
         x = sampler_impl.sample(model_fn, Tensor(latents), num_steps=int(steps), progress=progress,
-                                generator=np.random.default_rng(seeds[0] + 1))
+                                generator=rngs[0] if seeds is None else np.random.default_rng(seeds[0] + 1),
+                                callback=self._step_callback(callback, callback_steps, callback_on_step_end))
 
         # 5. decode and 6. post-process
         x = x.asnumpy()
-        images = self.decode(x)
-        if use_resolution_binning and (height, width) != orig_hw:
-            images = resize_and_crop_array(images, *orig_hw)
-        images = np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)  # (N, H, W, 3) in [0, 1]
         settings = [dict(prompt=prompts[i // num_images_per_prompt], negative_prompt=negatives[i // num_images_per_prompt],
-                         seed=seeds[i], sampler=sampler, steps=int(steps), guidance_scale=guidance_scale,
-                         height=orig_hw[0], width=orig_hw[1]) for i in range(n)]
+                         seed=None if seeds is None else seeds[i], sampler=sampler, steps=int(steps),
+                         guidance_scale=guidance_scale, height=orig_hw[0], width=orig_hw[1]) for i in range(n)]
+        if output_type == "latent":
+            images = x
+        else:
+            images = self.decode_latents(x, output_type, orig_hw if use_resolution_binning else None)
+        out = PipelineOutput(images=images, latents=x, settings=settings)
+        return out if return_dict else out.to_tuple()
+
+    def decode_latents(self, latents, output_type: str = "np", size: tuple[int, int] | None = None):
+        """Denoised latents (what output_type="latent" returns) -> images as `output_type` ("pil", "np": (N, H, W, 3)
+        in [0, 1], "ms": a (N, 3, H, W) Tensor in [0, 1]), resized and cropped to `size` (height, width) when the
+        latents were generated in a bucket of another size."""
+        images = self.decode(np.asarray(latents, np.float32))
+        if size is not None and images.shape[-2:] != tuple(size):
+            images = resize_and_crop_array(images, *size)
+        images = np.clip(images / 2 + 0.5, 0, 1)
+        if output_type == "ms":
+            return Tensor(images)
+        images = images.transpose(0, 2, 3, 1)  # (N, H, W, 3) in [0, 1]
         if output_type == "pil":
-            images = [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
-        return PipelineOutput(images=images, latents=x, settings=settings)
+            return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+        return images
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], one image at a time. From 2K on
@@ -181,16 +362,45 @@ class PixArtPipeline:
         return res
 
     @staticmethod
-    def _seeds(seed, n: int) -> list[int]:
-        if seed is None:
+    def _generators(generator, n: int) -> tuple[list[int] | None, list[np.random.Generator]]:
+        """(the seeds, when seeds were given, else None; one NumPy generator per image) from `generator`: None (a
+        fresh seed), an int (seed + i for image i), a list of n ints, a NumPy Generator (shared by every image) or
+        a list of n of them."""
+        if isinstance(generator, np.random.Generator):
+            return None, [generator] * n
+        if generator is None:
             base = int(np.random.default_rng().integers(0, 2 ** 31 - n))
-            return [base + i for i in range(n)]
-        if isinstance(seed, int):
-            return [seed + i for i in range(n)]
-        seeds = [int(s) for s in seed]
-        if len(seeds) != n:
-            raise ValueError(f"got {len(seeds)} seeds for {n} images")
-        return seeds
+            seeds = [base + i for i in range(n)]
+        elif isinstance(generator, (int, np.integer)):
+            seeds = [int(generator) + i for i in range(n)]
+        else:
+            items = list(generator)
+            if len(items) != n:
+                raise ValueError(f"generator has {len(items)} entries for {n} images; pass one seed, or {n}")
+            if all(isinstance(g, np.random.Generator) for g in items):
+                return None, items
+            if not all(isinstance(g, (int, np.integer)) for g in items):
+                raise ValueError("generator must be an int seed, a list of seeds, a numpy.random.Generator or a "
+                                 f"list of them, got {generator!r}")
+            seeds = [int(s) for s in items]
+        return seeds, [np.random.default_rng(s) for s in seeds]
+
+    def _step_callback(self, callback, callback_steps: int, on_step_end):
+        """The samplers' per-step hook (see `pixart.diffusion.common.after_step`) for diffusers' `callback`
+        (every `callback_steps` steps, told (i, t, latents)) and `callback_on_step_end` (may replace latents,
+        may stop by setting `pipe._interrupt`)."""
+        if callback is None and on_step_end is None:
+            return None
+
+        def hook(i, t, x):
+            if on_step_end is not None:
+                out = on_step_end(self, i, t, {"latents": x}) or {}
+                x = out.get("latents", x)
+                x = x if isinstance(x, Tensor) else Tensor(np.asarray(x, np.float32))
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, x)
+            return x, self._interrupt
+        return hook
 
     def _guided_denoiser(self, y, mask, guidance_scale: float, do_cfg: bool, height: int, width: int, n: int):
         """model_fn(x, t) for the samplers: the transformer on [uncond, cond], guided on all 4 noise channels;
@@ -216,3 +426,14 @@ class PixArtPipeline:
             eps = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
             return mint.cat([eps, cond[:, c:]], 1) if out.shape[1] > c else eps
         return model_fn
+
+
+class PixArtAlphaPipeline(PixArtPipeline):
+    """PixArt-α under diffusers' name: the one pipeline (120 caption tokens by the model)."""
+
+
+class PixArtSigmaPipeline(PixArtPipeline):
+    """PixArt-Σ under diffusers' name: the one pipeline (300 caption tokens by the model)."""
+
+
+_PIPELINE_CLASSES = {"PixArtAlphaPipeline": PixArtAlphaPipeline, "PixArtSigmaPipeline": PixArtSigmaPipeline}
