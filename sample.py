@@ -1,6 +1,6 @@
 """Generate images with PixArt-α / Σ.
 
-    python sample.py -c configs/inference/pixart-sigma-1024-ms.yaml --prompt "a cat wearing sunglasses"
+    python sample.py -c configs/inference/pixart-sigma-1024-MS.yaml --prompt "a cat wearing sunglasses"
     python sample.py -c configs/inference/demo.yaml --prompt "a red square"     # offline demo bundle (noise)
 
 Flags override the YAML; a YAML key that is not a flag is an error.

@@ -3,7 +3,7 @@ r"""Generate an image with a PixArt-α/Σ model and a LoRA (trained here, or wit
     python pixart/lora-finetuning/inference_pixart_lora.py --model_id models/PixArt-XL-2-512x512 \
         --lora_path output/pixart-pokemon-model --prompt "A grass-type Pokemon in a forest" \
         --output_path generated_pokemon.png
-    python pixart/lora-finetuning/inference_pixart_lora.py -c configs/inference/pixart-sigma-512-ms.yaml \
+    python pixart/lora-finetuning/inference_pixart_lora.py -c configs/inference/pixart-sigma-512-MS.yaml \
         --lora_path my-lora/pytorch_lora_weights.safetensors --lora_scale 0.8 --prompt "..." --output_path out.png
 
 --model_id is a local diffusers pipeline folder (transformer/, vae/, text_encoder/, tokenizer/); without it the
