@@ -115,9 +115,9 @@ def test_reproduce_command_and_yaml_give_the_same_settings_to_sample_py(tmp_path
     cfg.write_text(app.yaml_config(request))
     for argv in (cmd[2:], ["-c", str(cfg)]):
         a = parse_args(build_parser(), argv)
-        assert a.prompt == ["it's a \"quoted\" cat"] and a.negative_prompt == "blur"
+        assert a.prompt == ["it's a \"quoted\" cat"] and a.negative_prompt == ["blur"]
         assert (a.sampling_method, a.sampling_steps, a.guidance_scale, a.seed) == ("dpm", 2, 4.5, 3)
-        assert (a.image_width, a.image_height, a.batch_size, a.resolution_binning) == (96, 64, 1, True)
+        assert (a.image_width, a.image_height, a.num_images_per_prompt, a.resolution_binning) == (96, 64, 1, True)
         assert (a.checkpoint, a.dpm_schedule, a.model) == (str(bundle.checkpoint), "time_uniform", demo.PRESET)
 
 
