@@ -110,7 +110,7 @@ def test_sample_512(models, tmp_path):
 
 def test_sample_with_own_checkpoint(models, tmp_path):
     work = workdir(models, tmp_path)
-    mine = work / "path_to_your_checkpoint_file"
+    mine = work / "path_to_your_checkpoint_file.ckpt"  # a checkpoint train.py wrote
     state, cfg = reduced_state(SIGMA[0], seed=5)
     save_pixart(state, cfg, mine, SIGMA[0])
     command('python sample.py -c configs/inference/pixart-sigma-512-MS.yaml --prompt "your magic prompt" '
