@@ -27,7 +27,7 @@ from pixart.cli.options import ConfigError, parse_args
 from pixart.app import DemoApp, DemoError
 from pixart.cli.gradio import build_parser as build_demo_parser, ensure_demo_bundle, sample_args
 from pixart.cli.sample import build_parser
-from tests.utils import DemoBundle
+from tests.utils import DemoBundle, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -210,12 +210,7 @@ def server(bundle, tmp_path_factory):
         print(f"gradio_demo.py served after {time.time() - t0:.0f}s")
         yield SimpleNamespace(url=url, proc=proc, log=log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def find_chromium() -> tuple[str | None, str]:

@@ -31,6 +31,7 @@ from pixart import demo_bundle as demo
 from pixart.models.convert import save_pixart
 from pixart.models.pixart import PixArt, preset_config
 from pixart.pipelines.outputs import read_png_settings
+from tests.utils import stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -216,12 +217,7 @@ def test_gradio_command_serves_and_answers_one_request(models, tmp_path):
         warnings = [l for l in text.splitlines() if l.startswith("warning:")]
         assert warnings == ["warning: running on CPU: flash attention off (Ascend only)"], text[-2000:]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=30)
 
 
 def test_lora_inference_command(bundle, tmp_path):
