@@ -148,3 +148,13 @@ def test_reference_yaml_picks_the_preset_from_sample_size(tmp_path):
     assert pick_model(args) == "PixArt-XL-2-1024-MS" and args.prompt == ["x"]  # the command line replaces the list
     args = parse_args(build_parser(), ["-c", str(cfg), "--sample_size", "256", "--kv_compress", "true"])
     assert pick_model(args) == "PixArt-Sigma-XL-2-2K-MS-KV"
+
+
+def test_a_config_written_for_ascend_runs_on_cpu_with_one_warning(tmp_path, capsys):
+    from pixart.cli.sample import build_parser
+    cfg = tmp_path / "ascend.yaml"
+    cfg.write_text("device_target: Ascend\nenable_flash_attention: True\n")
+    args = parse_args(build_parser(), ["-c", str(cfg)])
+    assert (args.device_target, args.enable_flash_attention) == ("CPU", None)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: running on CPU: the config's device_target Ascend is not here; flash attention off (Ascend only)"]

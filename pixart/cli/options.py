@@ -184,20 +184,24 @@ def add_execution_group(p, mode: str):
     return g
 
 
-def check_execution(args, warn=None) -> None:
-    """Fill in --device_target (the device that is there), refuse a device the machine lacks, and turn the
-    Ascend-only requests of a config written for Ascend (flash attention, bf16) into what the CPU runs, with one
-    warning line naming each change. Runs for every parser that has the execution group (`parse_args`)."""
+def check_execution(args, device_from_command_line: bool = True, stream=None) -> None:
+    """Fill in --device_target (the device that is there) and turn the Ascend-only requests of a config written for
+    Ascend (its device, flash attention, bf16) into what the CPU runs, with one warning line naming each change. A
+    device the machine lacks asked for on the command line is an error. Runs for every parser that has the
+    execution group (`parse_args`)."""
     if not hasattr(args, "device_target"):
         return
+    changes = []
     if args.device_target is None:
         args.device_target = default_device()
     elif not device_available(args.device_target):
-        raise ConfigError(f"--device_target {args.device_target}: MindSpore finds no {args.device_target} device on "
-                          f"this machine; use --device_target CPU (or leave it out: {default_device()} here)")
+        if device_from_command_line:
+            raise ConfigError(f"--device_target {args.device_target}: MindSpore finds no {args.device_target} device "
+                              f"on this machine; use --device_target CPU (or leave it out: {default_device()} here)")
+        changes.append(f"the config's device_target {args.device_target} is not here")
+        args.device_target = default_device()
     if args.device_target != "CPU":
         return
-    changes = []
     if getattr(args, "enable_flash_attention", None):
         args.enable_flash_attention = None
         changes.append("flash attention off (Ascend only)")
@@ -206,7 +210,7 @@ def check_execution(args, warn=None) -> None:
             setattr(args, dest, "fp32")
             changes.append(f"--{dest} bf16 -> fp32 (MindSpore's CPU backend has no bf16 matmul)")
     if changes:
-        print(f"warning: running on CPU: {'; '.join(changes)}", file=warn or sys.stderr)
+        print(f"warning: running on CPU: {'; '.join(changes)}", file=stream or sys.stderr)
 
 
 def mode_name(args, error=ConfigError) -> str:
@@ -347,5 +351,6 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     args = parser.parse_args(argv)
     if known.config:
         args.config = known.config
-    check_execution(args)
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    check_execution(args, any(a.split("=")[0] == "--device_target" for a in given))
     return args
