@@ -352,3 +352,13 @@ def test_two_requests_at_once_both_complete_one_waiting_in_the_queue(server, bro
     finally:
         for page in pages:
             page.context.close()
+
+
+def test_sample_only_options_are_refused_in_one_line():
+    from pixart.cli.gradio import check_server_args
+    for flags, message in ((["--num_trials", "2"], "--num_trials 2"), (["--use_parallel", "true"], "--use_parallel"),
+                           (["--imagegrid", "true"], "--imagegrid"), (["--batch_size", "4"], "--batch_size 4")):
+        args = parse_args(build_demo_parser(), flags)
+        with pytest.raises(DemoError, match=f"gradio_demo.py does not take {message}"):
+            check_server_args(args)
+    check_server_args(parse_args(build_demo_parser(), ["--sample_size", "128", "--dtype", "fp16"]))
