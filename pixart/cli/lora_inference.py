@@ -39,6 +39,10 @@ def pipeline_folder(model_id: str) -> Path | None:
 def run(args, log=print) -> list[Path]:
     if not args.lora_path:
         raise SampleError("--lora_path is required (a LoRA file or folder; sample.py runs without one)")
+    for name in ("use_parallel", "imagegrid"):
+        if getattr(args, name):
+            raise SampleError(f"--{name} is sample.py's (this script writes --output_path only): run sample.py "
+                              "--lora_path ... for it")
     if not args.checkpoint:  # the base model is the diffusers pipeline folder of --model_id
         folder = pipeline_folder(args.model_id)
         if folder is None:
