@@ -58,6 +58,8 @@ def models(bundle, tmp_path_factory) -> Path:
     root.mkdir()
     for part in ("vae", "text_encoder", "tokenizer"):
         shutil.copytree(bundle.components / part, root / part)
+    vae_config = root / "vae" / "config.json"  # the SDXL VAE's training size: 2K images decode in 128-latent tiles
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "sample_size": 1024}))
     if backend.device_target() != "CPU":
         backend.setup("CPU")
     for name in SIGMA:
