@@ -209,7 +209,7 @@ def test_gradio_command_serves_and_answers_one_request(models, tmp_path):
             time.sleep(1)
         time.sleep(2)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        result = client.predict("a red square", "", "dpm", 2, 4.5, 3, False, 1024, 1024, 1, True, None,
+        result = client.predict("a red square", "", "dpm", 2, 4.5, 3, False, 1024, 1024, 1, True, 1.0,
                                 api_name="/generate")
         paths, status = result[1], result[-1]
         assert len(paths) == 1 and "1024x1024" in status, status
