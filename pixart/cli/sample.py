@@ -198,9 +198,13 @@ def caption_length(args) -> int:
 
 
 def setup_backend(args) -> None:
+    """Device, mode and dtype, once per run (the device cannot change once msrun's communication is up)."""
+    if getattr(args, "_backend_ready", False):
+        return
     args.dtype = args.dtype or ("fp16" if args.device_target == "Ascend" else "fp32")
     backend.setup(args.device_target, mode_name(args), args.jit_level, args.enable_flash_attention)
     backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
+    args._backend_ready = True
 
 
 def load_pipeline(args, log=print, text_encoder: bool = True):
