@@ -1,8 +1,8 @@
 """A web page for PixArt-α / Σ text-to-image, served by Gradio on http://127.0.0.1:7788.
 
     python gradio_demo.py -c configs/inference/demo.yaml                  # offline demo bundle (noise), no downloads
-    python gradio_demo.py -c configs/inference/pixart-sigma-1024-ms.yaml --port 8000 --host 0.0.0.0
-    python gradio_demo.py -c configs/inference/pixart-sigma-512-ms.yaml --lora_path my-lora/ --lora_scale 0.8
+    python gradio_demo.py -c configs/inference/pixart-sigma-1024-MS.yaml --port 8000 --host 0.0.0.0
+    python gradio_demo.py -c configs/inference/pixart-sigma-512-MS.yaml --lora_path my-lora/ --lora_scale 0.8
 
 It takes sample.py's model flags and YAML configs (a YAML key that is not a flag is an error); the per-image
 values (prompt, sampler, steps, guidance, seed, size, batch) become the page's defaults; with --lora_path the page

@@ -1,6 +1,7 @@
 """The command-line layer every entry point shares: one error handling (`pixart.cli.main`), option groups listed
 once each in -h, and the alias table (an alias is the same option: flag, YAML key and -h line)."""
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,3 +78,83 @@ def test_aliases_are_flags_and_yaml_keys_of_the_same_option(tmp_path):
     cfg.write_text(yaml.safe_dump({"max_token_length": 120, "max_length": 300}))
     with pytest.raises(ConfigError, match="set the same option"):
         parse_args(train.build_parser(), ["-c", str(cfg)])
+
+
+# -- the device: the one that is there, Ascend-only requests falling back on CPU ------------------------------------
+def test_device_defaults_to_the_one_there_and_ascend_only_options_fall_back_on_cpu(capsys):
+    from pixart.cli.options import default_device
+    from pixart.cli.sample import build_parser
+    assert default_device() == "CPU"  # no Ascend device on this machine
+    args = parse_args(build_parser(), ["--enable_flash_attention", "True", "--dtype", "bf16"])
+    assert (args.device_target, args.enable_flash_attention, args.dtype) == ("CPU", None, "fp32")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: running on CPU: flash attention off (Ascend only); --dtype bf16 -> fp32 (MindSpore's "
+                   "CPU backend has no bf16 matmul)"]
+    args = parse_args(build_parser(), ["--dtype", "fp16"])  # the CPU computes fp16: kept, no warning
+    assert args.dtype == "fp16" and not capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--device_target Ascend: MindSpore finds no Ascend device"):
+        parse_args(build_parser(), ["--device_target", "Ascend"])
+
+
+def test_relative_config_is_found_from_the_project_root(tmp_path, monkeypatch):
+    """`-c configs/inference/X.yaml` from any folder: a relative path missing there is taken from the script's
+    folder (or the project root), as the reference port does."""
+    from pixart.cli.sample import build_parser
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(build_parser(), ["-c", "configs/inference/pixart-sigma-512-MS.yaml"])
+    assert (args.model, args.sample_size, args.checkpoint) == ("PixArt-Sigma-XL-2-512-MS", 64,
+                                                               "models/PixArt-Sigma-XL-2-512-MS.ckpt")
+    assert Path(args.config).is_absolute()
+
+
+def test_either_models_layout_is_found(tmp_path, monkeypatch):
+    """The reference README's models/vae (text_encoder, tokenizer) and the Hugging Face folder's layout stand in for
+    each other; a missing tokenizer left at its default is the text encoder's."""
+    from pixart.cli.options import resolve_model_paths
+    from pixart.cli.sample import build_parser
+    monkeypatch.chdir(tmp_path)
+    hf = tmp_path / "models" / "pixart_sigma_sdxlvae_T5_diffusers"
+    for part in ("vae", "text_encoder"):
+        (hf / part).mkdir(parents=True)
+    args = parse_args(build_parser(), [])  # defaults: the reference layout
+    lines = []
+    resolve_model_paths(args, lines.append)
+    assert (args.vae_root, args.text_encoder_root, args.tokenizer_root) == (
+        "models/pixart_sigma_sdxlvae_T5_diffusers/vae", "models/pixart_sigma_sdxlvae_T5_diffusers/text_encoder", None)
+    assert lines == ["--vae_root models/vae not found; using models/pixart_sigma_sdxlvae_T5_diffusers/vae",
+                     "--text_encoder_root models/text_encoder not found; using "
+                     "models/pixart_sigma_sdxlvae_T5_diffusers/text_encoder"]
+    (tmp_path / "models" / "vae").mkdir()  # both there: the reference layout, silently
+    args = parse_args(build_parser(), ["--vae_root", "models/pixart_sigma_sdxlvae_T5_diffusers/vae"])
+    resolve_model_paths(args, lines.append)
+    assert args.vae_root == "models/pixart_sigma_sdxlvae_T5_diffusers/vae" and len(lines) == 3
+
+
+def test_reference_yaml_picks_the_preset_from_sample_size(tmp_path):
+    """A reference-port YAML (no `model:`; flat keys as its argparse dests) loads unchanged; sample_size and
+    t5_max_length name the preset."""
+    from pixart.cli.sample import build_parser, pick_model
+    cfg = tmp_path / "ref.yaml"
+    cfg.write_text("image_height: 1024\nimage_width: 1024\nsample_size: 128\n"
+                   'checkpoint: "models/PixArt-Sigma-XL-2-1024-MS.ckpt"\nvae_root: "models/vae"\n'
+                   'text_encoder_root: "models/text_encoder"\ntokenizer_root: "models/tokenizer"\n'
+                   'sd_scale_factor: 0.13025\nenable_flash_attention: True\ndtype: "fp16"\nsampling_method: "dpm"\n'
+                   "sampling_steps: 20\nguidance_scale: 4.5\nseed: 42\nimagegrid: False\nnum_trials: 1\nbatch_size: 1\n"
+                   'mode: 0\njit_level: "O1"\nuse_resolution_binning: True\nt5_max_length: 300\nkv_compress: False\n'
+                   'kv_compress_sampling: "conv"\nkv_compress_scale_factor: 1\nprompt:\n  - "A small cactus"\n')
+    args = parse_args(build_parser(), ["-c", str(cfg)])
+    assert pick_model(args) == "PixArt-Sigma-XL-2-1024-MS" and args.prompt == ["A small cactus"]
+    args = parse_args(build_parser(), ["-c", str(cfg), "--t5_max_length", "120", "--prompt", "x"])
+    assert pick_model(args) == "PixArt-XL-2-1024-MS" and args.prompt == ["x"]  # the command line replaces the list
+    args = parse_args(build_parser(), ["-c", str(cfg), "--sample_size", "256", "--kv_compress", "true"])
+    assert pick_model(args) == "PixArt-Sigma-XL-2-2K-MS-KV"
+
+
+def test_a_config_written_for_ascend_runs_on_cpu_with_one_warning(tmp_path, capsys):
+    from pixart.cli.sample import build_parser
+    cfg = tmp_path / "ascend.yaml"
+    cfg.write_text("device_target: Ascend\nenable_flash_attention: True\n")
+    args = parse_args(build_parser(), ["-c", str(cfg)])
+    assert (args.device_target, args.enable_flash_attention) == ("CPU", None)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: running on CPU: the config's device_target Ascend is not here; flash attention off (Ascend only)"]

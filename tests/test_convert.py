@@ -35,21 +35,21 @@ CASES = {  # preset -> (diffusers config, latent (H, W)): the .pth and diffusers
 # with `caption_projection.linear_1/2` and store no null caption. -> (shipped inference config, expected preset
 # report after conversion: the preset, or the presets the folder fits)
 PUBLIC = {
-    "PixArt-alpha/PixArt-XL-2-256x256": (dict(sample_size=32), "pixart-alpha-256.yaml", ["PixArt-XL-2-256x256"]),
-    "PixArt-alpha/PixArt-XL-2-512x512": (dict(sample_size=64), "pixart-alpha-512.yaml",
+    "PixArt-alpha/PixArt-XL-2-256x256": (dict(sample_size=32), "pixart-alpha-256x256.yaml", ["PixArt-XL-2-256x256"]),
+    "PixArt-alpha/PixArt-XL-2-512x512": (dict(sample_size=64), "pixart-alpha-512x512.yaml",
                                          ["PixArt-XL-2-512x512", "PixArt-Sigma-XL-2-512-MS"]),
-    "PixArt-alpha/PixArt-XL-2-1024-MS": (dict(sample_size=128), "pixart-alpha-1024-ms.yaml", ["PixArt-XL-2-1024-MS"]),
+    "PixArt-alpha/PixArt-XL-2-1024-MS": (dict(sample_size=128), "pixart-alpha-1024-MS.yaml", ["PixArt-XL-2-1024-MS"]),
     "PixArt-alpha/PixArt-Sigma-XL-2-256x256": (dict(sample_size=32, interpolation_scale=0.5,
-                                                    use_additional_conditions=False), "pixart-sigma-256.yaml",
+                                                    use_additional_conditions=False), "pixart-sigma-256x256.yaml",
                                                ["PixArt-Sigma-XL-2-256x256"]),
     "PixArt-alpha/PixArt-Sigma-XL-2-512-MS": (dict(sample_size=64, interpolation_scale=1,
-                                                   use_additional_conditions=False), "pixart-sigma-512-ms.yaml",
+                                                   use_additional_conditions=False), "pixart-sigma-512-MS.yaml",
                                               ["PixArt-XL-2-512x512", "PixArt-Sigma-XL-2-512-MS"]),
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": (dict(sample_size=128, interpolation_scale=2,
-                                                    use_additional_conditions=False), "pixart-sigma-1024-ms.yaml",
+                                                    use_additional_conditions=False), "pixart-sigma-1024-MS.yaml",
                                                ["PixArt-Sigma-XL-2-1024-MS"]),
     "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS": (dict(sample_size=256, interpolation_scale=4,
-                                                  use_additional_conditions=False), "pixart-sigma-2k-ms.yaml",
+                                                  use_additional_conditions=False), "pixart-sigma-2K-MS.yaml",
                                              ["PixArt-Sigma-XL-2-2K-MS"]),
 }
 

@@ -27,7 +27,7 @@ from pixart.cli.options import ConfigError, parse_args
 from pixart.app import DemoApp, DemoError
 from pixart.cli.gradio import build_parser as build_demo_parser, ensure_demo_bundle, sample_args
 from pixart.cli.sample import build_parser
-from tests.utils import DemoBundle
+from tests.utils import DemoBundle, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -115,9 +115,9 @@ def test_reproduce_command_and_yaml_give_the_same_settings_to_sample_py(tmp_path
     cfg.write_text(app.yaml_config(request))
     for argv in (cmd[2:], ["-c", str(cfg)]):
         a = parse_args(build_parser(), argv)
-        assert a.prompt == ["it's a \"quoted\" cat"] and a.negative_prompt == "blur"
+        assert a.prompt == ["it's a \"quoted\" cat"] and a.negative_prompt == ["blur"]
         assert (a.sampling_method, a.sampling_steps, a.guidance_scale, a.seed) == ("dpm", 2, 4.5, 3)
-        assert (a.image_width, a.image_height, a.batch_size, a.resolution_binning) == (96, 64, 1, True)
+        assert (a.image_width, a.image_height, a.num_images_per_prompt, a.resolution_binning) == (96, 64, 1, True)
         assert (a.checkpoint, a.dpm_schedule, a.model) == (str(bundle.checkpoint), "time_uniform", demo.PRESET)
 
 
@@ -210,12 +210,7 @@ def server(bundle, tmp_path_factory):
         print(f"gradio_demo.py served after {time.time() - t0:.0f}s")
         yield SimpleNamespace(url=url, proc=proc, log=log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def find_chromium() -> tuple[str | None, str]:
@@ -357,3 +352,13 @@ def test_two_requests_at_once_both_complete_one_waiting_in_the_queue(server, bro
     finally:
         for page in pages:
             page.context.close()
+
+
+def test_sample_only_options_are_refused_in_one_line():
+    from pixart.cli.gradio import check_server_args
+    for flags, message in ((["--num_trials", "2"], "--num_trials 2"), (["--use_parallel", "true"], "--use_parallel"),
+                           (["--imagegrid", "true"], "--imagegrid"), (["--batch_size", "4"], "--batch_size 4")):
+        args = parse_args(build_demo_parser(), flags)
+        with pytest.raises(DemoError, match=f"gradio_demo.py does not take {message}"):
+            check_server_args(args)
+    check_server_args(parse_args(build_demo_parser(), ["--sample_size", "128", "--dtype", "fp16"]))

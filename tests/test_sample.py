@@ -26,7 +26,8 @@ def sample(*args):
 def test_sample_writes_images_metadata_and_grid(bundle, tmp_path, mode):
     out = tmp_path / "out"
     r = sample(*bundle.flags, "--prompt", "a red square", "a blue circle", "--image_height", 200, "--image_width", 328,
-               "--sampling_steps", 3, "--seed", 7, "--imagegrid", "true", "--mode", mode, "--output_path", out)
+               "--sampling_steps", 3, "--seed", 7, "--imagegrid", "true", "--batch_size", 2, "--mode", mode,
+               "--output_path", out)
     assert r.returncode == 0, r.stderr[-3000:]
     pngs = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
     assert len(pngs) == 2 and (out / "grid.png").exists()
@@ -37,6 +38,8 @@ def test_sample_writes_images_metadata_and_grid(bundle, tmp_path, mode):
         assert pixels.std() > 0  # an image, not a constant
         s = read_png_settings(png)
         assert (s["prompt"], s["seed"], s["sampler"], s["steps"], s["guidance_scale"]) == (prompt, seed, "dpm", 3, 4.5)
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 328, 200)  # one batch of two prompts: one row, a column each
     records = json.loads((out / "prompts.json").read_text())
     assert [r["file"] for r in records] == [p.name for p in pngs]
     assert not list(out.glob("*.tmp"))
@@ -63,7 +66,9 @@ def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     (["--prompt", "x", "--image_height", 4], "at least 8 pixels"),
     (["--prompt", "x", "--image_height", 72, "--image_width", 64, "--resolution_binning", "false"], "not reachable"),
     (["--prompt", "x", "--checkpoint", "missing.ckpt"], "--checkpoint not found: missing.ckpt"),
-    (["--prompt", "x", "--dtype", "bf16"], "bf16 is not supported"),
+    (["--prompt", "x", "--device_target", "Ascend"], "MindSpore finds no Ascend device on this machine"),
+    (["--prompt", "x", "y", "z", "--negative_prompt", "n1", "n2"], "--negative_prompt: got 2 for 3 prompts"),
+    (["--prompt", "x", "--sample_size", "128"], "--sample_size 128 does not match --model"),
     (["--prompt", "x", "--model", "PixArt-XL-2-1024-MS"], "does not fit model PixArt-XL-2-1024-MS"),
 ])
 @pytest.mark.slow
@@ -115,5 +120,5 @@ def test_prompts_are_encoded_first_and_t5_is_freed(bundle, graph_mode, monkeypat
         ref_emb, ref_mask = pipe.encode_prompt([prompt])
         np.testing.assert_array_equal(mask, ref_mask)
         np.testing.assert_allclose(emb, ref_emb, rtol=0, atol=0)
-    assert negative[0].shape == embeds[0][0].shape
+    assert negative[0][0].shape == embeds[0][0].shape
     assert sample_run.load_pipeline(args, log=lambda *_: None, text_encoder=False).text_encoder is None

@@ -84,3 +84,14 @@ class DemoBundle:
         comp = self.components
         return ["--checkpoint", str(self.checkpoint), "--vae_root", str(comp / "vae"),
                 "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
+
+
+def stop(proc, timeout: float = 20) -> None:
+    """End a server started by a test: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

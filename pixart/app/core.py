@@ -28,7 +28,7 @@ CUSTOM = "custom"
 KEEP_REQUESTS = 50  # PNG folders kept on disk for download; older ones are deleted
 # the server-wide sample.py options a reproduce-command carries, in this order
 _MODEL_FLAGS = ("model", "checkpoint", "lora_path", "vae_root", "text_encoder_root", "tokenizer_root",
-                "sd_scale_factor", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode",
+                "sd_scale_factor", "max_length", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode",
                 "jit_level", "enable_flash_attention", "kv_compress", "kv_compress_sampling",
                 "kv_compress_scale_factor", "kv_compress_layer")
 
@@ -79,9 +79,10 @@ class DemoApp:
     def defaults(self) -> dict:
         a = self.args
         h, w = a.image_height or self.resolution, a.image_width or self.resolution
-        return dict(prompt=(a.prompt or [""])[0], negative_prompt=a.negative_prompt, sampler=a.sampling_method,
+        negative = a.negative_prompt if isinstance(a.negative_prompt, str) else (a.negative_prompt or [""])[0]
+        return dict(prompt=(a.prompt or [""])[0], negative_prompt=negative, sampler=a.sampling_method,
                     steps=a.sampling_steps or DEFAULT_STEPS[a.sampling_method], guidance_scale=a.guidance_scale,
-                    seed=a.seed, width=w, height=h, batch_size=min(a.batch_size, self.max_batch),
+                    seed=a.seed, width=w, height=h, batch_size=min(a.num_images_per_prompt, self.max_batch),
                     resolution_binning=a.resolution_binning, aspect_ratio=self.preset_for(h, w),
                     lora_scale=a.lora_scale if self.lora else None)
 
@@ -207,18 +208,20 @@ class DemoApp:
             always = complete and name in ("model", "checkpoint", "vae_root", "text_encoder_root", "tokenizer_root")
             if value is not None and (always or value != getattr(base, name)):
                 opts[name] = value
-        opts.update(prompt=[request["prompt"]], negative_prompt=request["negative_prompt"],
+        opts.update(prompt=[request["prompt"]], negative_prompt=[request["negative_prompt"]],
                     sampling_method=request["sampler"], sampling_steps=request["steps"],
                     guidance_scale=request["guidance_scale"], seed=request["seed"],
                     image_height=request["height"], image_width=request["width"],
-                    resolution_binning=request["resolution_binning"], batch_size=request["batch_size"])
+                    resolution_binning=request["resolution_binning"],
+                    num_images_per_prompt=request["batch_size"])
         if self.lora:
             opts["lora_scale"] = request["lora_scale"]
         if not complete:  # neutralise what the -c config would add to this one image
             if self._base.prompt_path:
                 opts["prompt_path"] = ""
-            if self._base.num_trials != 1:
-                opts["num_trials"] = 1
+            for name in ("num_trials", "batch_size"):
+                if getattr(self._base, name) != 1:
+                    opts[name] = 1
         return opts
 
     def command(self, request: dict) -> str:

@@ -25,7 +25,25 @@ def build_parser(description: str | None = None):
                    help="largest height or width a request may ask for (default: twice the model's training size)")
     g.add_argument("--max_batch_size", type=int, default=4, help="largest batch a request may ask for")
     g.add_argument("--queue_size", type=int, default=32, help="requests that may wait; more are refused")
+    p.set_defaults(output_path=None)  # where request PNGs go: a temporary folder unless given
     return p
+
+
+# sample.py options that a page serving one request at a time cannot take: (default, why)
+_SAMPLE_ONLY = {"num_trials": (1, "the page's Batch slider sets the images of a request"),
+                "batch_size": (1, "a request is one prompt; the page's Batch slider sets its images"),
+                "imagegrid": (False, "the page shows every image of a request"),
+                "use_parallel": (False, "the server is one process (sample.py --use_parallel splits prompts under "
+                                        "msrun)"),
+                "prompt_path": (None, "prompts come from the page")}
+
+
+def check_server_args(args) -> None:
+    """Refuse, in one line, the sample.py options a server cannot honour (none is silently ignored)."""
+    for name, (default, why) in _SAMPLE_ONLY.items():
+        value = getattr(args, name)
+        if value is not None and value != default:
+            raise DemoError(f"gradio_demo.py does not take --{name} {value}: {why}")
 
 
 def sample_args(argv: list[str]):
@@ -61,7 +79,8 @@ def serve(args, log=print) -> None:
     """Load once, then serve until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the demo runs offline
     ensure_demo_bundle(args, log)
-    check_args(args)
+    check_server_args(args)
+    check_args(args, log)
     if not 1 <= args.port <= 65535:
         raise DemoError(f"--port must be 1..65535, got {args.port}")
     if args.max_image_size is not None and args.max_image_size < 8 or args.max_batch_size < 1:
@@ -76,7 +95,7 @@ def serve(args, log=print) -> None:
     pipe = load_pipeline(args, log)  # the text encoder stays: every request encodes its own prompt
     load_seconds = time.time() - t0
     log(f"models loaded in {load_seconds:.1f}s")
-    app = DemoApp(pipe, args, sample_args, log=log)
+    app = DemoApp(pipe, args, sample_args, out_dir=args.output_path, log=log)
     demo, style = build_app(app, load_seconds)
     log(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False,

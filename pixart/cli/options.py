@@ -14,6 +14,7 @@ with all its names.
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from pathlib import Path
 
@@ -31,8 +32,15 @@ MODES = {"0": "graph", "graph": "graph", "1": "pynative", "pynative": "pynative"
 # alias -> canonical flag: the names other tools (diffusers' scripts, the reference MindSpore port) use for one of
 # our options. An alias applies to every parser that has the canonical flag and no option of the alias's own name.
 ALIASES: dict[str, str] = {
+    # -- shared ----------------------------------------------------------------------------------------------------
+    "--t5_max_length": "--max_length",  # reference port
+    "--max_token_length": "--max_length",  # reference port's LoRA scripts
+    # -- sampling (sample.py, gradio_demo.py, the LoRA inference script) -------------------------------------------
+    "--use_resolution_binning": "--resolution_binning",  # reference port
+    "--nrows": "--num_trials",  # older reference sample.py: rows of the grid = trials of each prompt
+    "--ncols": "--batch_size",  # older reference sample.py: columns of the grid = prompts per batch
+    # -- training (train.py, the LoRA training script) -------------------------------------------------------------
     "--proportion_empty_prompts": "--class_dropout_prob",  # diffusers
-    "--max_token_length": "--max_length",
     "--gradient_checkpointing": "--recompute",  # diffusers
 }
 
@@ -40,7 +48,6 @@ ALIASES: dict[str, str] = {
 ALIASES.update({
     "--checkpoint": "--load_from",
     "--output_path": "--output_dir",
-    "--t5_max_length": "--max_length",
     "--dtype": "--mixed_precision",
     "--start_learning_rate": "--learning_rate",
     "--optim": "--optimizer",
@@ -52,6 +59,15 @@ ALIASES.update({
     "--sampling_steps": "--validation_steps",
     "--guidance_scale": "--validation_guidance",
 })
+
+# the reference port's models/ layout first, then the one of the Hugging Face folders (as downloaded) and of the
+# α checkpoints' T5; each path of a group stands in for the others when it is missing (`resolve_model_paths`)
+MODEL_LAYOUTS: list[tuple[str, ...]] = [
+    ("models/vae", "models/pixart_sigma_sdxlvae_T5_diffusers/vae"),
+    ("models/text_encoder", "models/pixart_sigma_sdxlvae_T5_diffusers/text_encoder", "models/t5-v1_1-xxl"),
+    ("models/tokenizer", "models/pixart_sigma_sdxlvae_T5_diffusers/tokenizer", "models/t5-v1_1-xxl"),
+]
+MODEL_PATH_OPTIONS = ("checkpoint", "vae_root", "text_encoder_root", "tokenizer_root")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -100,45 +116,117 @@ def add_model_group(p, default: str | None):
     return g
 
 
-def add_encoder_options(g) -> None:
-    """The VAE and T5 folders and the latent scale, into group `g`."""
-    g.add_argument("--vae_root", default=None, help="HF folder of the VAE")
-    g.add_argument("--text_encoder_root", default=None, help="HF folder of the T5 encoder")
-    g.add_argument("--tokenizer_root", default=None, help="HF folder of the T5 tokenizer (default: text encoder's)")
+REFERENCE_FILES = dict(vae_root="models/vae", text_encoder_root="models/text_encoder",
+                       tokenizer_root="models/tokenizer")  # the reference port's defaults (its README's models/)
+
+
+def add_encoder_options(g, reference_layout: bool = False) -> None:
+    """The VAE and T5 folders and the latent scale, into group `g`; with `reference_layout` their defaults are the
+    reference port's `models/vae`, `models/text_encoder`, `models/tokenizer` (see `resolve_model_paths`)."""
+    d = REFERENCE_FILES if reference_layout else {}
+    g.add_argument("--vae_root", default=d.get("vae_root"), help="HF folder of the VAE")
+    g.add_argument("--text_encoder_root", default=d.get("text_encoder_root"), help="HF folder of the T5 encoder")
+    g.add_argument("--tokenizer_root", default=d.get("tokenizer_root"),
+                   help="HF folder of the T5 tokenizer (default: the text encoder's when this is missing)")
     g.add_argument("--sd_scale_factor", type=float, default=None, help="VAE latent scale (default: VAE config, or "
                    "the feature cache's)")
 
 
-def add_kv_compress_group(p, scale_factor: int):
-    """Σ's KV compression of self-attention keys and values."""
+KV_DEFAULT_SCALE_FACTOR = 2  # PixArt-Σ's KV-compressed models: keys and values downsampled 2x each way
+
+
+def add_kv_compress_group(p, scale_factor: int | None = None):
+    """Σ's KV compression of self-attention keys and values; `--kv_compress true` alone takes the layers and
+    factor of Σ's KV models (the second half of the blocks, 2x)."""
     g = p.add_argument_group("KV compression (PixArt-Σ)")
     g.add_argument("--kv_compress", type=str2bool, default=False,
-                   help="compress self-attention keys and values (the weights must have been trained with it)")
+                   help="compress self-attention keys and values (conv needs weights trained with it; ave and "
+                        "uniform have no weights)")
     g.add_argument("--kv_compress_sampling", default="conv", choices=["conv", "ave", "uniform"])
-    g.add_argument("--kv_compress_scale_factor", type=int, default=scale_factor)
-    g.add_argument("--kv_compress_layer", type=int, nargs="*", default=None, help="blocks that compress")
+    g.add_argument("--kv_compress_scale_factor", type=int, default=scale_factor,
+                   help=f"downsampling of keys and values (default: {KV_DEFAULT_SCALE_FACTOR})")
+    g.add_argument("--kv_compress_layer", type=int, nargs="*", default=None,
+                   help="blocks that compress (default: the second half, as in Σ's KV models)")
     return g
 
 
 def kv_compress_config(args, depth: int | None = None) -> dict | None:
-    """The model's KV-compression config the flags ask for (None: off); `depth` gives the default layers, the
-    second half of the blocks, else none."""
+    """The model's KV-compression config the flags ask for (None: off). Unset layers are the second half of the
+    `depth` blocks (Σ's 14..27 of 28); an unset factor is 2."""
     if not args.kv_compress:
         return None
     layers = args.kv_compress_layer or (list(range(depth // 2, depth)) if depth else [])
-    return {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
-            "kv_compress_layer": layers}
+    factor = args.kv_compress_scale_factor or KV_DEFAULT_SCALE_FACTOR
+    if factor < 1:
+        raise ConfigError(f"--kv_compress_scale_factor must be >= 1, got {factor}")
+    return {"sampling": args.kv_compress_sampling, "scale_factor": factor, "kv_compress_layer": layers}
+
+
+def _device_nodes(device: str) -> bool:
+    """Whether the machine shows the device's nodes (cheap, silent; MindSpore's own probe follows)."""
+    return bool(glob.glob({"Ascend": "/dev/davinci[0-9]*", "GPU": "/dev/nvidia[0-9]*"}[device]))
+
+
+def device_available(device: str) -> bool:
+    """Whether MindSpore can run on `device` here: CPU always; Ascend / GPU when the machine has one and MindSpore's
+    plugin for it loads (probed only where the device nodes exist, since the probe logs loader errors elsewhere)."""
+    if device == "CPU":
+        return True
+    if not _device_nodes(device):
+        return False
+    import mindspore as ms  # only here: building a parser must not import MindSpore
+    try:
+        return bool(ms.hal.is_available(device))
+    except Exception:  # noqa: BLE001 (a plugin that fails to load: not available)
+        return False
+
+
+def default_device() -> str:
+    """The device a run takes when --device_target is not given: Ascend where MindSpore reports one, else CPU."""
+    return "Ascend" if device_available("Ascend") else "CPU"
 
 
 def add_execution_group(p, mode: str):
-    """Where and how MindSpore runs; the caller adds its own execution options to the returned group."""
+    """Where and how MindSpore runs; the caller adds its own execution options to the returned group. Checked and
+    adapted to the device by `check_execution` (run by `parse_args`)."""
     g = p.add_argument_group("execution")
-    g.add_argument("--device_target", default="CPU", choices=DEVICES)
+    g.add_argument("--device_target", default=None, choices=DEVICES,
+                   help="default: Ascend where MindSpore reports one, else CPU")
     g.add_argument("--mode", default=mode, help="graph (0) or pynative (1)")
     g.add_argument("--jit_level", default="O1", choices=["O0", "O1", "O2"])
     g.add_argument("--enable_flash_attention", type=str2bool, default=None,
-                   help="FlashAttentionScore (Ascend only; default on there)")
+                   help="FlashAttentionScore (Ascend only: default on there; elsewhere true falls back with a "
+                        "warning)")
     return g
+
+
+def check_execution(args, device_from_command_line: bool = True, stream=None) -> None:
+    """Fill in --device_target (the device that is there) and turn the Ascend-only requests of a config written for
+    Ascend (its device, flash attention, bf16) into what the CPU runs, with one warning line naming each change. A
+    device the machine lacks asked for on the command line is an error. Runs for every parser that has the
+    execution group (`parse_args`)."""
+    if not hasattr(args, "device_target"):
+        return
+    changes = []
+    if args.device_target is None:
+        args.device_target = default_device()
+    elif not device_available(args.device_target):
+        if device_from_command_line:
+            raise ConfigError(f"--device_target {args.device_target}: MindSpore finds no {args.device_target} device "
+                              f"on this machine; use --device_target CPU (or leave it out: {default_device()} here)")
+        changes.append(f"the config's device_target {args.device_target} is not here")
+        args.device_target = default_device()
+    if args.device_target != "CPU":
+        return
+    if getattr(args, "enable_flash_attention", None):
+        args.enable_flash_attention = None
+        changes.append("flash attention off (Ascend only)")
+    for dest in ("dtype", "text_encoder_dtype"):
+        if getattr(args, dest, None) == "bf16":
+            setattr(args, dest, "fp32")
+            changes.append(f"--{dest} bf16 -> fp32 (MindSpore's CPU backend has no bf16 matmul)")
+    if changes:
+        print(f"warning: running on CPU: {'; '.join(changes)}", file=stream or sys.stderr)
 
 
 def mode_name(args, error=ConfigError) -> str:
@@ -213,8 +301,39 @@ def flag_namer(parser: argparse.ArgumentParser):
     return lambda dest: flags.get(dest, f"--{dest}")
 
 
+def config_path(config) -> Path:
+    """A `-c` path: as given if it exists, else (relative) in the running script's folder or the project's root, as
+    the reference port resolves it, so `python /path/to/sample.py -c configs/inference/X.yaml` works from anywhere."""
+    path = Path(config)
+    if path.exists() or path.is_absolute():
+        return path
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    roots = ([Path(main).resolve().parent] if main else []) + [Path(__file__).resolve().parents[2]]
+    return next((root / path for root in roots if (root / path).exists()), path)
+
+
+def resolve_model_paths(args, log=print) -> None:
+    """Model files named in one layout but present in the other (`MODEL_LAYOUTS`): the reference port's
+    `models/vae`, `models/text_encoder`, `models/tokenizer` or the Hugging Face folder's sub-folders. A missing path
+    is replaced by the first existing stand-in (said in one line); a missing tokenizer left at its default falls
+    back to the text encoder's folder. Every entry point calls this before checking that its files exist."""
+    for dest in MODEL_PATH_OPTIONS:
+        value = getattr(args, dest, None)
+        if not value or Path(value).exists():
+            continue
+        key = Path(value).as_posix()
+        group = next((g for g in MODEL_LAYOUTS if key in g), ())
+        found = next((alt for alt in group if alt != key and Path(alt).exists()), None)
+        if found:
+            log(f"--{dest} {value} not found; using {found}")
+            setattr(args, dest, found)
+        elif dest == "tokenizer_root" and key == REFERENCE_FILES["tokenizer_root"]:
+            args.tokenizer_root = None  # the text encoder's folder holds the tokenizer (T5 downloads do)
+
+
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse `argv` with YAML defaults from `-c/--config` and the `ALIASES`; unknown YAML keys raise ConfigError."""
+    """Parse `argv` with YAML defaults from `-c/--config` and the `ALIASES`; unknown YAML keys raise ConfigError.
+    Then `check_execution` fills in and checks the device options."""
     add_aliases(parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
@@ -222,6 +341,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("-c", "--config", default=None, help="YAML file of option: value defaults")
     if known.config:
+        known.config = str(config_path(known.config))
         values = load_yaml(known.config)
         names = option_names(parser)
         unknown = sorted(set(values) - set(names))
@@ -244,4 +364,9 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                     raise ConfigError(f"{known.config}: bad value for {action.dest}: {e}") from None
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if known.config:
+        args.config = known.config
+    given = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    check_execution(args, any(a.split("=")[0] == "--device_target" for a in given))
+    return args

@@ -5,7 +5,7 @@ r"""Train a LoRA on a pretrained PixArt-α / Σ (only the low-rank matrices lear
         --train_batch_size 4 --max_train_steps 2000 --checkpointing_steps 500 --output_dir output/my-lora
     python pixart/lora-finetuning/train_pixart_lora.py ... --resume_from_checkpoint latest
     msrun --worker_num=8 --local_worker_num=8 pixart/lora-finetuning/train_pixart_lora.py ... --use_parallel True
-    python sample.py -c configs/inference/pixart-alpha-512.yaml --lora_path output/my-lora --prompt "..."
+    python sample.py -c configs/inference/pixart-alpha-512x512.yaml --lora_path output/my-lora --prompt "..."
 
 --pretrained_model_name_or_path is a local diffusers pipeline folder, or transformer weights (.pth / .ckpt /
 .safetensors / diffusers transformer folder) with --model, --vae_root and --text_encoder_root as for train.py.

@@ -58,13 +58,16 @@ def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", 
     preset `model` (the config's `model:` / `--model`) where the file says nothing (a diffusers folder's caption
     length, for one); a file that contradicts `model` is a CheckpointError naming the preset the file is, and one
     that several presets fit needs `model` (see `pixart.models.convert.resolve_config`). Depth and width may be
-    those of a reduced copy of the preset. `kv_compress` overrides the KV-compression config (Σ). `cls`: PixArt or
-    a subclass (the diffusers-named `PixArtTransformer2DModel`).
+    those of a reduced copy of the preset. `kv_compress` overrides the KV-compression config (Σ); without layers it
+    compresses the second half of the checkpoint's blocks. `cls`: PixArt or a subclass (the diffusers-named
+    `PixArtTransformer2DModel`).
     """
     weights = read_pixart(checkpoint)
     cfg, preset, _ = resolve_config(weights.config, model, checkpoint)
     fill_null_caption(weights.state, cfg, cfg.model_max_length, log)  # diffusers files lack it
     if kv_compress is not None:
+        if not kv_compress.get("kv_compress_layer"):  # unset: the second half of the blocks, as in Σ's KV models
+            kv_compress = dict(kv_compress, kv_compress_layer=list(range(cfg.depth // 2, cfg.depth)))
         cfg.kv_compress_config = kv_compress
     ref = preset_config(preset) if preset else None
     if ref and (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
