@@ -43,6 +43,7 @@ class DataError(ValueError):
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTENSIONS = (".txt", ".caption")
+CAPTION_COLUMNS = ("text", "en_text")     # a dataset's caption column when none is named: diffusers', the reference's
 LABEL_FIELDS = ("path", "prompt")          # required in a label JSON entry
 SIZE_FIELDS = ("height", "width", "ratio")  # optional: read from the image header when absent
 
@@ -296,7 +297,7 @@ class HFDatasetSource(Source):
     """A `datasets` dataset's train split: an image column and a caption column."""
 
     def __init__(self, name: str | None, config: str | None = None, data_dir: str | None = None,
-                 image_column: str = "image", caption_column: str = "text", max_samples: int | None = None):
+                 image_column: str = "image", caption_column: str | None = None, max_samples: int | None = None):
         try:
             import datasets
         except ImportError:
@@ -307,6 +308,8 @@ class HFDatasetSource(Source):
         self.name = name or data_dir
         ds = self._load(datasets, name, config, data_dir)
         columns = list(ds.column_names)
+        if caption_column is None:  # diffusers' default, then the reference port's
+            caption_column = next((c for c in CAPTION_COLUMNS if c in columns), CAPTION_COLUMNS[0])
         for flag, col in (("--image_column", image_column), ("--caption_column", caption_column)):
             if col not in columns:
                 raise DataError(f"{flag} {col!r} is not a column of {self.name}; its columns: {', '.join(columns)}")
@@ -384,7 +387,7 @@ def has_metadata(folder: Path) -> bool:
 
 
 def open_source(json_path=None, image_dir=None, dataset_name=None, dataset_config_name=None, train_data_dir=None,
-                image_column="image", caption_column="text", max_train_samples=None) -> Source:
+                image_column="image", caption_column=None, max_train_samples=None) -> Source:
     """The source the data options name; raises DataError (one line) for a wrong combination."""
     if json_path and (dataset_name or train_data_dir):
         raise DataError("give one data source: --json_path or --dataset_name / --train_data_dir")
@@ -420,12 +423,13 @@ def source_from_args(args) -> Source:
     """`open_source` with the data options of a parsed command line."""
     return open_source(args.json_path, args.image_dir, getattr(args, "dataset_name", None),
                        getattr(args, "dataset_config_name", None), getattr(args, "train_data_dir", None),
-                       getattr(args, "image_column", "image"), getattr(args, "caption_column", "text"),
+                       getattr(args, "image_column", "image"), getattr(args, "caption_column", None),
                        getattr(args, "max_train_samples", None))
 
 
-def check_data_args(args, flag=lambda dest: f"--{dest}") -> None:
-    """The data options' checks that need no listing of the data (before anything loads); DataError names the flag."""
+def check_data_args(args, flag=lambda dest: f"--{dest}", images_needed: bool | None = None) -> None:
+    """The data options' checks that need no listing of the data (before anything loads); DataError names the flag.
+    `images_needed` (default: no --feature_dir) asks for --image_dir with a label JSON."""
     json_path, dataset_name = args.json_path, getattr(args, "dataset_name", None)
     train_data_dir = getattr(args, "train_data_dir", None)
     if json_path and (dataset_name or train_data_dir):
@@ -438,10 +442,14 @@ def check_data_args(args, flag=lambda dest: f"--{dest}") -> None:
         raise DataError(f"{flag('json_path')} not found: {json_path}")
     if args.image_dir and not Path(args.image_dir).is_dir():
         raise DataError(f"{flag('image_dir')} not found: {args.image_dir}")
-    if args.feature_dir and not Path(args.feature_dir).is_dir():
-        raise DataError(f"{flag('feature_dir')} not found: {args.feature_dir}")
-    if json_path and not args.feature_dir and not args.image_dir:
-        raise DataError(f"{flag('image_dir')} is required unless {flag('feature_dir')} holds cached latents")
+    feature_dir = getattr(args, "feature_dir", None)
+    if feature_dir and not Path(feature_dir).is_dir():
+        raise DataError(f"{flag('feature_dir')} not found: {feature_dir}")
+    if images_needed is None:
+        if json_path and not feature_dir and not args.image_dir:
+            raise DataError(f"{flag('image_dir')} is required unless {flag('feature_dir')} holds cached latents")
+    elif images_needed and json_path and not args.image_dir:
+        raise DataError(f"{flag('image_dir')} is required (the folder the label paths are relative to)")
     if train_data_dir and not is_shard_spec(train_data_dir) and not Path(train_data_dir).is_dir():
         raise DataError(f"{flag('train_data_dir')} not found: {train_data_dir}")
     n = getattr(args, "max_train_samples", None)
