@@ -84,6 +84,9 @@ class Source:
     def records(self) -> list[Record]:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """The structural checks of `records()` that need no image read (run before anything is written)."""
+
     def open(self, path: str):
         """Something `PIL.Image.open` reads: a file path or a binary file object."""
         raise NotImplementedError
@@ -146,6 +149,9 @@ class LabelSource(Source):
             raise DataError(f"image folder not found: {self.image_dir}")
         self.skipped = []
 
+    def check(self) -> None:
+        load_labels(self.json_path)
+
     def records(self) -> list[Record]:
         return [Record(it["path"], it["prompt"], it.get("sharegpt4v") or "", it.get("height"), it.get("width"))
                 for it in load_labels(self.json_path)]
@@ -172,7 +178,11 @@ class CaptionFolderSource(Source):
             raise DataError(f"image folder not found: {self.root}")
         self.skipped = []
 
-    def records(self) -> list[Record]:
+    def check(self) -> None:
+        self._pairs()
+
+    def _pairs(self) -> tuple[dict, dict]:
+        """({stem: image}, {stem: caption file}) with every caption file's image present."""
         files = sorted(p for p in self.root.rglob("*") if p.is_file())
         images = {p.with_suffix(""): p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
         captions = {}
@@ -185,6 +195,10 @@ class CaptionFolderSource(Source):
                 captions.setdefault(stem, p)
         if not images:
             raise DataError(f"no images in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+        return images, captions
+
+    def records(self) -> list[Record]:
+        images, captions = self._pairs()
         out = []
         for stem, img in sorted(images.items(), key=lambda kv: kv[1].relative_to(self.root).as_posix()):
             rel = img.relative_to(self.root).as_posix()
@@ -236,11 +250,15 @@ class ShardSource(Source):
         self.where: dict[str, tuple[Path, int, int]] = {}  # path -> (shard, data offset, size)
         self.skipped = []
 
-    def records(self) -> list[Record]:
-        out = []
+    def check(self) -> None:
         for shard in self.shards:
             if not tarfile.is_tarfile(shard):
                 raise DataError(f"{shard} is not a tar file (webdataset shards are .tar archives)")
+
+    def records(self) -> list[Record]:
+        self.check()
+        out = []
+        for shard in self.shards:
             samples: dict[str, dict] = {}
             with tarfile.open(shard, "r:") as tar:  # uncompressed: member data is read in place, by offset
                 for m in tar:
@@ -282,6 +300,8 @@ class ShardSource(Source):
 # ---------------------------------------------------------------------------------------------------------------
 def _hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
     host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
     try:
         socket.setdefaulttimeout(timeout)
@@ -455,3 +475,4 @@ def check_data_args(args, flag=lambda dest: f"--{dest}", images_needed: bool | N
     n = getattr(args, "max_train_samples", None)
     if n is not None and n < 1:
         raise DataError(f"{flag('max_train_samples')} must be >= 1, got {n}")
+    source_from_args(args).check()  # the source is opened again, and listed, when training sets up its data
