@@ -140,3 +140,24 @@ def test_tensorboard_events_read_back_with_event_accumulator(tmp_path):
     img = acc.Images("validation/00")[0]
     assert (img.step, img.width, img.height) == (2, 16, 8)
     assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_make_labels_writes_the_label_json_with_sizes(formats, tmp_path):
+    from pixart.cli import main
+    from pixart.cli.make_labels import build_parser, run
+    folder = formats["txt_folder"]["--train_data_dir"]
+    out = tmp_path / "labels.json"
+    assert main(run, build_parser, None, ["--image_dir", str(folder), "--output", str(out)]) == 0
+    assert json.loads(out.read_text()) == json.loads(formats["json"]["--json_path"].read_text())
+    csv = tmp_path / "captions.csv"
+    items = json.loads(out.read_text())
+    csv.write_text("file_name,text\n" + "".join(f"{it['path']},{it['prompt']}\n" for it in items))
+    out2 = tmp_path / "from_csv.json"
+    assert main(run, build_parser, None, ["--image_dir", str(folder), "--captions_csv", str(csv),
+                                          "--output", str(out2)]) == 0
+    assert json.loads(out2.read_text()) == items
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,words\na.png,x\n")
+    assert main(run, build_parser, None, ["--image_dir", str(folder), "--captions_csv", str(bad),
+                                          "--output", str(tmp_path / "no.json")]) == 1
+    assert not (tmp_path / "no.json").exists()

@@ -476,3 +476,57 @@ def check_data_args(args, flag=lambda dest: f"--{dest}", images_needed: bool | N
     if n is not None and n < 1:
         raise DataError(f"{flag('max_train_samples')} must be >= 1, got {n}")
     source_from_args(args).check()  # the source is opened again, and listed, when training sets up its data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A caption CSV, and writing a label JSON (tools/make_labels.py)
+# ---------------------------------------------------------------------------------------------------------------
+CSV_IMAGE_COLUMNS = ("file_name", "path", "image")
+CSV_CAPTION_COLUMNS = ("text", "caption", "prompt")
+
+
+class CSVSource(LabelSource):
+    """A CSV with an image-path column (file_name / path / image) and a caption column (text / caption / prompt),
+    paths relative to `image_dir`."""
+
+    def check(self) -> None:
+        self.records()
+
+    def records(self) -> list[Record]:
+        return csv_records(self.json_path)
+
+
+def csv_records(csv_path) -> list[Record]:
+    import csv
+    path = Path(csv_path)
+    if not path.is_file():
+        raise DataError(f"caption CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        image = next((c for c in CSV_IMAGE_COLUMNS if c in columns), None)
+        caption = next((c for c in CSV_CAPTION_COLUMNS if c in columns), None)
+        if image is None or caption is None:
+            raise DataError(f"{path}: needs an image column ({' / '.join(CSV_IMAGE_COLUMNS)}) and a caption column "
+                            f"({' / '.join(CSV_CAPTION_COLUMNS)}); its columns: {', '.join(columns) or 'none'}")
+        rows = [Record(r[image], (r[caption] or "").strip()) for r in reader if r.get(image)]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def label_items(source: Source) -> tuple[list[dict], list[Skipped]]:
+    """The label JSON entries of a source's records, sizes read from the image headers; unreadable images are
+    left out and returned with why."""
+    items, skipped = [], list(source.skipped)
+    for r in source.records():
+        try:
+            h, w = source.size(r.path)
+        except Exception as err:  # PIL raises many types for bad files
+            skipped.append(Skipped(r.path, "missing" if isinstance(err, FileNotFoundError) else first_line(err)))
+            continue
+        item = {"path": r.path, "prompt": r.prompt, "height": h, "width": w, "ratio": h / w}
+        if r.sharegpt4v:
+            item["sharegpt4v"] = r.sharegpt4v
+        items.append(item)
+    return items, skipped
