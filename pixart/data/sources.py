@@ -34,6 +34,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from braceexpand import braceexpand
 from PIL import Image
 
 
@@ -220,7 +221,6 @@ def expand_shards(spec: str) -> list[Path]:
     p = Path(spec)
     if p.is_dir():
         return sorted(p.glob("*.tar"))
-    from braceexpand import braceexpand  # installed with webdataset
     paths = []
     for pattern in braceexpand(spec):
         paths += sorted(Path(m) for m in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
@@ -255,24 +255,34 @@ class ShardSource(Source):
             if not tarfile.is_tarfile(shard):
                 raise DataError(f"{shard} is not a tar file (webdataset shards are .tar archives)")
 
+    @staticmethod
+    def _index(shard: Path) -> dict[str, dict]:
+        """{key: {"image": (data offset, size), "caption": text}} of one shard, from its headers."""
+        samples: dict[str, dict] = {}
+        with tarfile.open(shard, "r:") as tar:  # uncompressed: member data is read in place, by offset
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)
+                key, _, ext = base[-1].partition(".")
+                key = "/".join(base[:-1] + [key])
+                s = samples.setdefault(key, {})
+                ext = "." + ext.lower()
+                if ext in IMAGE_EXTENSIONS:
+                    s["image"] = (m.offset_data, m.size)
+                elif ext in CAPTION_EXTENSIONS:
+                    s["caption"] = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
+        return samples
+
     def records(self) -> list[Record]:
         self.check()
         out = []
         for shard in self.shards:
-            samples: dict[str, dict] = {}
-            with tarfile.open(shard, "r:") as tar:  # uncompressed: member data is read in place, by offset
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base = m.name.rsplit("/", 1)
-                    key, _, ext = base[-1].partition(".")
-                    key = "/".join(base[:-1] + [key])
-                    s = samples.setdefault(key, {})
-                    ext = "." + ext.lower()
-                    if ext in IMAGE_EXTENSIONS:
-                        s["image"] = (m.offset_data, m.size)
-                    elif ext in CAPTION_EXTENSIONS:
-                        s["caption"] = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
+            try:
+                samples = self._index(shard)
+            except tarfile.ReadError as e:
+                raise DataError(f"{shard}: cannot be read in place as an uncompressed tar ({first_line(e)}); "
+                                "compressed shards (.tar.gz) must be decompressed") from None
             for key, s in samples.items():
                 path = f"{shard.name}/{key}"
                 if "image" not in s:
