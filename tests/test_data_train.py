@@ -4,12 +4,13 @@ reference README's LoRA command trains from a local `datasets` folder in the lay
 svjack/pokemon-blip-captions-en-zh and writes TensorBoard events that TensorBoard's EventAccumulator reads back;
 bad data input exits 1 with one line before anything is written."""
 import json
+import subprocess
 
 import pytest
 
 from pixart import demo_bundle as demo
 from tests.data_formats import as_argv, write_formats
-from tests.test_train import compile_cache, losses, run
+from tests.test_train import ROOT, _free_port, check_data_parallel, compile_cache, environment, losses, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 LORA_SCRIPT = "pixart/lora-finetuning/train_pixart_lora.py"
@@ -51,6 +52,21 @@ def test_every_source_trains_to_the_same_losses_and_a_shard_run_resumes_exactly(
     r = run("train.py", *tiny(setup, part, "--resume", "latest"), *shards, env=setup["env"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(part) == results["webdataset"]
+
+
+def test_msrun_two_workers_on_webdataset_shards_equal_one_process(setup, tmp_path):
+    common = [*map(str, tiny(setup, tmp_path / "unused", "--max_steps", 2, "--param_digest", "true", "--mode",
+                             "pynative")), *as_argv(setup["formats"]["webdataset"])]
+    single, dp, logs = tmp_path / "single", tmp_path / "dp", tmp_path / "logs"
+    r1 = run("train.py", *common, "--batch_size", 4, "--output_dir", single)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+                         f"--log_dir={logs}", "--join=True", "train.py", *common, "--batch_size", "2",
+                         "--output_dir", str(dp), "--use_parallel", "True"],
+                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
+    worker = [(logs / f"worker_{i}.log").read_text() for i in range(2)]
+    assert r2.returncode == 0, r2.stdout[-2000:] + "\n".join(w[-2000:] for w in worker)
+    check_data_parallel(single, r1.stdout, dp, worker)
 
 
 def test_reference_readme_lora_command_trains_from_a_datasets_folder_with_tensorboard(setup):
