@@ -335,6 +335,7 @@ class HFDatasetSource(Source):
                 from None
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
+        name, data_dir = (str(name) if name else None), (str(data_dir) if data_dir else None)
         self.name = name or data_dir
         ds = self._load(datasets, name, config, data_dir)
         columns = list(ds.column_names)
@@ -384,26 +385,24 @@ class HFDatasetSource(Source):
         return ds
 
     def records(self) -> list[Record]:
+        """Captions only: image bytes stay in the memory-mapped Arrow files until a batch or a header needs them."""
         out = []
         captions = self.ds[self.caption_column]
-        images = self.ds[self.image_column]
-        for i, (img, cap) in enumerate(zip(images, captions)):
-            if self.kind == "image":
-                src = (img or {}).get("path")
-                path = f"row{i:06d}" + (f"/{Path(src).name}" if src else "")
-            else:
-                path = img
-            if img is None:
-                self.skipped.append(Skipped(path, "no image"))
+        names = self.ds[self.image_column] if self.kind == "path" else [f"row{i:06d}" for i in range(len(captions))]
+        for i, (path, cap) in enumerate(zip(names, captions)):
+            if not path:
+                self.skipped.append(Skipped(f"row{i:06d}", "no image path"))
                 continue
             self.rows[path] = i
-            out.append(Record(path, (cap or "").strip() if isinstance(cap, str) else str(cap or "").strip()))
+            out.append(Record(path, cap.strip() if isinstance(cap, str) else str(cap or "").strip()))
         return out
 
     def open(self, path: str):
         if self.kind == "path":
             return self.base / path
         img = self.ds[self.rows[path]][self.image_column]
+        if img is None:
+            raise ValueError("no image in this row")
         if img.get("bytes") is not None:
             return io.BytesIO(img["bytes"])
         return Path(img["path"])
