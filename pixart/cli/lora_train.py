@@ -31,7 +31,6 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     add_kv_compress_group(p, scale_factor=2)
     add_training_data_options(p)
     p.set_defaults(class_dropout_prob=0.0)  # diffusers' --proportion_empty_prompts default
-    p.set_defaults(report_to="tensorboard")  # as diffusers' and the reference port's LoRA scripts
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4, help="rank r of the low-rank updates")
