@@ -291,7 +291,7 @@ def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup,
 # Bad input: exit 1 with one line
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case,message", [
-    ("missing_field", "entry 0 (sub/a.png) is missing field 'ratio'"),
+    ("missing_field", "entry 0 (sub/a.png) is missing field 'prompt'"),
     ("no_image_dir", "--image_dir not found: "),
     ("batch_too_large", "--batch_size 7 x 1 rank(s) = 7 is larger than every aspect-ratio bucket"),
     ("resume_missing", "--resume path not found: "),
@@ -306,7 +306,7 @@ def test_bad_input_exits_1_with_one_line(setup, tmp_path, case, message):
             "--max_steps", 1, "--output_dir", tmp_path / "out"]
     if case == "missing_field":
         bad = tmp_path / "bad.json"
-        bad.write_text(json.dumps([{"path": "sub/a.png", "prompt": "x", "height": 8, "width": 8}]))
+        bad.write_text(json.dumps([{"path": "sub/a.png", "height": 8, "width": 8, "ratio": 1}]))
         args += ["--json_path", bad]
     elif case == "no_image_dir":
         args += ["--image_dir", tmp_path / "nowhere"]

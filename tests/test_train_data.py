@@ -32,8 +32,9 @@ def _write(tmp_path, items):
 
 
 @pytest.mark.parametrize("items,message", [
-    ([{"path": "a.png", "prompt": "x", "height": 8, "width": 8}], "entry 0 (a.png) is missing field 'ratio'"),
-    ([{"path": "a.png", "height": 8, "width": 8, "ratio": 1}], "missing field 'prompt'"),
+    ([{"path": "a.png", "height": 8, "width": 8}], "entry 0 (a.png) is missing field 'prompt'"),
+    ([{"prompt": "x", "height": 8, "width": 8, "ratio": 1}], "missing field 'path'"),
+    ([{"path": "a.png", "prompt": "x", "height": 8}], "gives only one of 'height' and 'width'"),
     ([{"path": "a.png", "prompt": "x", "height": -1, "width": 8, "ratio": 1}], "bad 'height': -1"),
     ({"path": "a.png"}, "must be a non-empty JSON list"),
 ])

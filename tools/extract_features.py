@@ -4,6 +4,9 @@
         --resolution 512 --vae_root models/.../vae --text_encoder_root models/.../text_encoder --max_length 300
     python train.py ... --feature_dir cache/
 
+Any data source train.py reads works here too (--dataset_name, --train_data_dir, with the same options), and
+training must then name the same source.
+
 Run it again to add what is missing (e.g. after new images); unreadable images are skipped and listed.
 Shards (`--num_shards N --shard_id i`, one process each) may run at the same time on one --output_dir.
 """

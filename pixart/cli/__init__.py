@@ -6,6 +6,7 @@
     pixart/lora-finetuning/train_pixart_lora.py    pixart.cli.lora_train
     pixart/lora-finetuning/inference_pixart_lora.py  pixart.cli.lora_inference
     tools/extract_features.py                      pixart.cli.extract_features
+    tools/make_labels.py                           pixart.cli.make_labels
 
 The options they share (and YAML loading) are in `pixart.cli.options`; `main` is every script's error handling.
 """

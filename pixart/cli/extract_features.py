@@ -1,15 +1,16 @@
-"""What `tools/extract_features.py` does: cache T5 caption features and VAE latents of a label set."""
+"""What `tools/extract_features.py` does: cache T5 caption features and VAE latents of a data set (any source of
+pixart.data.sources: label JSON, Hugging Face dataset, image folder with captions, webdataset shards)."""
 from __future__ import annotations
 
 from pixart import backend
-from pixart.cli.options import ArgumentParser, DEVICES, DTYPES, str2bool
+from pixart.cli.options import ArgumentParser, DEVICES, DTYPES, add_source_options, str2bool
 from pixart.data.features import extract_features
+from pixart.data.sources import check_data_args, source_from_args
 
 
 def build_parser(description: str | None = None) -> ArgumentParser:
     p = ArgumentParser(description=description)
-    p.add_argument("--json_path", required=True)
-    p.add_argument("--image_dir", default=None)
+    add_source_options(p.add_argument_group("data"))
     p.add_argument("--output_dir", required=True)
     p.add_argument("--resolution", type=int, default=512, help="bucket table: 256/512/1024/2048")
     p.add_argument("--multi_scale", type=str2bool, default=True, help="aspect-ratio buckets (else square crops)")
@@ -35,8 +36,10 @@ def build_parser(description: str | None = None) -> ArgumentParser:
 def run(args) -> None:
     if not 0 <= args.shard_id < args.num_shards:
         raise ValueError(f"--shard_id must be in [0, {args.num_shards}), got {args.shard_id}")
+    check_data_args(args, images_needed=args.latents)
+    source = source_from_args(args)
     backend.setup(args.device_target, "pynative")
-    extract_features(args.json_path, args.output_dir, args.resolution, args.image_dir, args.multi_scale,
+    extract_features(source, args.output_dir, args.resolution, args.image_dir, args.multi_scale,
                      args.vae_root, args.text_encoder_root, args.tokenizer_root, args.max_length,
                      tuple(args.captions), args.flip, args.dtype, args.batch_size, args.text, args.latents,
                      args.text_encoder_dtype, args.vae_dtype, (args.shard_id, args.num_shards))

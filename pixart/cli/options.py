@@ -247,10 +247,11 @@ def add_precision_group(p, text_encoder_dtype: str | None = None):
 
 
 def add_data_group(p):
-    """Training data: labels, images, the feature cache, buckets and caption sampling."""
+    """Training data (one source: label JSON, a Hugging Face dataset, an image folder with captions, webdataset
+    shards; see pixart.data.sources), the feature cache, buckets and caption sampling; and the run's metric logs
+    (`add_report_group`), which every training entry point has with its data."""
     g = p.add_argument_group("data")
-    g.add_argument("--json_path", default=None, help="label JSON: [{path, prompt, sharegpt4v?, height, width, ratio}]")
-    g.add_argument("--image_dir", default=None, help="folder the label paths are relative to")
+    add_source_options(g)
     g.add_argument("--feature_dir", default=None, help="cache from tools/extract_features.py (T5 / VAE not loaded "
                    "for what it holds)")
     g.add_argument("--resolution", type=int, default=None, help="bucket table: 256/512/1024/2048 (default: preset)")
@@ -264,6 +265,39 @@ def add_data_group(p):
                    help="mirror images at random (a bare --random_flip means true)")
     g.add_argument("--sample_posterior", type=str2bool, default=True, help="VAE posterior sample (else its mean)")
     g.add_argument("--max_length", type=int, default=None, help="caption tokens (default: preset, 120 α / 300 Σ)")
+    add_report_group(p)
+    return g
+
+
+def add_source_options(g) -> None:
+    """Where the images and captions come from (one source; pixart.data.sources), into group `g`."""
+    g.add_argument("--json_path", default=None, help="label JSON: [{path, prompt, sharegpt4v?, height?, width?, "
+                   "ratio?}] (missing sizes are read from the image headers)")
+    g.add_argument("--image_dir", default=None, help="folder the label paths are relative to")
+    g.add_argument("--dataset_name", default=None,
+                   help="a Hugging Face dataset: a save_to_disk folder, a folder load_dataset reads (imagefolder "
+                        "with metadata.jsonl/.csv, parquet, arrow), a Hub name (online only), or webdataset .tar "
+                        "shards (a folder, a glob or a brace pattern)")
+    g.add_argument("--dataset_config_name", default=None, help="the dataset's configuration (load_dataset's name)")
+    g.add_argument("--train_data_dir", default=None,
+                   help="a folder: images with a same-named .txt/.caption each (searched recursively), an "
+                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir")
+    g.add_argument("--image_column", default="image", help="dataset column of the images (or image paths)")
+    g.add_argument("--caption_column", default=None, help="dataset column of the captions (default: 'text', "
+                   "diffusers' name, else 'en_text', the reference port's)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="train on the first N samples only")
+
+
+REPORT_TO = ["none", "tensorboard", "all"]
+
+
+def add_report_group(p):
+    """Where the training metrics go besides train.log and train_log.jsonl (always written)."""
+    g = option_group(p, "metric logs")
+    g.add_argument("--report_to", default="none", choices=REPORT_TO,
+                   help="tensorboard: loss, lr, grad norm, loss scale, images/s and validation images as TensorBoard "
+                        "events (all = tensorboard, the only integration here)")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     return g
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 from pixart.cli.options import (ArgumentParser, DTYPES, add_data_group, add_encoder_options, add_execution_group,
                                 add_kv_compress_group, add_model_group, add_precision_group, mode_name, option_group,
                                 str2bool)
+from pixart.data.sources import check_data_args
 from pixart.models.pixart import preset_config
 from pixart.training.setup import TrainError, default_flag
 from pixart.training.trainer import Method, Trainer
@@ -220,16 +221,7 @@ def check_common_args(args, flag: Callable[[str], str] = default_flag) -> None:
     mode_name(args, TrainError)
     if args.model is not None:
         preset_config(args.model)
-    if not args.json_path:
-        raise TrainError(f"{flag('json_path')} is required (the label JSON)")
-    if not Path(args.json_path).is_file():
-        raise TrainError(f"{flag('json_path')} not found: {args.json_path}")
-    if args.image_dir and not Path(args.image_dir).is_dir():
-        raise TrainError(f"{flag('image_dir')} not found: {args.image_dir}")
-    if args.feature_dir and not Path(args.feature_dir).is_dir():
-        raise TrainError(f"{flag('feature_dir')} not found: {args.feature_dir}")
-    if not args.feature_dir and not args.image_dir:
-        raise TrainError(f"{flag('image_dir')} is required unless {flag('feature_dir')} holds cached latents")
+    check_data_args(args, flag)
     for name in ("load_from", "vae_root", "text_encoder_root", "tokenizer_root"):
         value = getattr(args, name)
         if value and not Path(value).exists():

@@ -1,20 +1,16 @@
-"""Training data: a label JSON plus an image folder, grouped into aspect-ratio buckets, batched per bucket, sharded.
+"""Training data: the records of a source (`pixart.data.sources`: label JSON, Hugging Face dataset, image folder with
+captions, webdataset shards) grouped into aspect-ratio buckets, batched per bucket, sharded.
 
-The label file is the reference port's (and the official InternData) format:
-
-    [{"path": "sub/0001.png", "prompt": "a red square", "sharegpt4v": "a long caption ...",   # sharegpt4v optional
-      "height": 768, "width": 1024, "ratio": 0.75}, ...]
-
-`path` is relative to the image folder; `height`/`width` are the original image size, which picks the bucket
-(nearest ratio of the resolution's training table) and is α-1024's micro-condition. Each image is resized to
-cover its bucket and centre-cropped (`pixart.data.buckets`).
+Each record's original size (from the source, else from its image header) picks the bucket (nearest ratio of the
+resolution's training table) and is α-1024's micro-condition. Each image is resized to cover its bucket and
+centre-cropped (`pixart.data.buckets`).
 
 Batches: every epoch shuffles the usable entries with a generator seeded by (seed, epoch), walks them in that
 order into per-bucket lists and emits a global batch whenever a bucket holds `batch_size * world_size` entries
 (left-overs are dropped, as the official AspectRatioBatchSampler with drop_last). Rank r trains on slice r of each
 global batch, so every rank sees the same bucket at the same step, and one process with batch 2b sees exactly the
 union of two ranks with batch b. The position in this stream is one integer (global batches consumed), which is
-all a checkpoint needs to resume the data exactly.
+all a checkpoint needs to resume the data exactly, whatever the source.
 
 Unusable entries are skipped, counted and reported, never fatal: a missing or unreadable image (header check when
 the dataset is built), an image that fails to decode later (replaced, deterministically, by the first good image
@@ -22,75 +18,32 @@ of the same bucket), or in cache mode an entry without cached features.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pixart.data.buckets import TRAIN_ASPECT_RATIOS, bucket_for_image, resize_and_center_crop
+from pixart.data.sources import DataError, LabelSource, Skipped, Source, first_line, load_labels  # noqa: F401
 
-REQUIRED_FIELDS = ("path", "prompt", "height", "width", "ratio")
 SHUFFLE_STREAM = 1  # first word after the seed in every generator key; pixart.training.batch uses 2
-
-
-class DataError(ValueError):
-    """Bad training data or data options; the message is one line for the user."""
 
 
 @dataclass
 class Entry:
-    index: int                  # position in the label file
-    path: str                   # relative to the image folder
+    index: int                  # position in the source's records
+    path: str                   # the image's name in the source (relative path for folders and labels)
     prompt: str
     sharegpt4v: str             # "" when the entry has none
-    height: float               # original size (label)
+    height: float               # original size (label or image header)
     width: float
     bucket: str                 # ratio key of the training table, e.g. "0.57"
     size: tuple[int, int]       # bucket (height, width) in pixels
 
 
-@dataclass
-class Skipped:
-    path: str
-    reason: str
-
-
-def load_labels(json_path) -> list[dict]:
-    """Read and validate the label JSON: a list of objects with every required field of the right type."""
-    path = Path(json_path)
-    if not path.is_file():
-        raise DataError(f"label file not found: {path}")
-    try:
-        items = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"label file {path} is not valid JSON ({e})") from None
-    if not isinstance(items, list) or not items:
-        raise DataError(f"label file {path} must be a non-empty JSON list of entries")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise DataError(f"label file {path}: entry {i} is not an object")
-        missing = [k for k in REQUIRED_FIELDS if k not in item]
-        if missing:
-            raise DataError(f"label file {path}: entry {i} ({item.get('path', '?')}) is missing field "
-                            f"{', '.join(repr(m) for m in missing)} (required: {', '.join(REQUIRED_FIELDS)})")
-        if not isinstance(item["path"], str) or not item["path"]:
-            raise DataError(f"label file {path}: entry {i} has a bad 'path': {item['path']!r}")
-        for key in ("prompt", "sharegpt4v"):
-            if key in item and not isinstance(item[key], str):
-                raise DataError(f"label file {path}: entry {i} ({item['path']}) has a non-string {key!r}")
-        for key in ("height", "width", "ratio"):
-            v = item[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise DataError(f"label file {path}: entry {i} ({item['path']}) has a bad {key!r}: {v!r} "
-                                "(a positive number is required)")
-    return items
-
-
 def load_image(path, size: tuple[int, int], flip: bool = False, resample: str = "bicubic") -> np.ndarray:
-    """Decode, resize to cover `size` (h, w), centre-crop, optionally mirror; (3, h, w) float32 in [-1, 1]."""
+    """Decode (a path or a binary file object), resize to cover `size` (h, w), centre-crop, optionally mirror;
+    (3, h, w) float32 in [-1, 1]."""
     with Image.open(path) as im:
         im = im.convert("RGB")
     im = resize_and_center_crop(im, size[0], size[1], resample)
@@ -102,55 +55,60 @@ def load_image(path, size: tuple[int, int], flip: bool = False, resample: str = 
 class BucketDataset:
     """The usable entries of a label file, each with its bucket, and the per-epoch batch plan."""
 
-    def __init__(self, json_path, resolution: int, image_dir=None, multi_scale: bool = True,
+    def __init__(self, source, resolution: int, image_dir=None, multi_scale: bool = True,
                  check_images: bool = True, available=None):
-        """`image_dir` may be None when every feature comes from the cache; `available(entry) -> reason or None`
-        lets the caller drop entries (e.g. missing cache files)."""
+        """`source`: a `Source`, or a label JSON path read with `image_dir` (None: no images, e.g. every latent
+        is cached). `check_images`: open every image header now (always done for entries without a size).
+        `available(entry) -> reason or None` lets the caller drop entries (e.g. missing cache files)."""
         if resolution not in TRAIN_ASPECT_RATIOS:
             raise DataError(f"--resolution must be one of {sorted(TRAIN_ASPECT_RATIOS)}, got {resolution}")
-        self.json_path = Path(json_path)
+        if not isinstance(source, Source):
+            source = LabelSource(source, image_dir)
+            check_images = check_images and image_dir is not None
+        self.source = source
         self.resolution, self.multi_scale = resolution, multi_scale
-        self.image_dir = Path(image_dir) if image_dir is not None else None
-        if self.image_dir is not None and not self.image_dir.is_dir():
-            raise DataError(f"image folder not found: {self.image_dir}")
         self.resample = "lanczos" if resolution >= 2048 else "bicubic"
-        items = load_labels(self.json_path)
-        self.num_labels = len(items)
+        records = source.records()[:source.max_samples]
+        self.num_labels = len(records) + len(source.skipped)
         self.entries: list[Entry] = []
-        self.skipped: list[Skipped] = []
+        self.skipped: list[Skipped] = list(source.skipped)
         self.decode_failures: list[Skipped] = []
         self._bad: set[int] = set()
-        for i, item in enumerate(items):
-            if multi_scale:
-                key, size = bucket_for_image(item["height"], item["width"], resolution)
-            else:  # fixed-size models: every image is resized and cropped to the square
-                key, size = "1.0", TRAIN_ASPECT_RATIOS[resolution]["1.0"]
-            e = Entry(i, item["path"], item["prompt"].strip(), (item.get("sharegpt4v") or "").strip(),
-                      float(item["height"]), float(item["width"]), key, tuple(size))
-            reason = self._check_image(e) if (check_images and self.image_dir is not None) else None
-            if reason is None and available is not None:
-                reason = available(e)
+        for i, r in enumerate(records):
+            reason, size = None, None
+            if check_images or r.height is None:
+                reason, size = self._header(r.path)
+            if reason is None:
+                height, width = (r.height, r.width) if r.height is not None else size
+                if multi_scale:
+                    key, bucket = bucket_for_image(height, width, resolution)
+                else:  # fixed-size models: every image is resized and cropped to the square
+                    key, bucket = "1.0", TRAIN_ASPECT_RATIOS[resolution]["1.0"]
+                e = Entry(i, r.path, r.prompt.strip(), (r.sharegpt4v or "").strip(), float(height), float(width),
+                          key, tuple(bucket))
+                if available is not None:
+                    reason = available(e)
             if reason is not None:
-                self.skipped.append(Skipped(e.path, reason))
+                self.skipped.append(Skipped(r.path, reason))
                 continue
             self.entries.append(e)
         if not self.entries:
-            raise DataError(f"no usable entries in {self.json_path}: all {self.num_labels} were skipped (first: "
-                            f"{self.skipped[0].path}: {self.skipped[0].reason})")
+            first = f" (first: {self.skipped[0].path}: {self.skipped[0].reason})" if self.skipped else ""
+            raise DataError(f"no usable entries in {source.name}: all {self.num_labels} were skipped{first}")
         self.buckets: dict[str, list[int]] = {}
         for pos, e in enumerate(self.entries):
             self.buckets.setdefault(e.bucket, []).append(pos)
 
-    def _check_image(self, e: Entry) -> str | None:
-        p = self.image_dir / e.path
-        if not p.is_file():
-            return "missing"
+    def _header(self, path: str) -> tuple[str | None, tuple[int, int] | None]:
+        """(reason the image is unusable or None, its (height, width) from the header)."""
         try:
-            with Image.open(p) as im:
-                im.size  # the header parses
+            return None, self.source.size(path)
+        except DataError:
+            raise
+        except FileNotFoundError:
+            return "missing", None
         except Exception as err:  # PIL raises many types for bad files
-            return f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        return None
+            return f"unreadable ({first_line(err)})", None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -194,11 +152,13 @@ class BucketDataset:
         return sum(len(v) // global_batch for v in self.buckets.values())
 
     # -- images ----------------------------------------------------------------------------------------------
+    def load(self, e: Entry, flip: bool = False) -> np.ndarray:
+        """Entry `e`'s image, preprocessed for its bucket."""
+        return load_image(self.source.open(e.path), e.size, flip, self.resample)
+
     def image(self, pos: int, flip: bool = False) -> tuple[np.ndarray, int]:
         """The preprocessed image of entry `pos`: (array, position actually used). An image that fails to decode
         is recorded and replaced by the first image of the same bucket that decodes (deterministic)."""
-        if self.image_dir is None:
-            raise DataError("--image_dir is needed to encode images on the fly (no cached latents)")
         e = self.entries[pos]
         candidates = [pos] + [p for p in self.buckets[e.bucket] if p != pos]
         for cand in candidates:
@@ -206,11 +166,12 @@ class BucketDataset:
                 continue
             c = self.entries[cand]
             try:
-                return load_image(self.image_dir / c.path, e.size, flip, self.resample), cand
+                return load_image(self.source.open(c.path), e.size, flip, self.resample), cand
+            except DataError:
+                raise
             except Exception as err:
                 self._bad.add(cand)
-                self.decode_failures.append(Skipped(c.path, f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                                                    if str(err) else type(err).__name__))
+                self.decode_failures.append(Skipped(c.path, first_line(err)))
         raise DataError(f"no image of bucket {e.bucket} can be decoded (last failure: {self.decode_failures[-1].path})")
 
 

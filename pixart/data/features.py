@@ -246,27 +246,34 @@ class FeatureCache:
 # ----------------------------------------------------------------------------------------------------------------
 # Extraction (tools/extract_features.py)
 # ----------------------------------------------------------------------------------------------------------------
-def extract_features(json_path, output_dir, resolution: int, image_dir=None, multi_scale: bool = True,
+def extract_features(source, output_dir, resolution: int, image_dir=None, multi_scale: bool = True,
                      vae_root=None, text_encoder_root=None, tokenizer_root=None, max_length: int = 300,
                      captions=("prompt", "sharegpt4v"), flip: bool = False, dtype: str = "float32",
                      batch_size: int = 8, text: bool = True, latents: bool = True, text_encoder_dtype: str = "fp32",
                      vae_dtype: str = "fp32", shard: tuple[int, int] = (0, 1), log=print) -> dict:
-    """Cache T5 features of every caption and VAE moments of every image (in its bucket) of a label file.
+    """Cache T5 features of every caption and VAE moments of every image (in its bucket) of a data source (a
+    `pixart.data.sources.Source`, or a label JSON path read with `image_dir`).
 
     Already cached files are kept; unreadable images are skipped and listed in the returned report.
     """
     import gc
     from pixart.data.dataset import BucketDataset
+    from pixart.data.sources import Source
     if not (text or latents):
         raise FeatureError("nothing to extract: both captions and latents are switched off")
     if dtype not in ("float32", "float16"):
         raise FeatureError(f"--dtype must be float32 or float16, got {dtype!r}")
-    if latents and not (image_dir and vae_root):
-        raise FeatureError("extracting latents needs --image_dir and --vae_root")
+    if latents and not vae_root:
+        raise FeatureError("extracting latents needs --vae_root")
+    if latents and not (image_dir or isinstance(source, Source)):
+        raise FeatureError("extracting latents needs --image_dir (the folder the label paths are relative to)")
     if text and not text_encoder_root:
         raise FeatureError("extracting caption features needs --text_encoder_root")
     shard_id, num_shards = shard
-    dataset = BucketDataset(json_path, resolution, image_dir if latents else None, multi_scale)
+    if isinstance(source, Source):
+        dataset = BucketDataset(source, resolution, multi_scale=multi_scale, check_images=latents)
+    else:
+        dataset = BucketDataset(source, resolution, image_dir if latents else None, multi_scale)
     entries = [e for e in dataset.entries if e.index % num_shards == shard_id]
     log(dataset.summary())
     report = {"skipped": [{"path": s.path, "reason": s.reason} for s in dataset.skipped],
@@ -309,15 +316,14 @@ def extract_features(json_path, output_dir, resolution: int, image_dir=None, mul
                 report["latents_cached"] += 1
             else:
                 by_bucket.setdefault(e.bucket, []).append(e)
-        from pixart.data.dataset import load_image
         for bucket, items in by_bucket.items():
             for i in range(0, len(items), batch_size):
                 good, images, mirrored = [], [], []
                 for e in items[i:i + batch_size]:
                     try:
-                        images.append(load_image(dataset.image_dir / e.path, e.size, False, dataset.resample))
+                        images.append(dataset.load(e))
                         if flip:
-                            mirrored.append(load_image(dataset.image_dir / e.path, e.size, True, dataset.resample))
+                            mirrored.append(dataset.load(e, flip=True))
                         good.append(e)
                     except Exception as err:
                         report["skipped"].append({"path": e.path, "reason": f"{type(err).__name__}: {err}"})

@@ -17,6 +17,7 @@ from pixart.models.convert import fill_null_caption
 from pixart.cpu.blockwise import BlockwiseTrainStep, refusal
 from pixart.data.dataset import BatchStream, BucketDataset
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder
+from pixart.data.sources import source_from_args
 from pixart.diffusion.loss import DiffusionLoss
 from pixart.models.pixart import PixArt, preset_config
 from pixart.training import distributed
@@ -75,8 +76,9 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
     if cache is not None:
         cache.check_compatible(resolution, multi_scale, max_length, args.random_flip)
     captions = ("prompt", "sharegpt4v") if args.real_prompt_ratio < 1.0 else ("prompt",)
-    dataset = BucketDataset(args.json_path, resolution, args.image_dir if not (cache and cache.has_latents) else None,
-                            multi_scale, available=(lambda e: cache.missing(e, captions)) if cache else None)
+    dataset = BucketDataset(source_from_args(args), resolution, multi_scale=multi_scale,
+                            check_images=not (cache and cache.has_latents),
+                            available=(lambda e: cache.missing(e, captions)) if cache else None)
     log.info(dataset.summary())
     global_batch = args.batch_size * ctx.world_size
     dataset.check_batch_size(global_batch, f"{flag('batch_size')} {args.batch_size} x {ctx.world_size} rank(s)")

@@ -109,7 +109,8 @@ class Trainer:
         root = method.checkpoint_root(args)
         resume_from = resume_target(args, root, ctx, method.layout, self.flag)
         resumed = method.load_checkpoint(resume_from) if resume_from is not None else None
-        log = Logger(Path(args.output_dir), ctx, resumed["state"]["step"] if resumed else None)
+        log = Logger(Path(args.output_dir), ctx, resumed["state"]["step"] if resumed else None,
+                     getattr(args, "report_to", "none"), getattr(args, "logging_dir", "logs"))
         try:
             return self._train(ctx, log, resumed, resume_from, root)
         finally:
@@ -145,7 +146,7 @@ class Trainer:
                                     log.info, prompts=prompts)
 
             def validate(step: int) -> None:
-                validation(step, out_dir=Path(args.output_dir) / "validation")
+                log.images(step, validation(step, out_dir=Path(args.output_dir) / "validation"))
 
         def save(step: int, batches: int) -> None:
             if not ctx.is_main:
