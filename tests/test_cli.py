@@ -7,12 +7,13 @@ import pytest
 import yaml
 
 from pixart.cli import main
-from pixart.cli import extract_features, gradio, lora_inference, lora_train, sample, train
+from pixart.cli import convert, extract_features, gradio, lora_inference, lora_train, make_labels, sample, train
 from pixart.cli.options import ALIASES, ArgumentParser, ConfigError, add_aliases, parse_args
 
 PARSERS = {"sample.py": sample.build_parser, "train.py": train.build_parser, "gradio_demo.py": gradio.build_parser,
            "train_pixart_lora.py": lora_train.build_parser, "inference_pixart_lora.py": lora_inference.build_parser,
-           "extract_features.py": extract_features.build_parser}
+           "extract_features.py": extract_features.build_parser, "make_labels.py": make_labels.build_parser,
+           "convert.py": convert.build_parser}
 
 
 def _parser():
@@ -61,7 +62,7 @@ def test_help_lists_every_option_once_in_groups(script):
     flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
     shown = set(re.findall(r"(--\w+)", text))
     assert flags <= shown, flags - shown
-    if script != "extract_features.py":
+    if script not in ("extract_features.py", "make_labels.py", "convert.py"):  # no model is run
         groups = {g.title for g in parser._action_groups if g._group_actions}
         assert {"model", "execution", "precision"} <= groups, groups
 

@@ -98,5 +98,8 @@ def serve(args, log=print) -> None:
     app = DemoApp(pipe, args, sample_args, out_dir=args.output_path, log=log)
     demo, style = build_app(app, load_seconds)
     log(f"serving on http://{args.host}:{args.port} (Ctrl+C stops)")
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False,
-                allowed_paths=[str(app.out_dir)], footer_links=[], quiet=False, **style)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False,
+                    allowed_paths=[str(app.out_dir)], footer_links=[], quiet=False, **style)
+    except KeyboardInterrupt:  # Ctrl+C is how a server is meant to stop: a clean exit, not an interruption
+        log("stopped")

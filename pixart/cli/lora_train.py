@@ -13,6 +13,7 @@ from pathlib import Path
 from pixart.cli.options import ArgumentParser, add_kv_compress_group, flag_namer, mode_name, str2bool
 from pixart.cli.train import (add_model_options, add_precision_options, add_training_data_options,
                               add_training_execution_options, check_common_args, device_fallbacks)
+from pixart.data.sources import check_data_args
 from pixart.pipelines.loading import resolve_pipeline_folder
 from pixart.training.lora import LoRAMethod
 from pixart.training.optimizers import LR_SCHEDULES
@@ -113,7 +114,6 @@ REFUSED = {
     "--noise_offset": ({"type": float}, 0.0, "offset noise is not implemented"),
     "--prediction_type": ({"choices": ["epsilon", "v_prediction"]}, None,
                           "PixArt predicts epsilon (and its variance) only"),
-    "--logging_dir": ({}, None, "logs go to <output_dir>/train.log and train_log.jsonl"),
     "--enable_xformers_memory_efficient_attention": ({"action": "store_true"}, False,
                                                      "no xformers in MindSpore; --enable_flash_attention is Ascend's"),
     "--micro_conditions": ({"action": "store_true"}, False,
@@ -194,6 +194,7 @@ def check_args(args) -> None:
     if args.validation_prompts and not (args.vae_root and args.text_encoder_root):
         raise TrainError(f"{FLAG('validation_prompts')} needs --vae_root and --text_encoder_root (or a pipeline "
                          f"folder as {FLAG('load_from')}) to sample images")
+    check_data_args(args, FLAG)
 
 
 def run(args) -> dict:

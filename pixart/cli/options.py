@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from pixart import logging_setup
+
 
 class ConfigError(ValueError):
     pass
@@ -374,6 +376,10 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     known, _ = pre.parse_known_args(argv)
     if not any(a.dest == "config" for a in parser._actions):
         parser.add_argument("-c", "--config", default=None, help="YAML file of option: value defaults")
+    if not any(a.dest == "verbose" for a in parser._actions):
+        parser.add_argument("--verbose", action="store_true",
+                            help="show MindSpore's warnings and deprecation notices (for its C++ log too, set "
+                                 "PIXART_VERBOSE=1 before starting)")
     if known.config:
         known.config = str(config_path(known.config))
         values = load_yaml(known.config)
@@ -401,6 +407,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     args = parser.parse_args(argv)
     if known.config:
         args.config = known.config
+    if args.verbose:
+        logging_setup(verbose=True)
     given = sys.argv[1:] if argv is None else [str(a) for a in argv]
     check_execution(args, any(a.split("=")[0] == "--device_target" for a in given))
     return args

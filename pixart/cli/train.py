@@ -141,17 +141,12 @@ def resolve_reference_options(args, flag: Callable[[str], str] = default_flag) -
 
 
 def device_fallbacks(args, flag: Callable[[str], str] = default_flag) -> None:
-    """Ascend-only requests on another device: one warning line each, then what that device has (train.py and the
-    LoRA script)."""
-    if args.device_target != "Ascend":
-        if args.enable_flash_attention:
-            warn(f"{flag('enable_flash_attention')}: flash attention needs an Ascend device; using plain attention "
-                 f"on {args.device_target}")
-            args.enable_flash_attention = None
-        if args.mixed_precision == "fp16" and args.device_target == "CPU":
-            warn(f"{flag('mixed_precision')} fp16: fp16 training (with dynamic loss scaling) is for Ascend; training "
-                 "in fp32 on CPU")
-            args.mixed_precision = "fp32"
+    """fp16 training on CPU (a config written for Ascend): one warning line, then fp32 (train.py and the LoRA
+    script). The device-wide fallbacks (flash attention, bf16, the device itself) are `check_execution`'s."""
+    if args.mixed_precision == "fp16" and args.device_target == "CPU":
+        warn(f"{flag('mixed_precision')} fp16: fp16 training (with dynamic loss scaling) is for Ascend; training "
+             "in fp32 on CPU")
+        args.mixed_precision = "fp32"
 
 
 def warn(message: str) -> None:
@@ -217,11 +212,11 @@ def build_parser(description: str | None = None) -> ArgumentParser:
 
 
 def check_common_args(args, flag: Callable[[str], str] = default_flag) -> None:
-    """The checks train.py and the LoRA script share: files, data and loop numbers, resume path."""
+    """The checks train.py and the LoRA script share: files and loop numbers, resume path (the data's own checks,
+    which read the label file or dataset, come last: `check_data_args`)."""
     mode_name(args, TrainError)
     if args.model is not None:
         preset_config(args.model)
-    check_data_args(args, flag)
     for name in ("load_from", "vae_root", "text_encoder_root", "tokenizer_root"):
         value = getattr(args, name)
         if value and not Path(value).exists():
@@ -276,6 +271,7 @@ def check_args(args) -> None:
     if args.validation_negative_prompts and len(args.validation_negative_prompts) != len(args.validation_prompts or []):
         raise TrainError(f"--validation_negative_prompts: {len(args.validation_negative_prompts)} given for "
                          f"{len(args.validation_prompts or [])} validation prompt(s); give one each")
+    check_data_args(args)
 
 
 def run(args) -> dict:
