@@ -95,12 +95,14 @@ def write_state(folder, state: dict) -> None:
 
 
 def save(root, step: int, model_state: dict, ema_state: dict | None, train_state: dict, state: dict,
-         keep_last: int = 0) -> Path:
-    """train.py's checkpoint: model, EMA, optimizer / loss-scale state and state.json (layout FULL)."""
+         keep_last: int = 0, metadata: dict[str, str] | None = None) -> Path:
+    """train.py's checkpoint: model, EMA, optimizer / loss-scale state and state.json (layout FULL). `metadata`
+    goes into the model and EMA files (the architecture record of `pixart.models.convert.architecture_record`, so
+    that sample.py loads them without guessing)."""
     def write(folder: Path) -> None:
-        write_ckpt(model_state, folder / MODEL)
+        write_ckpt(model_state, folder / MODEL, metadata)
         if ema_state is not None:
-            write_ckpt(ema_state, folder / EMA)
+            write_ckpt(ema_state, folder / EMA, metadata)
         write_ckpt(train_state, folder / TRAIN_STATE)
         write_state(folder, state)
     return save_folder(root, step, write, keep_last, FULL)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from pixart.io import load_into
-from pixart.models.convert import convert_pixart
+from pixart.models.convert import architecture_record, convert_pixart
 from pixart.training import checkpoint as ckpt
 from pixart.training.log import Logger
 from pixart.training.loop import finish, train_loop
@@ -80,7 +80,8 @@ class Method:
 
     def save(self, root: Path, step: int, model, opt, train_state: dict, state: dict, args) -> Path:
         ema_state = {**param_state(model), **opt.ema.state_dict()} if opt.ema is not None else None
-        return ckpt.save(root, step, param_state(model), ema_state, train_state, state, args.keep_last)
+        return ckpt.save(root, step, param_state(model), ema_state, train_state, state, args.keep_last,
+                         architecture_record(model.config, args.model))
 
     def schedule(self, args, opt) -> str:
         return (f"{args.optimizer} lr {opt.lr:.3g} (warm-up {args.warmup_steps}), clip {args.clip_grad or 'off'}, "
