@@ -292,19 +292,27 @@ def run(args, log=print) -> list[Path]:
     context = distributed.init(args.use_parallel)
     batches = plan(args, prompts, negatives, context.rank, context.world_size)
     out_dir = Path(args.output_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if context.is_main:  # every rank's images, written once, before the models load (as the reference port does)
-        everything = plan(args, prompts, negatives) if context.distributed else batches
-        images = sorted((image for trials in everything for images in trials for image in images),
-                        key=lambda image: image["seed"])
-        write_json([{k: v for k, v in image.items() if k != "index"} for image in images], out_dir / "prompts.json")
+
+    def write_prompts() -> None:
+        """Every rank's images in prompts.json, written once (rank 0), once the models have loaded: a run that
+        fails on its inputs or weights leaves no file behind."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if context.is_main:
+            everything = plan(args, prompts, negatives) if context.distributed else batches
+            images = sorted((image for trials in everything for images in trials for image in images),
+                            key=lambda image: image["seed"])
+            write_json([{k: v for k, v in image.items() if k != "index"} for image in images],
+                       out_dir / "prompts.json")
+
     if not batches:
+        write_prompts()
         log(f"rank {context.rank}: no prompt left for this rank ({len(prompts)} prompt(s), {context.world_size} ranks)")
         return []
     mine = sorted({image["index"] for trials in batches for image in trials[0]})
     embeds, negative = encode_first(args, [prompts[i] for i in mine], [negatives[i] for i in mine], log)
     embeds, negative = dict(zip(mine, embeds)), dict(zip(mine, negative)) if negative else None
     pipe = load_pipeline(args, log, text_encoder=False)
+    write_prompts()
     options = generation_kwargs(args, pipe)
     made_by = provenance(args.model, args.checkpoint, args.lora_path, args.lora_scale)
 
