@@ -29,6 +29,7 @@ import glob
 import io
 import json
 import math
+import os
 import socket
 import tarfile
 from dataclasses import dataclass
@@ -139,6 +140,16 @@ def load_labels(json_path) -> list[dict]:
     return items
 
 
+def path_inside(root: Path, path: str) -> Path:
+    """`root / path` if it stays inside `root` (no `..` above it, not absolute), else FileNotFoundError: a label
+    such as `../../etc/hostname` is skipped like a missing image and never read. Checked on the names, so a
+    symlink inside the folder still works."""
+    base = os.path.abspath(root)
+    if os.path.commonpath([os.path.abspath(os.path.join(base, path)), base]) != base:
+        raise FileNotFoundError(f"{path}: outside the image folder")
+    return Path(root) / path
+
+
 class LabelSource(Source):
     """A label JSON; `path` is relative to `image_dir` (None: no images, e.g. every latent is cached)."""
 
@@ -160,7 +171,7 @@ class LabelSource(Source):
     def open(self, path: str):
         if self.image_dir is None:
             raise DataError("--image_dir is needed to read images (no cached latents, or labels without sizes)")
-        p = self.image_dir / path
+        p = path_inside(self.image_dir, path)
         if not p.is_file():
             raise FileNotFoundError("missing")
         return p

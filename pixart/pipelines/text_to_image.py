@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,20 @@ def check_image_size(height: int | None, width: int | None, patch_size: int, res
 def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int):
     """T5 features (N, 1, L, C) as float32 NumPy and masks (N, L) for `prompts`, lower-cased and stripped as diffusers
     does. T5 runs eagerly, so that no compiled graph keeps its weights alive once it is released."""
+    warn_truncated(tokenizer, [p.lower().strip() for p in prompts], max_length)
     ids, mask = encode_prompts(tokenizer, [p.lower().strip() for p in prompts], max_length)
     with backend.eager():
         emb = text_encoder(Tensor(ids), Tensor(mask)).astype(ms.float32).asnumpy()
     return emb[:, None], mask
+
+
+def warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
+    """One warning line per prompt longer than the `max_length` tokens T5 sees (the end is cut, as diffusers warns)."""
+    for ids in tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]:
+        if len(ids) > max_length:
+            cut = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True)
+            print(f"warning: a prompt has {len(ids)} tokens, more than the {max_length} the model reads; this end is "
+                  f"cut: {cut[:80]!r}" + ("..." if len(cut) > 80 else ""), file=sys.stderr)
 
 
 OUTPUT_TYPES = ("pil", "np", "ms", "latent")

@@ -15,7 +15,10 @@ from pixart.training.setup import Data, Optimisation, TrainError, default_flag
 
 
 def resume_target(args, root, ctx, layout=None, flag: Callable[[str], str] = default_flag) -> Path | None:
-    """The checkpoint folder `--resume` names (None: start from scratch); a bad path fails before anything slow."""
+    """The checkpoint folder `--resume` names (None: start from scratch); a bad path fails before anything slow.
+    What an interrupted save left under `root` is cleaned first (`checkpoint.clean_leftovers`)."""
+    if ctx.is_main:
+        ckpt.clean_leftovers(root, layout or ckpt.FULL, log=lambda line: print(line, flush=True))
     if not args.resume:
         return None
     path = ckpt.resolve(args.resume, root, layout or ckpt.FULL)
