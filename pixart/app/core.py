@@ -22,7 +22,7 @@ from pixart.pipelines.outputs import provenance, save_images
 from pixart.pipelines.text_to_image import check_image_size
 
 MAX_SEED = 2 ** 31 - 1
-MAX_STEPS = 1000
+MAX_STEPS = 999  # fewer than the 1000 training timesteps: more would repeat one (pixart.cli.options)
 LORA_SCALES = (0.0, 2.0)  # the page's LoRA scale slider: 0 = the base model, 1 = as trained
 CUSTOM = "custom"
 KEEP_REQUESTS = 50  # PNG folders kept on disk for download; older ones are deleted
