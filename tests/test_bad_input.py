@@ -157,6 +157,8 @@ CASES = [
     # -- sample.py: paths ---------------------------------------------------------------------------------------
     ("sample_prompt_path_folder", "sample", lambda b, f, o: sample_args(b, o, "--prompt_path", f["folder"]),
      "a_folder"),
+    ("sample_prompt_path_binary", "sample", lambda b, f, o: sample_args(b, o, "--prompt_path", f["random"]),
+     "random.safetensors"),
     ("sample_config_folder", "sample", lambda b, f, o: ["-c", str(f["folder"]), "--output_path", str(o)], "a_folder"),
     ("sample_output_is_file", "sample", lambda b, f, o: sample_args(b, f["file"]), "a_file.txt"),
     ("sample_output_under_file", "sample", lambda b, f, o: sample_args(b, f["file"] / "out"), "a_file.txt"),
@@ -492,16 +494,33 @@ def hidden_or_partial(folder: Path) -> list[str]:
     return [str(p) for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
 
 
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A tmpfs of `size` mounted at `folder` (yields True), or nothing mounted where this process may not mount
+    (yields False)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                                    str(folder)], capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=False)
+
+
 @pytest.mark.slow
 def test_sample_and_extract_features_on_a_full_disk(bundle, files, tmp_path, monkeypatch):
-    """ENOSPC raised by the writers in-process (a real full disk needs a mount): one error line, no partial file."""
+    """sample.py on a real full disk where a small tmpfs can be mounted (prompts.json fits, a PNG does not), else
+    with ENOSPC raised by the PNG writer in-process; extract_features with ENOSPC raised by NumPy's writer
+    in-process. One error line each, no partial file."""
     from PIL import Image
     out = tmp_path / "samples"
-    with monkeypatch.context() as m:
-        m.setattr(Image.Image, "save", lambda self, fp, *a, **k: _partial_then_enospc(None)(fp))
+    with small_tmpfs(out, "24k") as mounted, monkeypatch.context() as m:
+        if not mounted:
+            m.setattr(Image.Image, "save", lambda self, fp, *a, **k: _partial_then_enospc(None)(fp))
         rc, err = call("sample", sample_args(bundle, out))
-    assert_refused(rc, err, "no space left on device", "sample")
-    assert not list(out.glob("*.png")) and not hidden_or_partial(out)
+        assert_refused(rc, err, "no space left on device", f"sample ({'tmpfs' if mounted else 'simulated'})")
+        assert not list(out.glob("*.png")) and not hidden_or_partial(out)
 
     cache = tmp_path / "cache"
     with monkeypatch.context() as m:

@@ -353,6 +353,7 @@ MAX_IMAGE_SIZE = 4096  # px: twice the largest trained size (2K); larger images 
 MAX_SEED = 2 ** 32 - 1  # NumPy's seed range
 MAX_LENGTH = 2048  # caption tokens: T5's memory grows with the square of the length
 MAX_CONFIG_BYTES = 1 << 20  # a YAML config is options, not data
+MAX_TEXT_BYTES = 64 << 20  # a prompt file is read whole
 
 
 def _num(x) -> str:
@@ -410,7 +411,7 @@ _PROBABILITY = Limit(0, 1)
 _DECAY = Limit(0, 1, high_open=True)
 _SEED = Limit(0, MAX_SEED, why="NumPy's seed range")
 _STEPS = Limit(1, MAX_SAMPLING_STEPS, why=f"fewer steps than the {NUM_TRAIN_TIMESTEPS} training timesteps")
-_SIZE = Limit(8, MAX_IMAGE_SIZE, why=f"{MAX_IMAGE_SIZE} px is twice the largest trained size")
+_SIZE = Limit(1, MAX_IMAGE_SIZE, why=f"{MAX_IMAGE_SIZE} px is twice the largest trained size")
 
 # dest -> its range, for every parser that has the dest (a `Number` type overrides this). Every float is also
 # required to be finite, listed here or not.
@@ -443,11 +444,11 @@ LIMITS: dict[str, Limit] = {
     "num_shards": _AT_LEAST_1, "shard_id": _AT_LEAST_0,
 }
 
-# dest -> what the path must be: "file" / "dir" (an input that exists must be of that kind; a missing one is the
-# entry point's to report), "out_dir" / "out_file" / "output" (written: creatable and writable; "output" is a
+# dest -> what the path must be: "file" / "text" (UTF-8, read whole) / "dir" (an input that exists must be of that
+# kind; a missing one is the entry point's to report), "out_dir" / "out_file" / "output" (written: creatable and writable; "output" is a
 # file when its name has a suffix, else a folder). Checked without creating anything.
 PATHS: dict[str, str] = {
-    "prompt_path": "file", "json_path": "file", "captions_csv": "file",
+    "prompt_path": "text", "json_path": "file", "captions_csv": "file",
     "vae_root": "dir", "text_encoder_root": "dir", "tokenizer_root": "dir", "image_dir": "dir", "feature_dir": "dir",
     "output_path": "output", "target": "output", "output_dir": "out_dir", "output": "out_file",
 }
@@ -514,13 +515,21 @@ def _nearest_existing(path: Path) -> Path:
 def check_path(value, kind: str, name: str) -> None:
     """`value` against its kind (see `PATHS`); ConfigError naming the option and the path."""
     path = Path(value)
-    if kind in ("file", "dir"):
-        if kind == "file" and path.is_dir():
+    if kind in ("file", "text", "dir"):
+        if kind != "dir" and path.is_dir():
             raise ConfigError(f"{name} {value} is a folder; expected a file")
         if kind == "dir" and path.exists() and not path.is_dir():
             raise ConfigError(f"{name} {value} is a file; expected a folder")
-        if kind == "file" and path.is_file() and not os.access(path, os.R_OK):
+        if kind != "dir" and path.is_file() and not os.access(path, os.R_OK):
             raise ConfigError(f"{name} {value} is not readable")
+        if kind == "text" and path.is_file():
+            if path.stat().st_size > MAX_TEXT_BYTES:
+                raise ConfigError(f"{name} {value} is {path.stat().st_size} bytes; a text file of prompts is at most "
+                                  f"{MAX_TEXT_BYTES}")
+            try:
+                path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{name} {value} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         return
     if kind == "output":
         kind = "out_file" if path.suffix and not path.is_dir() else "out_dir"
