@@ -580,3 +580,36 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes_exactly(bund
     assert sorted(a) == sorted(b) == [1, 2, 3, 4] and all(a[s] == b[s] for s in a), (a, b)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
     assert not hidden_or_partial(part / "checkpoints")
+
+
+def test_a_new_option_declares_its_range_and_path_kind_once(tmp_path):
+    """What another entry point's new option needs: `type=Number(...)` (or a `LIMITS` entry by dest) and `PATHS` /
+    `path_kind`; flags, YAML values and defaults are then checked alike."""
+    from pixart.cli.options import ArgumentParser, ConfigError, Number, parse_args, path_kind
+
+    def parser():
+        p = ArgumentParser()
+        p.add_argument("--strength_like", type=Number(float, low=0, high=1), default=0.5)
+        p.add_argument("--count", type=Number(int, low=1), default=1)
+        path_kind(p.add_argument("--out", default=str(tmp_path / "o")), "out_dir")
+        p.add_argument("--mask_image", default=None)  # PATHS: a file
+        return p
+    assert parse_args(parser(), ["--strength_like", "1"]).strength_like == 1.0
+    for argv, message in [(["--strength_like", "1.5"], "--strength_like must be in [0, 1], got 1.5"),
+                          (["--strength_like", "nan"], "--strength_like must be a finite number, got nan"),
+                          (["--count", "0"], "--count must be >= 1, got 0"),
+                          (["--out", str(tmp_path / "f.txt")], "is a file; expected a folder"),
+                          (["--mask_image", str(tmp_path)], "is a folder; expected a file")]:
+        (tmp_path / "f.txt").write_text("x")
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            parse_args(parser(), argv)
+    config = tmp_path / "c.yaml"
+    for text, message in [("count: 2.5\n", "whole number"), ("count: [1, 2]\n", "expected one value"),
+                          ("strength_like: 7\n", r"must be in \[0, 1\], got 7.0")]:
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            parse_args(parser(), ["-c", str(config)])
+    p = parser()
+    p.set_defaults(strength_like=2.0)  # a default is checked too
+    with pytest.raises(ConfigError, match="got 2.0"):
+        parse_args(p, [])

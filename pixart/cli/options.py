@@ -424,6 +424,7 @@ LIMITS: dict[str, Limit] = {
     "batch_size": _AT_LEAST_1, "num_trials": _AT_LEAST_1, "num_images_per_prompt": _AT_LEAST_1,
     "max_length": Limit(1, MAX_LENGTH, why="T5's memory grows with the square of the length"),
     "sd_scale_factor": _POSITIVE, "strength": _PROBABILITY,
+    "timesteps": Limit(0, NUM_TRAIN_TIMESTEPS - 1, why="the training timesteps"),
     "kv_compress_scale_factor": _AT_LEAST_1, "kv_compress_layer": _AT_LEAST_0,
     "port": Limit(1, 65535), "max_batch_size": _AT_LEAST_1, "queue_size": _AT_LEAST_1,
     # models
@@ -449,6 +450,7 @@ LIMITS: dict[str, Limit] = {
 # file when its name has a suffix, else a folder). Checked without creating anything.
 PATHS: dict[str, str] = {
     "prompt_path": "text", "json_path": "file", "captions_csv": "file",
+    "image": "file", "mask_image": "file", "control_image": "file", "control_dir": "dir",
     "vae_root": "dir", "text_encoder_root": "dir", "tokenizer_root": "dir", "image_dir": "dir", "feature_dir": "dir",
     "output_path": "output", "target": "output", "output_dir": "out_dir", "output": "out_file",
 }
