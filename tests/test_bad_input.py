@@ -539,7 +539,8 @@ def test_sample_and_extract_features_on_a_full_disk(bundle, files, tmp_path, mon
 def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes_exactly(bundle, tmp_path, monkeypatch):
     """The save of step 4 hits ENOSPC (MindSpore's writer made to fail in-process, after leaving its partial file as
     it does on a real full disk): one error line, step 2 intact, nothing partial; `--resume latest` then finishes
-    with the losses of an uninterrupted run."""
+    with the losses of an uninterrupted run. Then a diverging continuation (fp32, no loss scale to back off) stops
+    with one error line and leaves the last good checkpoint as it was."""
     import mindspore as ms
     labels, images = make_dataset(tmp_path / "data", per_kind_and_ratio=2, ratios=("1.0",))
     comp = bundle.components
@@ -580,6 +581,14 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes_exactly(bund
     assert sorted(a) == sorted(b) == [1, 2, 3, 4] and all(a[s] == b[s] for s in a), (a, b)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
     assert not hidden_or_partial(part / "checkpoints")
+
+    # a learning rate that blows the weights up: the run stops at the first non-finite loss, before any save
+    last_good = ckpt.digest(read_ckpt(checkpoints / "step_00000004" / "model.ckpt"))
+    rc, err = call("train", [*common, "--output_dir", str(part), "--resume", "latest", "--max_steps", "8",
+                             "--learning_rate", "1e30"])
+    assert_refused(rc, err, "the run diverged", "train (diverging)")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]
+    assert ckpt.digest(read_ckpt(checkpoints / "step_00000004" / "model.ckpt")) == last_good
 
 
 def test_a_new_option_declares_its_range_and_path_kind_once(tmp_path):
