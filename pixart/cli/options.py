@@ -473,6 +473,8 @@ def yaml_value(action: argparse.Action, value, config, key: str | None = None):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
+    if action.nargs == 0:  # store_const, count: the YAML value is the value
+        return value
     many = action.nargs in ("*", "+", argparse.REMAINDER) or isinstance(action.nargs, int)
     if isinstance(value, dict):
         raise ConfigError(f"{where}: expected {'a list of values' if many else 'one value'}, got a mapping")
