@@ -49,7 +49,7 @@ def _open(value, name: str) -> Image.Image:
         a = value
         if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
             a = a[..., :3] if a.shape[-1] != 1 else a[..., 0]
-        if a.ndim not in (2, 3) or min(a.shape[:2]) < 1:
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)) or min(a.shape[:2]) < 1:
             raise ValueError(f"{name} must be an (H, W) or (H, W, 3) array, got shape {value.shape}")
         if np.issubdtype(a.dtype, np.floating):
             a = (np.clip(a, 0, 1) * 255).round()

@@ -1,0 +1,153 @@
+"""Image-to-image (SDEdit), inpainting, guidance-free sampling and custom timesteps through the pipeline, on the
+demo bundle (tiny untrained models) at 32-64 px: what strength means in transformer calls, what a mask keeps, what
+guidance off costs, and the inputs that are refused."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixart import demo_bundle as demo
+from pixart.diffusion import SAMPLERS
+from pixart.pipelines.text_to_image import PixArtPipeline
+
+SIZE = 32
+COMMON = dict(height=SIZE, width=SIZE, use_resolution_binning=False, progress=False, output_type="np", seed=3)
+
+
+def _load(bundle):
+    comp = bundle.components
+    return PixArtPipeline.from_pretrained(checkpoint=bundle.checkpoint, model=demo.PRESET, vae_root=comp / "vae",
+                                          text_encoder_root=comp / "text_encoder",
+                                          tokenizer_root=comp / "tokenizer", log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return _load(bundle)
+
+
+@pytest.fixture
+def calls(pipe, monkeypatch):
+    """The transformer's batch size at every denoiser call of the test."""
+    seen = []
+    encode, denoise = pipe.transformer.sampler_parts()
+
+    def counting(x, *args):
+        seen.append(x.shape[0])
+        return denoise(x, *args)
+    monkeypatch.setattr(pipe.transformer, "sampler_parts", lambda: (encode, counting))
+    return seen
+
+
+def _picture(h=SIZE, w=SIZE):
+    """A smooth RGB picture in [0, 1], (h, w, 3)."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    return np.clip(np.stack([0.2 + 0.6 * x, 0.8 - 0.5 * y, 0.5 + 0.3 * np.sin(6 * x * y)], -1), 0, 1).astype(np.float32)
+
+
+def _round_trip(pipe, image, size=SIZE):
+    return pipe.decode_latents(pipe.encode_image(image, size, size), "np")
+
+
+def test_strength_ends_and_calls_for_every_sampler(pipe, calls):
+    """strength 1 = text-to-image from the same noise, bit for bit; strength 0 = the VAE round trip, no transformer
+    call; in between exactly round(strength * steps) calls, for every sampler, at batch N with guidance off."""
+    image = _picture()
+    t2i = pipe("a cat", num_inference_steps=3, **COMMON).images
+    i2i = pipe("a cat", image=image, strength=1.0, num_inference_steps=3, **COMMON).images
+    np.testing.assert_array_equal(i2i, t2i)
+    calls.clear()
+    out = pipe("a cat", image=image, strength=0.0, num_inference_steps=3, **COMMON).images
+    assert calls == []
+    np.testing.assert_array_equal(out, _round_trip(pipe, image))
+    for name in SAMPLERS:
+        strength = 0.7 if name == "dpm" else 0.5  # of 4 steps: 2.8 -> 3 calls (rounded, not truncated), 2
+        calls.clear()
+        pipe(["a cat", "a dog"], image=image, strength=strength, num_inference_steps=4, sampler=name,
+             guidance_scale=1.0, **COMMON)
+        assert calls == [2] * round(strength * 4), (name, strength, calls)
+    calls.clear()
+    pipe(["a cat", "a dog"], num_inference_steps=2, sampler="lcm", guidance_scale=0.0, **COMMON)
+    pipe(["a cat", "a dog"], num_inference_steps=2, sampler="lcm", guidance_scale=4.5, **COMMON)
+    assert calls == [2, 2, 4, 4]  # guidance off: the prompts alone; on: [negative, positive]
+
+
+def test_input_image_of_any_size_goes_through_binning(pipe):
+    out = pipe("a cat", image=_picture(50, 70), strength=0.5, num_inference_steps=2, seed=1, progress=False,
+               output_type="np")
+    assert out.images.shape == (1, 50, 70, 3)  # the image's own size by default, generated in a bucket
+    assert out.settings[0]["strength"] == 0.5
+
+
+def test_inpainting_keeps_outside_and_repaints_inside(pipe, tmp_path):
+    image = _picture()
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:24, 12:28] = 255
+    repaint = mask > 0
+    rt = _round_trip(pipe, image)[0]
+    kw = dict(image=image, strength=0.75, num_inference_steps=4, **COMMON)
+    out = pipe("a cat", mask_image=mask, **kw).images[0]
+    outside = np.abs(out - rt).max(-1)[~repaint]
+    assert (outside <= 1 / 255).mean() >= 0.99
+    assert np.abs(out - image).max(-1)[repaint].mean() > 0.05  # inside: repainted
+    keep_all = pipe("a cat", mask_image=np.zeros((SIZE, SIZE), np.uint8), **kw).images[0]
+    np.testing.assert_allclose(keep_all, rt, atol=1e-6)
+    repaint_all = pipe("a cat", mask_image=np.full((SIZE, SIZE), 255, np.uint8), **kw).images
+    np.testing.assert_array_equal(repaint_all, pipe("a cat", **kw).images)
+    # a mask of another size is scaled onto the generated size, as the image is: the same as the resized mask
+    big = Image.fromarray(mask).resize((3 * SIZE, 3 * SIZE), Image.Resampling.NEAREST)
+    big.save(tmp_path / "mask.png")
+    np.testing.assert_allclose(pipe("a cat", mask_image=str(tmp_path / "mask.png"), **kw).images[0], out, atol=1e-6)
+    blurred = pipe("a cat", mask_image=mask, mask_blur=3, **kw)
+    assert blurred.settings[0]["mask_blur"] == 3.0 and np.isfinite(blurred.images).all()
+
+
+def test_bad_image_inputs_are_refused_by_name(pipe, tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(wide)
+    image = _picture()
+    for kwargs, message in [
+        (dict(image=image, strength=1.5), r"strength must be in \[0, 1\]"),
+        (dict(image=image, strength=-0.1), r"strength must be in \[0, 1\]"),
+        (dict(mask_image=np.zeros((SIZE, SIZE))), "mask_image needs image"),
+        (dict(image=str(tmp_path / "absent.png")), "image not found"),
+        (dict(image=str(corrupt)), "is not a readable image"),
+        (dict(image=image, mask_image=str(wide)), "cannot be read as a single-channel mask"),
+        (dict(image=image, mask_image=np.zeros((SIZE, SIZE, 2))), "mask_image must be an"),
+        (dict(image=image, mask_blur=-1), "mask_blur must be"),
+        (dict(timesteps=[400], sampler="ddim"), "sampler 'ddim' cannot take custom timesteps"),
+        (dict(timesteps=[200, 400]), "strictly decreasing"),
+        (dict(timesteps=[1000]), "out of range"),
+        (dict(sigmas=[1.0]), "not sigmas"),
+        (dict(num_inference_steps=1000), "dpm: 1000 steps repeat timesteps"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe("a cat", **{**COMMON, **kwargs})
+
+
+def test_custom_timesteps_run_those_steps(pipe, calls):
+    out = pipe("a cat", timesteps=[400], guidance_scale=1.0, **COMMON)
+    assert calls == [1] and out.settings[0]["timesteps"] == [400] and out.settings[0]["steps"] == 1
+
+
+@pytest.mark.slow
+def test_new_paths_compile_once_per_shape(bundle, graph_mode):
+    """Graph mode: LCM, guidance off, image-to-image and inpainting of one shape reuse the denoiser's graph; only
+    the guidance batch (N vs 2N) is a new shape."""
+    pipe = _load(bundle)
+    image = _picture()
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2:] = 255
+    pipe("a cat", sampler="lcm", num_inference_steps=2, guidance_scale=0.0, **COMMON)
+    first = pipe.transformer.compile_count()
+    pipe("a dog", sampler="lcm", num_inference_steps=3, guidance_scale=0.0, **COMMON)
+    pipe("a dog", sampler="dpm", num_inference_steps=3, guidance_scale=1.0, image=image, strength=0.7, **COMMON)
+    pipe("a dog", sampler="sa", num_inference_steps=3, guidance_scale=0.0, image=image, mask_image=mask, **COMMON)
+    pipe("a dog", timesteps=[400], guidance_scale=1.0, **COMMON)
+    assert pipe.transformer.compile_count() == first
+    pipe("a dog", sampler="lcm", num_inference_steps=2, guidance_scale=4.5, **COMMON)
+    second = pipe.transformer.compile_count()
+    assert second > first
+    pipe("a dog", sampler="ddim", num_inference_steps=2, guidance_scale=4.5, image=image, mask_image=mask, **COMMON)
+    assert pipe.transformer.compile_count() == second
