@@ -172,6 +172,47 @@ def test_lora_scale_goes_into_the_request_the_images_and_the_reproduce_command(t
     assert request["lora_scale"] is None and "--lora" not in plain.command(request)
 
 
+def test_image_and_painted_mask_go_to_the_pipeline_and_the_reproduce_command(tmp_path, bundle):
+    """The page's image editor value -> (image, mask) -> the pipeline's image / mask_image / strength; the inputs
+    are saved beside the outputs and the sample.py command and YAML name them."""
+    import numpy as np
+    from pixart.app.core import editor_inputs
+    background = np.zeros((40, 30, 4), np.uint8)
+    background[..., :3], background[..., 3] = 120, 255
+    layer = np.zeros_like(background)
+    layer[5:10, 5:10, 3] = 255
+    image, mask = editor_inputs({"background": background, "layers": [layer], "composite": background})
+    assert image.shape == (40, 30, 3) and mask.dtype == np.uint8 and mask.sum() == 25 * 255
+    assert editor_inputs({"background": background, "layers": [np.zeros_like(layer)]})[1] is None
+    assert editor_inputs(None) == (None, None) and editor_inputs({"background": None, "layers": []}) == (None, None)
+
+    app = fake_app(tmp_path, *bundle.flags, "--mask_blur", "2")
+    with pytest.raises(DemoError, match=r"strength must be in \[0, 1\]"):
+        app.check_request(**GOOD, image=image, strength=1.5)
+    with pytest.raises(DemoError, match="a mask needs an input image"):
+        app.check_request(**GOOD, mask=mask)
+
+    class Pipe:
+        resolution, seen, transformer = 256, {}, SimpleNamespace(patch_size=2)
+
+        def __call__(self, prompt, **kw):
+            self.seen = kw
+            return SimpleNamespace(images=[Image.new("RGB", (kw["width"], kw["height"]))],
+                                   settings=[dict(prompt=prompt, seed=kw["seed"])])
+    app.pipe = Pipe()
+    out = app.generate(app.check_request(**GOOD, image=image, mask=mask, strength=0.6))
+    seen = app.pipe.seen
+    assert seen["strength"] == 0.6 and seen["mask_blur"] == 2.0
+    assert seen["image"].size == (30, 40) and seen["mask_image"].mode == "L"
+    for argv in (shlex.split(out["command"])[2:], ["-c", str(tmp_path / "repro.yaml")]):
+        (tmp_path / "repro.yaml").write_text(out["yaml"])
+        a = parse_args(build_parser(), argv)
+        assert a.strength == 0.6 and a.mask_blur == 2.0
+        assert Image.open(a.image).size == (30, 40) and Image.open(a.mask_image).mode == "L"
+    plain = app.generate(app.check_request(**GOOD))
+    assert "--image" not in shlex.split(plain["command"]) and "image" not in app.pipe.seen
+
+
 # -- the real server, in a real browser ------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
