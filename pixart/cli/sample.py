@@ -282,7 +282,7 @@ def load_pipeline(args, log=print, text_encoder: bool = True):
 def encode_first(args, prompts: list[str], negatives: list[str] | None = None, log=print):
     """T5 on its own, before the transformer is loaded: every prompt (and each distinct negative prompt) encoded,
     then T5 freed, so the two models never share memory (T5-XXL is the larger of the two). Returns the embeddings
-    per prompt and per negative prompt (None with --uncond y_embedding)."""
+    per prompt and per negative prompt (None with --uncond y_embedding, or guidance off)."""
     setup_backend(args)
     t0 = time.time()
     log(f"loading text encoder {args.text_encoder_root}")
@@ -292,7 +292,7 @@ def encode_first(args, prompts: list[str], negatives: list[str] | None = None, l
     embeds = [encode_text(t5, tokenizer, [p], length) for p in prompts]
     negatives = [""] * len(prompts) if negatives is None else negatives
     negative = None
-    if args.uncond == "negative":
+    if args.uncond == "negative" and args.guidance_scale > 1.0:  # guidance off: no unconditional branch to encode
         distinct = {text: encode_text(t5, tokenizer, [text], length) for text in dict.fromkeys(negatives)}
         negative = [distinct[text] for text in negatives]
     del t5

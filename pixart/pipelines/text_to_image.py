@@ -314,7 +314,10 @@ class PixArtPipeline:
         if prompt_embeds is None:
             y, mask = self.encode_prompt(prompts, max_length)
         y, mask = (np.repeat(a, num_images_per_prompt, 0) for a in (y, mask))
-        if uncond == "y_embedding":  # the checkpoint's learned null caption, with the prompt's mask (original repo)
+        do_cfg = guidance_scale > 1.0  # diffusers' do_classifier_free_guidance: off, no unconditional branch
+        if not do_cfg:
+            y_neg = mask_neg = None
+        elif uncond == "y_embedding":  # the checkpoint's learned null caption, with the prompt's mask (original repo)
             null = self.transformer.y_embedder.y_embedding.asnumpy()
             if null.shape[0] != y.shape[2]:
                 raise ValueError(f"y_embedding has {null.shape[0]} tokens but prompts are encoded to {y.shape[2]}")
@@ -323,7 +326,6 @@ class PixArtPipeline:
             if negative_prompt_embeds is None:
                 y_neg, mask_neg = self.encode_prompt(negatives, y.shape[2])
             y_neg, mask_neg = (np.repeat(a, num_images_per_prompt, 0) for a in (y_neg, mask_neg))
-        do_cfg = guidance_scale > 1.0
         y_in = np.concatenate([y_neg, y]) if do_cfg else y
         mask_in = np.concatenate([mask_neg, mask]) if do_cfg else mask
 
