@@ -395,6 +395,64 @@ def test_two_requests_at_once_both_complete_one_waiting_in_the_queue(server, bro
             page.context.close()
 
 
+def wait_for_command(page, text, previous="", timeout=180_000):
+    """The reproduce command once a new one containing `text` is shown."""
+    page.wait_for_function(
+        """([t, old]) => { const c = document.querySelector('#command textarea');
+                           return c && c.value !== old && c.value.includes(t); }""",
+        arg=[text, previous], timeout=timeout)
+    return page.input_value("#command textarea")
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_page_does_image_to_image_inpainting_and_lcm(server, browser, tmp_path):
+    """Upload an image (image-to-image), paint a mask over it (inpainting), then pick the LCM sampler: each request
+    shows a 96x64 image (the size the first page test compiled for) and a sample.py command that carries the inputs."""
+    import numpy as np
+    picture = tmp_path / "input.png"
+    y, x = np.mgrid[0:48, 0:80] / 80.0
+    Image.fromarray((np.stack([0.2 + 0.6 * x, 0.8 - 0.5 * y, 0.5 + 0 * x], -1) * 255).astype("uint8")).save(picture)
+    page = open_page(browser, server)
+    try:
+        fill(page, prompt="a red square on a white table", steps=2, width=96, height=64)
+        page.click("#img2img button")  # the accordion
+        page.set_input_files("#editor input[type=file]", str(picture))
+        page.wait_for_selector("#editor canvas", timeout=30_000)
+        page.click("#generate")
+        first = wait_for_command(page, "--strength 0.8")
+        assert "--mask_image" not in first and "--image " in first
+        shown = wait_for_image(page, 96, 64)
+
+        page.click("#editor button[aria-label=Brush]")
+        canvas = page.locator("#editor canvas").last
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 30, cy - 30)
+        page.mouse.down()
+        for i in range(8):
+            page.mouse.move(cx - 30 + 8 * i, cy - 30 + 8 * i)
+        page.mouse.up()
+        page.click("#generate")
+        second = wait_for_command(page, "--mask_image", first)
+        mask = Path(shlex.split(second)[shlex.split(second).index("--mask_image") + 1])
+        assert mask.exists() and 0 < (np.asarray(Image.open(mask)) > 0).mean() < 1  # part painted, part kept
+        shown = wait_for_image(page, 96, 64, replacing=shown)
+
+        page.click("#sampler input")
+        page.get_by_role("option", name="lcm", exact=True).click()
+        page.wait_for_function("() => document.querySelector('#steps input').value === '4'")  # LCM's default
+        fill(page, guidance=0)
+        page.click("#generate")
+        third = wait_for_command(page, "--sampling_method lcm", second)
+        assert "--sampling_steps 4" in third and "--guidance_scale 0.0" in third
+        wait_for_image(page, 96, 64, replacing=shown)
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        page.context.close()
+
+
 def test_sample_only_options_are_refused_in_one_line():
     from pixart.cli.gradio import check_server_args
     for flags, message in ((["--num_trials", "2"], "--num_trials 2"), (["--use_parallel", "true"], "--use_parallel"),
