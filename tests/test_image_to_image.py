@@ -1,6 +1,8 @@
 """Image-to-image (SDEdit), inpainting, guidance-free sampling and custom timesteps through the pipeline, on the
 demo bundle (tiny untrained models) at 32-64 px: what strength means in transformer calls, what a mask keeps, what
 guidance off costs, and the inputs that are refused."""
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -172,3 +174,38 @@ def test_new_paths_compile_once_per_shape(bundle, graph_mode):
     assert pipe.transformer.compile_count() == first
     pipe("a dog", sampler="lcm", num_inference_steps=2, guidance_scale=4.5, image=image, mask_image=mask, **COMMON)
     assert pipe.transformer.compile_count() > first  # [negative, positive]: twice the batch, a new shape
+
+
+def test_sample_py_refuses_bad_image_inputs_before_loading(bundle, tmp_path, monkeypatch, capsys):
+    """sample.py: a missing / corrupt --image, a mask that cannot be single-channel, --strength outside [0, 1], bad
+    --timesteps or too many steps: exit 1 with one line, no model loaded, nothing written."""
+    from pixart.cli import main, sample as sample_run
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(sample_run, "encode_first", no_loading)
+    monkeypatch.setattr(sample_run, "load_pipeline", no_loading)
+    good = tmp_path / "in.png"
+    Image.fromarray((_picture() * 255).astype(np.uint8)).save(good)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"GIF89a broken")
+    two_channel = tmp_path / "la.tif"
+    Image.fromarray(np.zeros((8, 8), np.int32)).save(two_channel)  # 32-bit integer pixels
+    base = ["-c", "configs/inference/demo.yaml", *bundle.flags, "--prompt", "x", "--output_path", str(tmp_path / "out")]
+    for extra, message in [
+        (["--image", str(tmp_path / "absent.png")], "--image not found"),
+        (["--image", str(corrupt)], "is not a readable image"),
+        (["--image", str(good), "--mask_image", str(two_channel)], "cannot be read as a single-channel mask"),
+        (["--image", str(good), "--strength", "1.5"], r"--strength must be in \[0, 1\]"),
+        (["--mask_image", str(good)], "--mask_image needs --image"),
+        (["--timesteps", "400,600"], "strictly decreasing"),
+        (["--timesteps", "1000"], "out of range"),
+        (["--timesteps", "400", "--sampling_method", "sa"], "sampler 'sa' cannot take custom timesteps"),
+        (["--timesteps", "4x"], "--timesteps must be comma-separated whole numbers"),
+        (["--sampling_steps", "1000"], "dpm: 1000 steps repeat timesteps"),
+    ]:
+        assert main(sample_run.run, sample_run.build_parser, None, base + extra) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        assert re.search(message, err[0]), (message, err[0])
+    assert not (tmp_path / "out").exists()
