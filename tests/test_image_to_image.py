@@ -189,13 +189,13 @@ def test_sample_py_refuses_bad_image_inputs_before_loading(bundle, tmp_path, mon
     Image.fromarray((_picture() * 255).astype(np.uint8)).save(good)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"GIF89a broken")
-    two_channel = tmp_path / "la.tif"
-    Image.fromarray(np.zeros((8, 8), np.int32)).save(two_channel)  # 32-bit integer pixels
+    int_mask = tmp_path / "int32.tif"
+    Image.fromarray(np.zeros((8, 8), np.int32)).save(int_mask)  # 32-bit integer pixels
     base = ["-c", "configs/inference/demo.yaml", *bundle.flags, "--prompt", "x", "--output_path", str(tmp_path / "out")]
     for extra, message in [
         (["--image", str(tmp_path / "absent.png")], "--image not found"),
         (["--image", str(corrupt)], "is not a readable image"),
-        (["--image", str(good), "--mask_image", str(two_channel)], "cannot be read as a single-channel mask"),
+        (["--image", str(good), "--mask_image", str(int_mask)], "cannot be read as a single-channel mask"),
         (["--image", str(good), "--strength", "1.5"], r"--strength must be in \[0, 1\]"),
         (["--mask_image", str(good)], "--mask_image needs --image"),
         (["--timesteps", "400,600"], "strictly decreasing"),
