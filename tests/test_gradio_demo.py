@@ -211,6 +211,10 @@ def test_image_and_painted_mask_go_to_the_pipeline_and_the_reproduce_command(tmp
         assert Image.open(a.image).size == (30, 40) and Image.open(a.mask_image).mode == "L"
     plain = app.generate(app.check_request(**GOOD))
     assert "--image" not in shlex.split(plain["command"]) and "image" not in app.pipe.seen
+    one_step = fake_app(tmp_path, *bundle.flags, "--timesteps", "400")  # a server for PixArt-α-DMD
+    one_step.pipe = Pipe()
+    out = one_step.generate(one_step.check_request(**GOOD))
+    assert one_step.pipe.seen["timesteps"] == [400] and "--timesteps 400" in out["command"]
 
 
 # -- the real server, in a real browser ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from pixart.data.buckets import ASPECT_RATIOS
-from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, timesteps_list
 from pixart.models.lora import set_lora_scale
 from pixart.pipelines.image_inputs import load_image, load_mask
 from pixart.pipelines.outputs import provenance, save_images
@@ -29,7 +29,8 @@ CUSTOM = "custom"
 KEEP_REQUESTS = 50  # PNG folders kept on disk for download; older ones are deleted
 # the server-wide sample.py options a reproduce-command carries, in this order
 _MODEL_FLAGS = ("model", "checkpoint", "lora_path", "vae_root", "text_encoder_root", "tokenizer_root",
-                "sd_scale_factor", "max_length", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode",
+                "sd_scale_factor", "max_length", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "timesteps",
+                "device_target", "mode",
                 "jit_level", "enable_flash_attention", "kv_compress", "kv_compress_sampling",
                 "kv_compress_scale_factor", "kv_compress_layer")
 
@@ -200,6 +201,8 @@ class DemoApp:
                 set_lora_scale(self.pipe.transformer, request["lora_scale"])  # a compiled graph reads the new scale
                 self._lora_scale = request["lora_scale"]
             extra = {k: request[k] for k in ("image", "mask_image", "strength") if k in request}
+            if a.timesteps and request["sampler"] == a.sampling_method:  # the server's custom schedule (DMD)
+                extra["timesteps"] = timesteps_list(a.timesteps)
             if "mask_image" in request:
                 extra["mask_blur"] = a.mask_blur
             result = self.pipe(request["prompt"], negative_prompt=request["negative_prompt"],

@@ -13,7 +13,7 @@ from pixart import backend, cpu
 from pixart.cli.options import (DTYPES, ArgumentParser, add_encoder_options, add_execution_group, add_kv_compress_group,
                                 add_model_group, add_precision_group, kv_compress_config, mode_name,
                                 resolve_model_paths, str2bool)
-from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, make_sampler
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, make_sampler, timesteps_list
 from pixart.models.convert import read_pixart, resolve_config
 from pixart.models.pixart import PRESETS, preset_config
 from pixart.models.t5 import load_t5, load_tokenizer
@@ -210,14 +210,10 @@ def check_args(args, log=print) -> None:
 
 def parse_timesteps(value) -> list[int] | None:
     """--timesteps "999,500" (or a YAML list) -> [999, 500]; the sampler checks range and order."""
-    if value is None or value == "" or value == []:
-        return None
-    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
     try:
-        return [int(str(v)) for v in items]
-    except ValueError:
-        raise SampleError(f"--timesteps must be comma-separated whole numbers, e.g. 999,500 or 400; got {value!r}") \
-            from None
+        return timesteps_list(value)
+    except ValueError as e:
+        raise SampleError(f"--{e}") from None
 
 
 def check_sampling(args) -> None:

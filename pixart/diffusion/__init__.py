@@ -11,6 +11,7 @@ Beside that, `sampler.noise_levels(num_steps) -> (alpha, sigma)`: x before step 
 with `CUSTOM_TIMESTEPS` take `timesteps=[...]` (strictly decreasing, in 0..999) in their constructor.
 """
 from .ddim import DDIMSampler
+from .common import timesteps_list
 from .dpm_solver import DPMSolver
 from .iddpm import IDDPMSampler, space_timesteps
 from .lcm import LCMSampler
@@ -34,4 +35,4 @@ def make_sampler(name: str, **options):
 
 
 __all__ = ["DDIMSampler", "DPMSolver", "IDDPMSampler", "LCMSampler", "SASolver", "NoiseSchedule", "default_schedule",
-           "linear_betas", "q_sample", "space_timesteps", "SAMPLERS", "DEFAULT_STEPS", "make_sampler"]
+           "linear_betas", "q_sample", "space_timesteps", "timesteps_list", "SAMPLERS", "DEFAULT_STEPS", "make_sampler"]

@@ -71,3 +71,16 @@ def check_distinct(ts, sampler: str, num_steps: int, most: int) -> None:
     zero step size and turn the image black."""
     if len(ts) > 1 and (np.diff(np.asarray(ts, np.float64)) >= 0).any():
         raise ValueError(f"{sampler}: {num_steps} steps repeat timesteps; use at most {most} steps")
+
+
+def timesteps_list(value) -> list[int] | None:
+    """A custom schedule as written in a flag or config ("999,500", 400, or a list) -> [999, 500]; None when empty.
+    Range and order are the sampler's to check (`check_timesteps`)."""
+    if value is None or value == "" or value == []:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(" ", "").split(",")
+    try:
+        return [int(str(v)) for v in items]
+    except ValueError:
+        raise ValueError(f"timesteps must be comma-separated whole numbers, e.g. 999,500 or 400; got {value!r}") \
+            from None
