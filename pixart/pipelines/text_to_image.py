@@ -230,7 +230,8 @@ class PixArtPipeline:
         text-to-image from the same noise, 0 the VAE round trip. `mask_image` (white = repaint) makes it
         inpainting: after every step the kept region's latents are replaced by the encoded image noised to the
         level reached (the clean image after the last step), and the decoded output keeps the VAE round trip of the
-        input outside the mask (blended over the edge that `mask_blur`, in pixels, softens).
+        input outside the mask (blended over the edge that `mask_blur`, in pixels, softens; output_type="latent"
+        returns the blended latents, before that overlay).
         """
         # 1. check inputs: every error names the argument and what is allowed
         sampler = sampler or self.sampler
