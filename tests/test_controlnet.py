@@ -41,3 +41,198 @@ def test_presets_names_zero_start_and_scale_zero_equal_the_base_bit_for_bit():
     assert not np.allclose(net(x, t, y, mask, info, c, 1.0).asnumpy(), base, atol=1e-3)
     assert np.array_equal(net(x, t, y, mask, info, c, 0.0).asnumpy(), base)
     assert np.array_equal(net(x, t, y, mask, info, None).asnumpy(), base)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with a PyTorch reference: diffusers' PixArt transformer and its blocks, wired as diffusers' research project
+# (examples/research_projects/pixart, PixArtControlNetTransformerModel) and the official ControlPixArtHalf wire them
+# ----------------------------------------------------------------------------------------------------------------
+COPIES = 2  # default_copy_blocks(4): the reduced-depth rule
+
+
+def torch_controlnet(base, copies: int, seed: int):
+    """The research project's PixArtControlNetAdapterModel, built here from diffusers' BasicTransformerBlock with
+    the base's block settings; every parameter random, the zero projections included."""
+    import torch
+    from diffusers.models.attention import BasicTransformerBlock
+    c = base.config
+    dim = c.num_attention_heads * c.attention_head_dim
+
+    class AdapterBlock(torch.nn.Module):
+        def __init__(self, index):
+            super().__init__()
+            self.index = index
+            if index == 0:
+                self.before_proj = torch.nn.Linear(dim, dim)
+            self.transformer_block = BasicTransformerBlock(
+                dim, c.num_attention_heads, c.attention_head_dim, dropout=0.0, cross_attention_dim=dim,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000, attention_bias=True, upcast_attention=False,
+                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, attention_type="default")
+            self.after_proj = torch.nn.Linear(dim, dim)
+
+        def forward(self, hidden, control, encoder_hidden, timestep, encoder_mask):
+            if self.index == 0:
+                control = hidden + self.before_proj(control)
+            control = self.transformer_block(control, encoder_hidden_states=encoder_hidden, timestep=timestep,
+                                             encoder_attention_mask=encoder_mask)
+            return self.after_proj(control), control
+
+    adapter = torch.nn.Module()
+    adapter.controlnet_blocks = torch.nn.ModuleList([AdapterBlock(i) for i in range(copies)])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.ndim > 1 else 0.1))
+    return adapter.eval()
+
+
+def torch_forward(base, adapter, x, t, y, mask, info, condition):
+    """The research project's forward: base block 0, then control block i - 1 beside base block i for i = 1..N (its
+    after_proj output added to base block i's input), the rest of the base, the final layer."""
+    import torch
+    c = base.config
+    p, n = c.patch_size, x.shape[0]
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    added = {"resolution": torch.from_numpy(info["img_hw"]), "aspect_ratio": torch.from_numpy(info["aspect_ratio"])} \
+        if info else {"resolution": None, "aspect_ratio": None}
+    with torch.no_grad():
+        hidden = base.pos_embed(torch.from_numpy(x))
+        t0, embedded_t = base.adaln_single(torch.from_numpy(t), added, batch_size=n, hidden_dtype=hidden.dtype)
+        caption = base.caption_projection(torch.from_numpy(y)).view(n, -1, hidden.shape[-1])
+        caption_mask = ((1 - torch.from_numpy(mask).float()) * -10000.0).unsqueeze(1)
+        control = base.pos_embed(torch.from_numpy(np.broadcast_to(condition, (n, *condition.shape[1:])).copy()))
+        for i, block in enumerate(base.transformer_blocks):
+            if 0 < i <= len(adapter.controlnet_blocks):
+                residual, control = adapter.controlnet_blocks[i - 1](hidden, control, caption, t0, caption_mask)
+                hidden = hidden + residual
+            hidden = block(hidden, encoder_hidden_states=caption, encoder_attention_mask=caption_mask, timestep=t0)
+        shift, scale = (base.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+        hidden = base.proj_out(base.norm_out(hidden) * (1 + scale) + shift)
+        hidden = hidden.reshape(n, h, w, p, p, -1)
+        return torch.einsum("nhwpqc->nchpwq", hidden).reshape(n, -1, h * p, w * p).numpy()
+
+
+def original_names(state: dict, prefix: str = "") -> dict:
+    """diffusers' transformer (or one block's) names -> the official PixArt names, written out here independently
+    of pixart.io.keymap; arrays as NumPy."""
+    import torch
+    s = {k: v.detach() for k, v in state.items()}
+    out = {}
+    fixed = {"pos_embed.proj": "x_embedder.proj", "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+             "caption_projection.linear_2": "y_embedder.y_proj.fc2",
+             "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+             "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+             "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
+             "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
+             "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
+             "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
+             "adaln_single.linear": "t_block.1", "proj_out": "final_layer.linear"}
+    inner = {"attn1.to_out.0": "attn.proj", "attn2.to_q": "cross_attn.q_linear", "attn2.to_out.0": "cross_attn.proj",
+             "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2"}
+    blocks = sorted({k.split(".")[1] for k in s if k.startswith("transformer_blocks.")}, key=int)
+    if "scale_shift_table" in s and not blocks and "attn1.to_q.weight" not in s:
+        out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
+    groups = [(f"transformer_blocks.{i}.", f"blocks.{i}.") for i in blocks] or [("", "")]
+    for b, o in groups:
+        if b + "attn1.to_q.weight" not in s:
+            continue
+        out[o + "scale_shift_table"] = s.pop(b + "scale_shift_table")
+        for suffix in ("weight", "bias"):
+            out[o + f"attn.qkv.{suffix}"] = torch.cat([s.pop(b + f"attn1.to_{n}.{suffix}") for n in "qkv"])
+            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([s.pop(b + f"attn2.to_{n}.{suffix}") for n in "kv"])
+            for a, z in inner.items():
+                out[o + f"{z}.{suffix}"] = s.pop(b + f"{a}.{suffix}")
+    if blocks:
+        out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
+        for a, z in fixed.items():
+            for suffix in ("weight", "bias"):
+                if f"{a}.{suffix}" in s:
+                    out[f"{z}.{suffix}"] = s.pop(f"{a}.{suffix}")
+        s.pop("pos_embed.pos_embed", None)
+    assert not s, f"test renaming left keys: {list(s)}"
+    return {prefix + k: v for k, v in out.items()}
+
+
+def official_pth(base, adapter, path, y_tokens: int, pos_tokens: int):
+    """The official PixArt-δ checkpoint layout: {"state_dict": base_model.* + controlnet.*}."""
+    import torch
+    state = original_names(base.state_dict(), "base_model.")
+    state["base_model.y_embedder.y_embedding"] = torch.randn(y_tokens, base.config.caption_channels)
+    state["base_model.pos_embed"] = torch.zeros(1, pos_tokens, base.inner_dim)
+    for i, block in enumerate(adapter.controlnet_blocks):
+        state.update(original_names(block.transformer_block.state_dict(), f"controlnet.{i}.copied_block."))
+        for name in ("before_proj", "after_proj"):
+            if hasattr(block, name):
+                for suffix in ("weight", "bias"):
+                    state[f"controlnet.{i}.{name}.{suffix}"] = getattr(getattr(block, name), suffix).detach()
+    torch.save({"state_dict": state}, path)
+
+
+def diffusers_adapter_folder(adapter, folder):
+    """The research project's save_pretrained layout: config.json + diffusion_pytorch_model.safetensors."""
+    import json
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "PixArtControlNetAdapterModel",
+                                                    "num_layers": len(adapter.controlnet_blocks)}))
+
+
+def convert(*args) -> str:
+    from tools.convert import main
+    assert main([str(a) for a in args]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_parity_with_diffusers_blocks_after_conversion_alpha_official_and_sigma_diffusers(tmp_path, capsys):
+    from pixart.io import CheckpointError
+    from pixart.pipelines.controlnet import load_controlnet
+    from pixart.pipelines.loading import load_transformer
+    from tests.utils import diffusers_model, inputs, rel_err, run_ours
+
+    cases = {  # base preset -> (diffusers config, latent grid, format of the ControlNet file)
+        "PixArt-XL-2-1024-MS": (dict(sample_size=128, interpolation_scale=2, use_additional_conditions=True),
+                                (12, 16), "official"),
+        "PixArt-Sigma-XL-2-512-MS": (dict(sample_size=64, interpolation_scale=1, use_additional_conditions=False),
+                                     (16, 16), "diffusers"),
+    }
+    loaded = {}
+    for k, (preset, (extra, hw, layout)) in enumerate(cases.items()):
+        base = diffusers_model(extra, seed=k, depth=4, heads=2, caption_channels=32)
+        adapter = torch_controlnet(base, COPIES, seed=10 + k)
+        work = tmp_path / layout
+        work.mkdir()
+        if layout == "official":  # one .pth with the base: both come out of one conversion
+            official_pth(base, adapter, work / "cn.pth", 120, (extra["sample_size"] // 2) ** 2)
+            convert("--source", work / "cn.pth", "--target", work / "cn.ckpt", "--base_target", work / "base.ckpt")
+        else:  # diffusers: the base's folder and the adapter's, each converted
+            base.save_pretrained(work / "transformer")
+            diffusers_adapter_folder(adapter, work / "controlnet")
+            convert("--source", work / "transformer", "--target", work / "base.ckpt", "--model", preset)
+            convert("--source", work / "controlnet", "--target", work / "cn.ckpt", "--model", f"{preset}-ControlNet")
+        printed = capsys.readouterr().out
+        assert f"{COPIES} copied blocks" in printed and f"for base {preset}" in printed, printed
+
+        x, t, y, mask, info = inputs(hw, extra["use_additional_conditions"], seed=k, caption_channels=32)
+        condition = np.random.default_rng(k).standard_normal((1, 4, *hw)).astype(np.float32)
+        expected = torch_forward(base, adapter, x, t, y, mask, info, condition)
+        net = load_controlnet(work / "cn.ckpt", load_transformer(work / "base.ckpt", log=print), preset)
+        data_info = {key: Tensor(v) for key, v in info.items()} if info else None
+        args = (Tensor(x), Tensor(t), Tensor(y[:, None]), Tensor(mask.astype(np.int32)), data_info)
+        err = rel_err(net(*args, Tensor(condition), 1.0).asnumpy(), expected)
+        assert err <= 1e-4, f"{preset}: relative error {err:.2e}"
+        # control scale 0: the base model's output, bit for bit
+        base_out = run_ours(net.base_model, x, t, y, mask, info)
+        assert np.array_equal(net(*args, Tensor(condition), 0.0).asnumpy(), base_out)
+        assert rel_err(base_out, expected) > 1e-3  # the control branch mattered
+        loaded[preset] = net
+
+    # a ControlNet for another base: refused, naming what differs
+    alpha, sigma = loaded
+    with pytest.raises(CheckpointError, match=r"made for PixArt-XL-2-1024-MS.*model_max_length 120 \(the base has 300\)"):
+        load_controlnet(tmp_path / "official" / "cn.ckpt", loaded[sigma].base_model, sigma)
+    from tools.convert import main
+    assert main(["--source", str(tmp_path / "official" / "cn.pth"), "--target", str(tmp_path / "x.ckpt"),
+                 "--model", sigma]) == 1
+    assert "does not fit model PixArt-Sigma-XL-2-512-MS" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pixart.cli.options import ArgumentParser
 from pixart.io import CheckpointError
-from pixart.models.convert import TARGETS, convert_pixart_file
+from pixart.models.convert import TARGETS, convert_controlnet_file, convert_pixart_file, is_controlnet_checkpoint
 
 _DEFAULT_SUFFIX = {"ckpt": ".ckpt", "original": ".pth", "diffusers": "-diffusers"}
 
@@ -30,6 +30,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="caption tokens (120 α, 300 Σ) for the null caption diffusers files lack")
     parser.add_argument("--num_heads", type=int, default=None,
                         help="attention heads, when the source does not say and its width is no multiple of 72")
+    parser.add_argument("--base_target", default=None,
+                        help="ControlNet sources that also hold their base model (the official PixArt-δ .pth): write "
+                             "the base there too (.ckpt, .pth / .safetensors, or a diffusers folder)")
     return parser
 
 
@@ -49,5 +52,14 @@ def run(args) -> None:
     target = args.target or default_target(args.source, to)
     if Path(target).exists():
         print(f"note: {target} will be overwritten")
+    if is_controlnet_checkpoint(args.source):  # PixArt-δ: the control branch converts to our .ckpt
+        if to != "ckpt" and not str(target).endswith(".ckpt"):
+            raise CheckpointError(f"{args.source} is a ControlNet, which converts to our .ckpt only; pass a "
+                                  f"--target ending in .ckpt (got {target})")
+        convert_controlnet_file(args.source, target, model=args.model or args.preset, num_heads=args.num_heads,
+                                base_target=args.base_target)
+        return
+    if args.base_target:
+        raise CheckpointError(f"--base_target is for ControlNet sources; {args.source} is a PixArt transformer")
     convert_pixart_file(args.source, target, preset=args.preset, model=args.model, input_size=args.input_size,
                         model_max_length=args.model_max_length, num_heads=args.num_heads, to=to)
