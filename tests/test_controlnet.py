@@ -1,5 +1,7 @@
 """PixArt-δ ControlNet: the model (names, zero start, control scale 0), conversion of the official and the diffusers
 research project's formats, parity with a PyTorch reference built from diffusers' PixArt blocks, and inference."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mindspore import Tensor
@@ -236,3 +238,134 @@ def test_parity_with_diffusers_blocks_after_conversion_alpha_official_and_sigma_
     assert main(["--source", str(tmp_path / "official" / "cn.pth"), "--target", str(tmp_path / "x.ckpt"),
                  "--model", sigma]) == 1
     assert "does not fit model PixArt-Sigma-XL-2-512-MS" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference: the condition, the pipeline, sample.py
+# ----------------------------------------------------------------------------------------------------------------
+def test_canny_finds_the_outline_of_a_square():
+    from pixart.pipelines.controlnet import canny
+    image = np.zeros((40, 40), np.float32)
+    image[10:30, 10:30] = 255.0
+    edges = canny(image) > 0
+    assert edges[10:30, 9:11].any(axis=1).all() and edges[10:30, 29:31].any(axis=1).all()  # left and right sides
+    assert edges[9:11, 10:30].any(axis=0).all() and edges[29:31, 10:30].any(axis=0).all()  # top and bottom
+    assert not edges[14:26, 14:26].any() and not edges[:6].any()  # nothing inside or far outside
+    # weak edges survive only when connected to a strong one
+    ramp = np.zeros((20, 20), np.float32)
+    ramp[:, 10:] = 60.0  # a step whose gradient (240) is above the high threshold ...
+    ramp[:5, 10:] = 30.0  # ... with a weaker part (120: between the thresholds) connected to it
+    ramp[15:, :] = 0.0
+    assert (canny(ramp)[:15] > 0).any(axis=1).all()
+
+
+def control_checkpoint(bundle, path, seed=0):
+    """A ControlNet for the demo bundle's base with every branch parameter random, written as our .ckpt."""
+    from pixart.models.controlnet import ControlNetConfig, ControlPixArt
+    from pixart.models.convert import save_controlnet
+    from pixart.pipelines.loading import load_transformer
+    from pixart.pipelines.transformer import parameters_numpy
+    net = ControlPixArt(load_transformer(bundle.checkpoint, log=lambda *_: None))
+    net.initialize_from_base()
+    rng = np.random.default_rng(seed)
+    state = {k: (v + rng.standard_normal(v.shape) * 0.3).astype(np.float32)
+             for k, v in parameters_numpy(net.controlnet).items()}
+    save_controlnet(state, ControlNetConfig(net.config, net.copy_blocks_num, "PixArt-Sigma-XL-2-256x256"), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_pipeline_and_gradio_control_image_types_sizes_and_scale_zero(bundle, tmp_path):
+    from PIL import Image
+    from pixart.pipelines.controlnet import PixArtControlNetPipeline, condition_image
+    from pixart.pipelines.text_to_image import PixArtPipeline
+    comp = bundle.components
+    pipe = PixArtPipeline.from_pretrained(checkpoint=bundle.checkpoint, model="PixArt-Sigma-XL-2-256x256",
+                                          vae_root=comp / "vae", text_encoder_root=comp / "text_encoder",
+                                          tokenizer_root=comp / "tokenizer")
+    control = PixArtControlNetPipeline.from_pipeline(pipe, control_checkpoint(bundle, tmp_path / "cn.ckpt"),
+                                                     "PixArt-Sigma-XL-2-256x256", log=lambda *_: None)
+    picture = np.zeros((37, 100, 3), np.uint8)  # another size and ratio than the output: resized, then cropped
+    picture[10:30, 20:80] = (250, 120, 10)
+    Image.fromarray(picture).save(tmp_path / "control.png")
+    for kind in ("hed", "canny", "none"):
+        cond = condition_image(Image.open(tmp_path / "control.png"), kind, 64, 48)
+        assert cond.shape == (1, 3, 64, 48) and -1 <= cond.min() and cond.max() <= 1
+    edges = condition_image(Image.fromarray(picture), "canny", 37, 100)
+    assert edges[0, 0, 9:11, 40].max() == 1.0 and edges[0, 0, 20, 50] == -1.0  # the rectangle's border, not its inside
+
+    call = dict(prompt="a red square", seed=3, num_inference_steps=2, height=64, width=64,
+                use_resolution_binning=False, output_type="latent", progress=False)
+    base = pipe(**call).images
+    assert np.array_equal(control(**call, control_image=tmp_path / "control.png",
+                                  controlnet_conditioning_scale=0.0).images, base)
+    assert np.array_equal(control(**call).images, base)  # no control image: the base model
+    outs = [control(**call, control_image=tmp_path / "control.png", control_type=kind).images
+            for kind in ("hed", "canny")]
+    assert not np.allclose(outs[0], base, atol=1e-4) and not np.allclose(outs[0], outs[1], atol=1e-4)
+    with pytest.raises(ValueError, match="control_type must be one of hed, canny, none, got 'depth'"):
+        control(**call, control_image=tmp_path / "control.png", control_type="depth")
+
+    # the Gradio app: a control image per request, carried into the reproduce-command
+    import shlex
+    from pixart.app.core import DemoApp, DemoError
+    from pixart.app.page import build_app
+    from pixart.cli.gradio import build_parser as gradio_parser, sample_args
+    from pixart.cli.options import parse_args
+    from pixart.cli.sample import build_parser as sample_parser
+    args = parse_args(gradio_parser(), ["-c", "configs/inference/demo.yaml", *bundle.flags, "--controlnet",
+                                        str(tmp_path / "cn.ckpt"), "--control_type", "canny"])
+    app = DemoApp(control, args, sample_args, out_dir=tmp_path / "app", log=lambda *_: None)
+    build_app(app)  # the page builds with its control inputs
+    good = dict(prompt="a cat", negative_prompt="", sampler="dpm", steps=1, guidance_scale=4.5, seed=3,
+                randomize_seed=False, width=64, height=64, batch_size=1, resolution_binning=False)
+    with pytest.raises(DemoError, match="control scale must be a finite number"):
+        app.check_request(**good, control_scale=float("inf"))
+    request = app.check_request(**good, control_image=Image.open(tmp_path / "control.png"), control_scale=0.5)
+    out = app.generate(request)
+    a = parse_args(sample_parser(), shlex.split(out["command"])[2:])
+    assert (a.controlnet, a.control_scale, a.control_type) == (str(tmp_path / "cn.ckpt"), 0.5, "canny")
+    assert Path(a.control_image).is_file() and len(out["paths"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sample_py_control_image_and_bad_input(bundle, tmp_path, capsys):
+    import sample
+    from PIL import Image
+    cn = control_checkpoint(bundle, tmp_path / "cn.ckpt")
+    edges = np.zeros((80, 50), np.uint8)
+    edges[20:60, 10:40] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    (tmp_path / "broken.png").write_text("not an image")
+    config = ["-c", "configs/inference/demo.yaml", *bundle.flags, "--progress", "false", "--prompt", "a red square",
+              "--sampling_steps", 2, "--image_height", 64, "--image_width", 64, "--mode", "pynative"]
+
+    def run(*extra):
+        try:
+            return sample.main([str(a) for a in [*config, *extra]])
+        except SystemExit as e:  # argparse's own refusals
+            return e.code
+
+    bad = [
+        (["--control_image", tmp_path / "edges.png"], "--control_image needs --controlnet"),
+        (["--controlnet", cn, "--control_image", tmp_path / "missing.png"], "control image not found: "),
+        (["--controlnet", cn, "--control_image", tmp_path / "broken.png"], "is not a readable image"),
+        (["--controlnet", tmp_path / "nothing.ckpt", "--control_image", tmp_path / "edges.png"],
+         "--controlnet not found"),
+        (["--controlnet", cn, "--control_image", tmp_path / "edges.png", "--control_type", "depth"],
+         "invalid choice: 'depth'"),
+    ]
+    for extra, message in bad:
+        out = tmp_path / "bad"
+        assert run(*extra, "--output_path", out) != 0, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err), err
+        assert not out.exists()  # refused before any model loaded or anything was written
+
+    out = tmp_path / "out"
+    assert run("--controlnet", cn, "--control_image", tmp_path / "edges.png", "--control_type", "canny",
+               "--control_scale", 0.8, "--output_path", out) == 0, capsys.readouterr().err[-2000:]
+    with Image.open(next(out.glob("0000*.png"))) as image:
+        assert image.size == (64, 64)

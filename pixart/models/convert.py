@@ -588,15 +588,16 @@ def save_controlnet(state: dict[str, np.ndarray], cfg: ControlNetConfig, path) -
 def check_controlnet_base(cfg: ControlNetConfig, base: PixArtConfig, base_preset: str | None = None,
                           source="ControlNet") -> None:
     """A CheckpointError naming every difference between the base a ControlNet was made for and the `base` it is
-    about to steer (fields either side leaves open are not compared)."""
+    about to steer (fields either side leaves open are not compared; with `base.depth` None only the family's)."""
     wrong = [f"{f} {_field(cfg.base, f)!r} (the base has {_field(base, f)!r})" for f in _CONTROLNET_BASE_FIELDS
              if _field(cfg.base, f) is not None and _field(base, f) is not None and _field(cfg.base, f) != _field(base, f)]
-    kv, base_kv = KVCompression.of(cfg.base.kv_compress_config), KVCompression.of(base.kv_compress_config)
-    copies = [i for i in range(cfg.copy_blocks_num) if kv.ratio(i) != base_kv.ratio(i)]
-    if copies:
-        wrong.append(f"KV compression of blocks {copies} differs")
-    if cfg.copy_blocks_num >= base.depth:
-        wrong.append(f"it copies {cfg.copy_blocks_num} blocks (the base has {base.depth})")
+    if base.depth is not None:  # a whole base, not only its family: its blocks too
+        kv, base_kv = KVCompression.of(cfg.base.kv_compress_config), KVCompression.of(base.kv_compress_config)
+        copies = [i for i in range(cfg.copy_blocks_num) if kv.ratio(i) != base_kv.ratio(i)]
+        if copies:
+            wrong.append(f"KV compression of blocks {copies} differs")
+        if cfg.copy_blocks_num >= base.depth:
+            wrong.append(f"it copies {cfg.copy_blocks_num} blocks (the base has {base.depth})")
     if wrong:
         made = f" was made for {cfg.base_preset}" if cfg.base_preset else " was made for another base"
         on = f" {base_preset}" if base_preset else ""
