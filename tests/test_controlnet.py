@@ -339,6 +339,12 @@ def test_sample_py_control_image_and_bad_input(bundle, tmp_path, capsys):
     edges[20:60, 10:40] = 255
     Image.fromarray(edges).save(tmp_path / "edges.png")
     (tmp_path / "broken.png").write_text("not an image")
+    from pixart.models.controlnet import controlnet_preset
+    from pixart.models.convert import save_controlnet
+    from pixart.pipelines.transformer import parameters_numpy
+    alpha = controlnet_preset("PixArt-XL-2-1024-ControlNet", depth=2, hidden_size=144, num_heads=2)
+    alpha_net = build_controlnet("PixArt-XL-2-1024-ControlNet", depth=2, hidden_size=144, num_heads=2)
+    save_controlnet(parameters_numpy(alpha_net.controlnet), alpha, tmp_path / "alpha.ckpt")
     config = ["-c", "configs/inference/demo.yaml", *bundle.flags, "--progress", "false", "--prompt", "a red square",
               "--sampling_steps", 2, "--image_height", 64, "--image_width", 64, "--mode", "pynative"]
 
@@ -356,6 +362,9 @@ def test_sample_py_control_image_and_bad_input(bundle, tmp_path, capsys):
          "--controlnet not found"),
         (["--controlnet", cn, "--control_image", tmp_path / "edges.png", "--control_type", "depth"],
          "invalid choice: 'depth'"),
+        (["--controlnet", tmp_path / "alpha.ckpt", "--control_image", tmp_path / "edges.png"],
+         "was made for PixArt-XL-2-1024-MS, not this base PixArt-Sigma-XL-2-256x256: micro_condition True (the base "
+         "has False); model_max_length 120 (the base has 300)"),
     ]
     for extra, message in bad:
         out = tmp_path / "bad"

@@ -44,7 +44,8 @@ def check_controlnet_args(args, log=print) -> None:
     if image:
         args._control = read_control_image(image)
     else:
-        log("note: --controlnet without --control_image: sample.py generates with the base model alone")
+        log("note: --controlnet without --control_image: an image without a control image comes from the base "
+            "model alone")
     cfg, _ = resolve_controlnet(read_controlnet(controlnet).config, None, controlnet)
     preset = preset_config(args.model)  # depth and width may be a reduced copy's: they are checked once loaded
     family = PixArtConfig(**{f: getattr(preset, f) if f in FAMILY else None

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pixart.cli.options import ArgumentParser
 from pixart.io import CheckpointError
-from pixart.models.convert import TARGETS, convert_controlnet_file, convert_pixart_file, is_controlnet_checkpoint
+from pixart.models.convert import (TARGETS, NotAControlNetError, NotATransformerError, convert_controlnet_file,
+                                   convert_pixart_file)
 
 _DEFAULT_SUFFIX = {"ckpt": ".ckpt", "original": ".pth", "diffusers": "-diffusers"}
 
@@ -52,14 +53,23 @@ def run(args) -> None:
     target = args.target or default_target(args.source, to)
     if Path(target).exists():
         print(f"note: {target} will be overwritten")
-    if is_controlnet_checkpoint(args.source):  # PixArt-δ: the control branch converts to our .ckpt
-        if to != "ckpt" and not str(target).endswith(".ckpt"):
-            raise CheckpointError(f"{args.source} is a ControlNet, which converts to our .ckpt only; pass a "
-                                  f"--target ending in .ckpt (got {target})")
-        convert_controlnet_file(args.source, target, model=args.model or args.preset, num_heads=args.num_heads,
-                                base_target=args.base_target)
-        return
-    if args.base_target:
-        raise CheckpointError(f"--base_target is for ControlNet sources; {args.source} is a PixArt transformer")
-    convert_pixart_file(args.source, target, preset=args.preset, model=args.model, input_size=args.input_size,
-                        model_max_length=args.model_max_length, num_heads=args.num_heads, to=to)
+    if args.base_target:  # only a ControlNet file holds a base beside its own weights
+        return convert_controlnet(args, target, to)
+    try:
+        convert_pixart_file(args.source, target, preset=args.preset, model=args.model, input_size=args.input_size,
+                            model_max_length=args.model_max_length, num_heads=args.num_heads, to=to)
+    except NotATransformerError as not_transformer:
+        try:
+            convert_controlnet(args, target, to)
+        except NotAControlNetError:
+            raise not_transformer from None
+
+
+def convert_controlnet(args, target, to) -> None:
+    """A PixArt-δ ControlNet source: its control branch converts to our .ckpt (the base, if it holds one, to
+    --base_target)."""
+    if to not in (None, "ckpt") or (to is None and not str(target).endswith(".ckpt")):
+        raise CheckpointError(f"{args.source} is a ControlNet, which converts to our .ckpt only; pass a --target "
+                              f"ending in .ckpt (got {target})")
+    convert_controlnet_file(args.source, target, model=args.model or args.preset, num_heads=args.num_heads,
+                            base_target=args.base_target)

@@ -41,6 +41,10 @@ FAMILY = ("patch_size", "micro_condition", "qk_norm", "input_size", "pe_interpol
 _PIPELINE_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 
 
+class NotATransformerError(CheckpointError):
+    """The file holds no PixArt transformer (tools/convert.py then tries it as a ControlNet)."""
+
+
 @dataclasses.dataclass
 class PixArtWeights:
     """A PixArt transformer checkpoint read into original names: `config` has None where the file says nothing
@@ -60,7 +64,7 @@ def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | N
     weights do not say are None (see UNSAID; `num_heads` too when neither the config nor the argument says it and
     the width is no multiple of HEAD_SIZE)."""
     if "x_embedder.proj.weight" not in state:
-        raise CheckpointError("not a PixArt transformer checkpoint: no x_embedder.proj.weight "
+        raise NotATransformerError("not a PixArt transformer checkpoint: no x_embedder.proj.weight "
                               f"(found keys like {', '.join(list(state)[:5])})")
     proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
@@ -445,8 +449,11 @@ CONTROLNET_ARCHITECTURE_KEY = "pixart_controlnet_architecture"
 _CONTROLNET_BASE_FIELDS = ("hidden_size", "num_heads", "mlp_ratio", "qk_norm", "patch_size", "in_channels",
                            "pred_sigma", "caption_channels", "depth", "micro_condition", "model_max_length",
                            "input_size", "pe_interpolation")
-DIFFUSERS_CONTROLNET_CLASS = "PixArtControlNetAdapterModel"  # diffusers' research project (examples/research_projects/pixart)
 _UNKNOWN_BASE = {f.name: None for f in dataclasses.fields(PixArtConfig) if f.name != "kv_compress_config"}
+
+
+class NotAControlNetError(CheckpointError):
+    """The file holds no ControlNet branch."""
 
 
 @dataclasses.dataclass
@@ -492,7 +499,7 @@ def read_controlnet(source, num_heads: int | None = None) -> ControlNetWeights:
     source = Path(source)
     state, metadata = read_weights(source)
     if not is_controlnet(state):
-        raise CheckpointError(f"{source} is not a PixArt ControlNet checkpoint: no controlnet.* or controlnet_blocks.* "
+        raise NotAControlNetError(f"{source} is not a PixArt ControlNet checkpoint: no controlnet.* or controlnet_blocks.* "
                               f"keys (found keys like {', '.join(list(state)[:5])})")
     base_state = {k[len(CONTROLNET_BASE_PREFIX):]: v for k, v in state.items() if k.startswith(CONTROLNET_BASE_PREFIX)}
     for key in RECOMPUTED_BUFFERS:
@@ -599,9 +606,11 @@ def check_controlnet_base(cfg: ControlNetConfig, base: PixArtConfig, base_preset
         if cfg.copy_blocks_num >= base.depth:
             wrong.append(f"it copies {cfg.copy_blocks_num} blocks (the base has {base.depth})")
     if wrong:
-        made = f" was made for {cfg.base_preset}" if cfg.base_preset else " was made for another base"
+        made = cfg.base_preset or "another base"
+        if cfg.base_preset and cfg.base_preset == base_preset:
+            made = f"a {made} of another size"
         on = f" {base_preset}" if base_preset else ""
-        raise CheckpointError(f"{source}{made}, not this base{on}: " + "; ".join(wrong))
+        raise CheckpointError(f"{source} was made for {made}, not this base{on}: " + "; ".join(wrong))
 
 
 def convert_controlnet_file(source, target, model: str | None = None, num_heads: int | None = None,
@@ -610,6 +619,8 @@ def convert_controlnet_file(source, target, model: str | None = None, num_heads:
     (`resolve_controlnet`), check every key and shape of the branch, and write our ControlNet .ckpt; the base's
     weights, when the source holds them, to `base_target` as a PixArt .ckpt (else they are left out, with a note)."""
     weights = read_controlnet(source, num_heads)
+    if base_target and not weights.base_state:
+        raise CheckpointError(f"--base_target: {source} holds the control branch only, no base model")
     cfg, note = resolve_controlnet(weights.config, model, source)
     _check_controlnet_structure(weights.state, cfg)
     base = cfg.base
@@ -628,19 +639,7 @@ def convert_controlnet_file(source, target, model: str | None = None, num_heads:
     elif weights.base_state:
         log(f"note: the source also holds its base model ({len(weights.base_state)} tensors); not written: pass "
             "--base_target to write it too, or sample with the base's own checkpoint")
-    elif base_target:
-        raise CheckpointError(f"--base_target: {source} holds the control branch only, no base model")
     return cfg
-
-
-def is_controlnet_checkpoint(source) -> bool:
-    """Whether `source` is a ControlNet checkpoint (tools/convert.py then converts it as one): a diffusers
-    research-project folder by its config.json, anything else by its tensor names."""
-    source = Path(source)
-    config = source / "config.json"
-    if source.is_dir() and config.exists() and read_config(source).get("_class_name") == DIFFUSERS_CONTROLNET_CLASS:
-        return True
-    return is_controlnet(read_weights(source)[0])
 
 
 def _check_controlnet_structure(state, cfg: ControlNetConfig) -> None:
