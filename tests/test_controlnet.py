@@ -114,50 +114,10 @@ def torch_forward(base, adapter, x, t, y, mask, info, condition):
         return torch.einsum("nhwpqc->nchpwq", hidden).reshape(n, -1, h * p, w * p).numpy()
 
 
-def original_names(state: dict, prefix: str = "") -> dict:
-    """diffusers' transformer (or one block's) names -> the official PixArt names, written out here independently
-    of pixart.io.keymap; arrays as NumPy."""
-    import torch
-    s = {k: v.detach() for k, v in state.items()}
-    out = {}
-    fixed = {"pos_embed.proj": "x_embedder.proj", "caption_projection.linear_1": "y_embedder.y_proj.fc1",
-             "caption_projection.linear_2": "y_embedder.y_proj.fc2",
-             "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
-             "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
-             "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
-             "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
-             "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
-             "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
-             "adaln_single.linear": "t_block.1", "proj_out": "final_layer.linear"}
-    inner = {"attn1.to_out.0": "attn.proj", "attn2.to_q": "cross_attn.q_linear", "attn2.to_out.0": "cross_attn.proj",
-             "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2"}
-    blocks = sorted({k.split(".")[1] for k in s if k.startswith("transformer_blocks.")}, key=int)
-    if "scale_shift_table" in s and not blocks and "attn1.to_q.weight" not in s:
-        out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
-    groups = [(f"transformer_blocks.{i}.", f"blocks.{i}.") for i in blocks] or [("", "")]
-    for b, o in groups:
-        if b + "attn1.to_q.weight" not in s:
-            continue
-        out[o + "scale_shift_table"] = s.pop(b + "scale_shift_table")
-        for suffix in ("weight", "bias"):
-            out[o + f"attn.qkv.{suffix}"] = torch.cat([s.pop(b + f"attn1.to_{n}.{suffix}") for n in "qkv"])
-            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([s.pop(b + f"attn2.to_{n}.{suffix}") for n in "kv"])
-            for a, z in inner.items():
-                out[o + f"{z}.{suffix}"] = s.pop(b + f"{a}.{suffix}")
-    if blocks:
-        out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
-        for a, z in fixed.items():
-            for suffix in ("weight", "bias"):
-                if f"{a}.{suffix}" in s:
-                    out[f"{z}.{suffix}"] = s.pop(f"{a}.{suffix}")
-        s.pop("pos_embed.pos_embed", None)
-    assert not s, f"test renaming left keys: {list(s)}"
-    return {prefix + k: v for k, v in out.items()}
-
-
 def official_pth(base, adapter, path, y_tokens: int, pos_tokens: int):
     """The official PixArt-δ checkpoint layout: {"state_dict": base_model.* + controlnet.*}."""
     import torch
+    from tests.utils import original_names
     state = original_names(base.state_dict(), "base_model.")
     state["base_model.y_embedder.y_embedding"] = torch.randn(y_tokens, base.config.caption_channels)
     state["base_model.pos_embed"] = torch.zeros(1, pos_tokens, base.inner_dim)
