@@ -36,13 +36,13 @@ def test_presets_names_zero_start_and_scale_zero_equal_the_base_bit_for_bit():
     x, t, y, mask, info, c = _inputs(net)
     base = net.base_model(x, t, y, mask, info).asnumpy()
     # a fresh branch (copied blocks, zero projections) computes exactly the base model
-    assert np.array_equal(net(x, t, y, mask, info, c, 1.0).asnumpy(), base)
+    assert np.array_equal(net(x, t, y, mask, info, condition=c).asnumpy(), base)
     rng = np.random.default_rng(1)
     for p in net.control_parameters():
         p.set_data(Tensor(rng.standard_normal(tuple(p.shape)).astype(np.float32) * 0.05))
-    assert not np.allclose(net(x, t, y, mask, info, c, 1.0).asnumpy(), base, atol=1e-3)
-    assert np.array_equal(net(x, t, y, mask, info, c, 0.0).asnumpy(), base)
-    assert np.array_equal(net(x, t, y, mask, info, None).asnumpy(), base)
+    assert not np.allclose(net(x, t, y, mask, info, condition=c).asnumpy(), base, atol=1e-3)
+    assert np.array_equal(net(x, t, y, mask, info, condition=c, control_scale=0.0).asnumpy(), base)
+    assert np.array_equal(net(x, t, y, mask, info).asnumpy(), base)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,11 +182,11 @@ def test_parity_with_diffusers_blocks_after_conversion_alpha_official_and_sigma_
         net = load_controlnet(work / "cn.ckpt", load_transformer(work / "base.ckpt", log=print), preset)
         data_info = {key: Tensor(v) for key, v in info.items()} if info else None
         args = (Tensor(x), Tensor(t), Tensor(y[:, None]), Tensor(mask.astype(np.int32)), data_info)
-        err = rel_err(net(*args, Tensor(condition), 1.0).asnumpy(), expected)
+        err = rel_err(net(*args, condition=Tensor(condition)).asnumpy(), expected)
         assert err <= 1e-4, f"{preset}: relative error {err:.2e}"
         # control scale 0: the base model's output, bit for bit
         base_out = run_ours(net.base_model, x, t, y, mask, info)
-        assert np.array_equal(net(*args, Tensor(condition), 0.0).asnumpy(), base_out)
+        assert np.array_equal(net(*args, condition=Tensor(condition), control_scale=0.0).asnumpy(), base_out)
         assert rel_err(base_out, expected) > 1e-3  # the control branch mattered
         loaded[preset] = net
 
@@ -241,11 +241,11 @@ def test_pipeline_and_gradio_control_image_types_sizes_and_scale_zero(bundle, tm
     from pixart.pipelines.controlnet import PixArtControlNetPipeline, condition_image
     from pixart.pipelines.text_to_image import PixArtPipeline
     comp = bundle.components
-    pipe = PixArtPipeline.from_pretrained(checkpoint=bundle.checkpoint, model="PixArt-Sigma-XL-2-256x256",
-                                          vae_root=comp / "vae", text_encoder_root=comp / "text_encoder",
-                                          tokenizer_root=comp / "tokenizer")
-    control = PixArtControlNetPipeline.from_pipeline(pipe, control_checkpoint(bundle, tmp_path / "cn.ckpt"),
-                                                     "PixArt-Sigma-XL-2-256x256", log=lambda *_: None)
+    control = PixArtControlNetPipeline.from_pretrained(
+        checkpoint=bundle.checkpoint, model="PixArt-Sigma-XL-2-256x256", vae_root=comp / "vae",
+        text_encoder_root=comp / "text_encoder", tokenizer_root=comp / "tokenizer",
+        controlnet=control_checkpoint(bundle, tmp_path / "cn.ckpt"))
+    pipe = PixArtPipeline(control.transformer.base_model, control.vae, control.text_encoder, control.tokenizer)
     picture = np.zeros((37, 100, 3), np.uint8)  # another size and ratio than the output: resized, then cropped
     picture[10:30, 20:80] = (250, 120, 10)
     Image.fromarray(picture).save(tmp_path / "control.png")

@@ -144,10 +144,11 @@ class ControlPixArt(nn.Cell):
         """The trainable parameters: the control branch's (the base stays frozen)."""
         return list(self.controlnet.get_parameters())
 
-    def construct(self, x, timestep, y, mask=None, data_info=None, condition=None, control_scale: float = 1.0,
-                  force_drop_ids=None):
-        """PixArt's forward (see `PixArt.construct`) with `condition` (N or 1, C, H, W), the condition image's VAE
-        latents (scaled like the image latents) at the latents' size; None or `control_scale` 0: the base alone."""
+    def construct(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None, condition=None,
+                  control_scale: float = 1.0):
+        """PixArt's forward (see `PixArt.construct`, the same first six inputs) with `condition` (N or 1, C, H, W),
+        the condition image's VAE latents (scaled like the image latents) at the latents' size; None or
+        `control_scale` 0: the base alone."""
         return self.denoise(x, timestep, self.encode_caption(y, force_drop_ids), mask, data_info, condition,
                             control_scale)
 

@@ -1,6 +1,6 @@
 """PixArt-δ ControlNet sampling: the control image -> an edge map -> VAE latents -> the control branch at every step.
 
-    pipe = PixArtControlNetPipeline.from_pipeline(PixArtPipeline.from_pretrained(...), "models/controlnet.ckpt")
+    pipe = PixArtControlNetPipeline.from_pretrained("models/PixArt-XL-2-1024-MS", controlnet="models/controlnet.ckpt")
     image = pipe("a leather sofa", control_image="edges.png", controlnet_conditioning_scale=1.0, generator=0)[0][0]
 
 The condition, as the official demo makes it: the control image is resized to cover the generated size (the bucket
@@ -144,6 +144,16 @@ class PixArtControlNetPipeline(PixArtPipeline):
     """Text-to-image steered by a control image: `PixArtPipeline` whose transformer is a `ControlPixArt`, with
     `control_image=` (a path, PIL image or (H, W, 3) uint8 array), `control_type` and
     `controlnet_conditioning_scale` (0: the base model exactly) beside diffusers' arguments."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, controlnet=None, model: str | None = None,
+                        log=None, **kwargs) -> "PixArtControlNetPipeline":
+        """`PixArtPipeline.from_pretrained` (the same arguments), its transformer steered by the ControlNet
+        checkpoint `controlnet` (required)."""
+        if controlnet is None:
+            raise ValueError("PixArtControlNetPipeline.from_pretrained needs controlnet= (a ControlNet checkpoint)")
+        pipe = PixArtPipeline.from_pretrained(pretrained_model_name_or_path, model=model, log=log, **kwargs)
+        return cls.from_pipeline(pipe, controlnet, model, log or (lambda *_: None))
 
     @classmethod
     def from_pipeline(cls, pipe: PixArtPipeline, controlnet, base_preset: str | None = None,
