@@ -20,7 +20,8 @@ def _inputs(net, seed=0, n=2, side=16, tokens=None):
     y = Tensor(rng.standard_normal((n, 1, tokens, net.config.caption_channels)).astype(np.float32))
     mask = np.ones((n, tokens), np.int32)
     mask[-1, 5:] = 0
-    info = {"img_hw": Tensor(np.full((n, 2), side * 8, np.float32)), "aspect_ratio": Tensor(np.ones((n, 1), np.float32))}
+    info = {"img_hw": Tensor(np.full((n, 2), side * 8, np.float32)),
+            "aspect_ratio": Tensor(np.ones((n, 1), np.float32))}
     condition = Tensor(rng.standard_normal((1, 4, side, side)).astype(np.float32))
     return x, t, y, Tensor(mask), info, condition
 
@@ -135,7 +136,8 @@ def diffusers_adapter_folder(adapter, folder):
     import json
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()},
+              folder / "diffusion_pytorch_model.safetensors")
     (folder / "config.json").write_text(json.dumps({"_class_name": "PixArtControlNetAdapterModel",
                                                     "num_layers": len(adapter.controlnet_blocks)}))
 
@@ -192,7 +194,8 @@ def test_parity_with_diffusers_blocks_after_conversion_alpha_official_and_sigma_
 
     # a ControlNet for another base: refused, naming what differs
     alpha, sigma = loaded
-    with pytest.raises(CheckpointError, match=r"made for PixArt-XL-2-1024-MS.*model_max_length 120 \(the base has 300\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"made for PixArt-XL-2-1024-MS.*model_max_length 120 \(the base has 300\)"):
         load_controlnet(tmp_path / "official" / "cn.ckpt", loaded[sigma].base_model, sigma)
     from tools.convert import main
     assert main(["--source", str(tmp_path / "official" / "cn.pth"), "--target", str(tmp_path / "x.ckpt"),

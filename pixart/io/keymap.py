@@ -161,7 +161,8 @@ def fused_slices(name: str) -> tuple[str, ...]:
 
 
 # PixArt-δ ControlNet. Official names: `controlnet.N.copied_block.<block names>`, `controlnet.0.before_proj.*`,
-# `controlnet.N.after_proj.*` (the base under `base_model.`). diffusers' research project (PixArtControlNetAdapterModel):
+# `controlnet.N.after_proj.*` (the base under `base_model.`). diffusers' research project
+# (PixArtControlNetAdapterModel):
 # `controlnet_blocks.N.before_proj.*`, `controlnet_blocks.N.after_proj.*`, `controlnet_blocks.N.transformer_block.<its
 # BasicTransformerBlock names>`, which are those of the transformer's blocks.
 CONTROLNET_PREFIX = "controlnet."

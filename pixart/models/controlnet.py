@@ -42,8 +42,8 @@ from pixart.models.pixart import PixArt, PixArtBlock, PixArtConfig, caption_mask
 COPY_BLOCKS = 13
 FULL_DEPTH = 28
 
-# name -> (base preset, copied blocks). The α ones are the official PixArt-δ checkpoints (HED edges); the Σ ones are the
-# same construction on a Σ base (no official weights: trained here with train.py --controlnet).
+# name -> (base preset, copied blocks). The α ones are the official PixArt-δ checkpoints (HED edges); the Σ ones are
+# the same construction on a Σ base (no official weights: trained here with train.py --controlnet).
 CONTROLNET_PRESETS: dict[str, tuple[str, int]] = {
     "PixArt-XL-2-1024-ControlNet": ("PixArt-XL-2-1024-MS", COPY_BLOCKS),
     "PixArt-XL-2-512-ControlNet": ("PixArt-XL-2-512x512", COPY_BLOCKS),

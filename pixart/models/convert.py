@@ -499,11 +499,9 @@ def read_controlnet(source, num_heads: int | None = None) -> ControlNetWeights:
     source = Path(source)
     state, metadata = read_weights(source)
     if not is_controlnet(state):
-        raise NotAControlNetError(f"{source} is not a PixArt ControlNet checkpoint: no controlnet.* or controlnet_blocks.* "
-                              f"keys (found keys like {', '.join(list(state)[:5])})")
+        raise NotAControlNetError(f"{source} is not a PixArt ControlNet checkpoint: no controlnet.* or "
+                                  f"controlnet_blocks.* keys (found keys like {', '.join(list(state)[:5])})")
     base_state = {k[len(CONTROLNET_BASE_PREFIX):]: v for k, v in state.items() if k.startswith(CONTROLNET_BASE_PREFIX)}
-    for key in RECOMPUTED_BUFFERS:
-        base_state.pop(key, None)
     control, unmapped = controlnet_diffusers_to_original(
         {k: v for k, v in state.items() if not k.startswith(CONTROLNET_BASE_PREFIX)})
     if base_state and is_diffusers_transformer(base_state):
@@ -511,7 +509,9 @@ def read_controlnet(source, num_heads: int | None = None) -> ControlNetWeights:
         unmapped += [CONTROLNET_BASE_PREFIX + k for k in left]
     if unmapped:
         raise CheckpointError(describe_mismatch("PixArt ControlNet", [], unmapped, []))
-    found = infer_controlnet_config(control, base_state, num_heads)
+    found = infer_controlnet_config(control, base_state, num_heads)  # the base's pos_embed tells its training size
+    for key in RECOMPUTED_BUFFERS:
+        base_state.pop(key, None)
     if source.is_dir() and (source / "config.json").exists():
         layers = read_config(source).get("num_layers")
         if layers is not None and layers != found.copy_blocks_num:
@@ -521,7 +521,8 @@ def read_controlnet(source, num_heads: int | None = None) -> ControlNetWeights:
         return ControlNetWeights(control, found, base_state, False)
     try:
         record = json.loads(metadata[CONTROLNET_ARCHITECTURE_KEY])
-        cfg = ControlNetConfig(PixArtConfig(**record["base"]), int(record["copy_blocks_num"]), record.get("base_preset"))
+        cfg = ControlNetConfig(PixArtConfig(**record["base"]), int(record["copy_blocks_num"]),
+                               record.get("base_preset"))
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{source}: unreadable {CONTROLNET_ARCHITECTURE_KEY} record ({e})") from None
     wrong = [f"{f} {_field(cfg.base, f)!r} (the weights have {_field(found.base, f)!r})"
@@ -561,8 +562,8 @@ def resolve_controlnet(cfg: ControlNetConfig, model: str | None = None,
                           "PixArt-XL-2-1024-MS; the base is checked when sampling")
     else:
         ref = preset_config(base_name)
-        wrong = [f"{f}={_field(base, f)!r} (preset {base_name} has {_field(ref, f)!r})" for f in ("qk_norm", "mlp_ratio")
-                 if _field(base, f) != _field(ref, f)]
+        wrong = [f"{f}={_field(base, f)!r} (preset {base_name} has {_field(ref, f)!r})"
+                 for f in ("qk_norm", "mlp_ratio") if _field(base, f) != _field(ref, f)]
         kv, ref_kv = KVCompression.of(base.kv_compress_config), KVCompression.of(ref.kv_compress_config)
         full = base.hidden_size == ref.hidden_size
         if full and any(kv.ratio(i) != ref_kv.ratio(i) for i in range(cfg.copy_blocks_num)):
@@ -597,7 +598,7 @@ def check_controlnet_base(cfg: ControlNetConfig, base: PixArtConfig, base_preset
     """A CheckpointError naming every difference between the base a ControlNet was made for and the `base` it is
     about to steer (fields either side leaves open are not compared; with `base.depth` None only the family's)."""
     wrong = [f"{f} {_field(cfg.base, f)!r} (the base has {_field(base, f)!r})" for f in _CONTROLNET_BASE_FIELDS
-             if _field(cfg.base, f) is not None and _field(base, f) is not None and _field(cfg.base, f) != _field(base, f)]
+             if None not in (_field(cfg.base, f), _field(base, f)) and _field(cfg.base, f) != _field(base, f)]
     if base.depth is not None:  # a whole base, not only its family: its blocks too
         kv, base_kv = KVCompression.of(cfg.base.kv_compress_config), KVCompression.of(base.kv_compress_config)
         copies = [i for i in range(cfg.copy_blocks_num) if kv.ratio(i) != base_kv.ratio(i)]

@@ -182,7 +182,8 @@ class PixArtControlNetPipeline(PixArtPipeline):
             raise ValueError(f"control_type must be one of {', '.join(CONTROL_TYPES)}, got {control_type!r}")
         scale = float(controlnet_conditioning_scale)
         if not np.isfinite(scale):
-            raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {controlnet_conditioning_scale!r}")
+            raise ValueError(f"controlnet_conditioning_scale must be a finite number, got "
+                             f"{controlnet_conditioning_scale!r}")
         if isinstance(control_image, (str, Path)):
             control_image = read_control_image(control_image)
         elif isinstance(control_image, np.ndarray):
