@@ -34,6 +34,10 @@ def test_presets_names_zero_start_and_scale_zero_equal_the_base_bit_for_bit():
     assert "base_model.x_embedder.proj.weight" in names and "controlnet.0.before_proj.weight" in names
     assert "controlnet.1.copied_block.attn.qkv.weight" in names and "controlnet.1.after_proj.bias" in names
     assert "controlnet.1.before_proj.weight" not in names  # block 0 only
+    for i, block in enumerate(net.controlnet):  # the branch starts as a copy of the base's first blocks
+        for a, b in zip(block.copied_block.get_parameters(), net.base_model.blocks[i].get_parameters()):
+            assert np.array_equal(a.asnumpy(), b.asnumpy())
+        assert not block.after_proj.weight.asnumpy().any()
     x, t, y, mask, info, c = _inputs(net)
     base = net.base_model(x, t, y, mask, info).asnumpy()
     # a fresh branch (copied blocks, zero projections) computes exactly the base model

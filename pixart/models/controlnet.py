@@ -131,10 +131,9 @@ class ControlPixArt(nn.Cell):
     def initialize_from_base(self) -> None:
         """Training's start (the official initialisation): each copied block takes its base block's weights, and both
         projections are zero, so the model computes exactly what the base does."""
-        for i, block in enumerate(self.controlnet):
-            source = {p.name[len(f"base_model.blocks.{i}."):]: p for p in self.base_model.blocks[i].get_parameters()}
-            for p in block.copied_block.get_parameters():
-                p.set_data(source[p.name[len(f"controlnet.{i}.copied_block."):]].value().copy())
+        for i, block in enumerate(self.controlnet):  # the same block class and settings: parameters in one order
+            for source, copy in zip(self.base_model.blocks[i].get_parameters(), block.copied_block.get_parameters()):
+                copy.set_data(source.value().copy())
             for proj in (getattr(block, "before_proj", None), block.after_proj):
                 if proj is not None:
                     for p in (proj.weight, proj.bias):
