@@ -14,11 +14,13 @@ from typing import Callable
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from pixart.data.buckets import ASPECT_RATIOS
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, timesteps_list
 from pixart.models.lora import set_lora_scale
 from pixart.pipelines.image_inputs import load_image, load_mask
+from pixart.pipelines.controlnet import CONTROL_TYPES
 from pixart.pipelines.outputs import provenance, save_images
 from pixart.pipelines.text_to_image import check_image_size
 
@@ -86,6 +88,7 @@ class DemoApp:
         self.table = ASPECT_RATIOS[min(ASPECT_RATIOS, key=lambda r: abs(r - self.resolution))]
         self.lora = bool(getattr(args, "lora_path", None))  # loaded once with the model; the page sets its scale
         self._lora_scale = args.lora_scale if self.lora else None  # the scale the transformer holds now
+        self.controlnet = bool(getattr(args, "controlnet", None))  # PixArt-δ: the page takes a control image
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="pixart-gradio-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one generation at a time even if called outside gradio's queue
@@ -125,7 +128,7 @@ class DemoApp:
     # -- one request ----------------------------------------------------------------------------------------
     def check_request(self, prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed,
                       width, height, batch_size, resolution_binning, lora_scale=None, image=None, mask=None,
-                      strength=None) -> dict:
+                      strength=None, control_image=None, control_scale=None, control_type=None) -> dict:
         """Validate and normalise a request; a DemoError names the first bad value. `lora_scale` counts only when
         the server has a LoRA (None: the one it was started with). `image` (an array or PIL image) makes it
         image-to-image at `strength`, and `mask` (white or painted = repaint, None: no mask) inpainting."""
@@ -170,6 +173,7 @@ class DemoApp:
             request.update(self._check_image(image, mask, strength))
         elif mask is not None:
             raise DemoError("a mask needs an input image: upload the picture to inpaint")
+        request.update(self.check_control(control_image, control_scale, control_type))
         return request
 
     def _check_image(self, image, mask, strength) -> dict:
@@ -186,6 +190,26 @@ class DemoApp:
         except ValueError as e:
             raise DemoError(str(e)) from None
         return out
+
+    def check_control(self, image, scale, kind) -> dict:
+        """The ControlNet part of a request (none without --controlnet): a PIL image or None (the base model), a
+        finite scale, a known type; None values take the server's flags."""
+        if not self.controlnet:
+            return {}
+        a = self.args
+        kind = a.control_type if kind is None else kind
+        if kind not in CONTROL_TYPES:
+            raise DemoError(f"control type must be one of {', '.join(CONTROL_TYPES)}, got {kind!r}")
+        try:
+            scale = float(a.control_scale if scale is None else scale)
+        except (TypeError, ValueError):
+            raise DemoError(f"control scale must be a number, got {scale!r}") from None
+        if not np.isfinite(scale):
+            raise DemoError(f"control scale must be a finite number, got {scale}")
+        if image is not None and not isinstance(image, Image.Image):
+            raise DemoError(f"the control image must be an image, got {type(image).__name__}")
+        return dict(control_image=getattr(a, "_control", None) if image is None else image, control_scale=scale,
+                    control_type=kind)
 
     def generate(self, request: dict, progress=None) -> dict:
         """Generate a checked request; returns paths of the PNGs (with metadata), settings, and the command."""
@@ -205,6 +229,9 @@ class DemoApp:
                 extra["timesteps"] = timesteps_list(a.timesteps)
             if "mask_image" in request:
                 extra["mask_blur"] = a.mask_blur
+            if self.controlnet:
+                extra.update(control_image=request["control_image"], control_type=request["control_type"],
+                             controlnet_conditioning_scale=request["control_scale"])
             result = self.pipe(request["prompt"], negative_prompt=request["negative_prompt"],
                                height=request["height"], width=request["width"], sampler=request["sampler"],
                                num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
@@ -219,6 +246,9 @@ class DemoApp:
                 request[key + "_path"] = str(folder / f"input-{key.replace('_image', '')}.png")
                 request[key].save(request[key + "_path"])
         self._prune()
+        if request.get("control_image") is not None:  # kept beside the images: the reproduce-command names it
+            request["control_path"] = str(folder / "control.png")
+            request["control_image"].save(request["control_path"])
         made_by = provenance(a.model, a.checkpoint, a.lora_path, request["lora_scale"])
         paths = [str(p) for p in save_images(result, lambda _, s: folder / f"pixart-{n:05d}-seed{s['seed']}.png",
                                              made_by)]
@@ -269,6 +299,11 @@ class DemoApp:
             opts.update(image=request["image_path"], strength=request["strength"])
             if "mask_image_path" in request:
                 opts.update(mask_image=request["mask_image_path"], mask_blur=a.mask_blur)
+        if self.controlnet:
+            opts.update(controlnet=a.controlnet, control_scale=request["control_scale"],
+                        control_type=request["control_type"])
+            if request.get("control_path"):
+                opts["control_image"] = request["control_path"]
         if not complete:  # neutralise what the -c config would add to this one image
             if self._base.prompt_path:
                 opts["prompt_path"] = ""

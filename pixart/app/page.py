@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pixart.app.core import CUSTOM, LORA_SCALES, DemoApp, DemoError, editor_inputs
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.pipelines.controlnet import CONTROL_TYPES
 
 CSS = """
 #gallery img { image-rendering: auto; }
@@ -29,12 +30,15 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
 
     def on_generate(prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed, width, height,
                     batch_size, resolution_binning, lora_scale, editor=None, strength=None,
+                    control_image=None, control_scale=None, control_type=None,
                     progress=gr.Progress(track_tqdm=True)):
         try:
             image, mask = editor_inputs(editor)
             request = app.check_request(prompt, negative_prompt, sampler, steps, guidance_scale, seed,
                                         randomize_seed, width, height, batch_size, resolution_binning, lora_scale,
-                                        image=image, mask=mask, strength=strength)
+                                        image=image, mask=mask, strength=strength,
+                                        control_image=control_image, control_scale=control_scale,
+                                        control_type=control_type)
             out = app.generate(request, progress=progress)
         except DemoError as e:
             app.log(f"refused: {e}")
@@ -104,6 +108,16 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
                     strength = gr.Slider(0.0, 1.0, value=a.strength, step=0.05, label="Strength",
                                          info="0 keeps the image, 1 redraws it all", elem_id="strength")
+                with gr.Row(visible=app.controlnet):  # PixArt-δ: the server was started with --controlnet
+                    control_image = gr.Image(label="Control image (none: the base model)", type="pil",
+                                             sources=["upload"], elem_id="control-image", height=200)
+                    with gr.Column():
+                        control_type = gr.Radio(list(CONTROL_TYPES), value=getattr(a, "control_type", "hed"),
+                                                label="Control type", elem_id="control-type",
+                                                info="hed: an edge map already; canny: edges computed here")
+                        control_scale = gr.Slider(0.0, 2.0, value=getattr(a, "control_scale", 1.0), step=0.05,
+                                                  label="Control scale", info="0 = the base model, 1 = as trained",
+                                                  elem_id="control-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height=420, elem_id="gallery",
@@ -117,7 +131,7 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                                  elem_id="yaml", interactive=False, lines=4, max_lines=24, show_line_numbers=False,
                                  buttons=["copy", "download"])
         inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, batch, binning,
-                  lora_scale, editor, strength]
+                  lora_scale, editor, strength, control_image, control_scale, control_type]
         outputs = [gallery, files, command, config, seed, status]
         button.click(on_generate, inputs, outputs, api_name="generate", concurrency_limit=1,
                      concurrency_id="model")
