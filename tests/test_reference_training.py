@@ -246,13 +246,22 @@ def test_lora_fp16_falls_back_on_cpu(capsys):
     assert a.mixed_precision == "fp32" and capsys.readouterr().err.startswith("warning: --mixed_precision fp16")
 
 
-def test_lora_schedule_we_do_not_have_exits_1(tmp_path, capsys):
+@pytest.mark.parametrize("script", ["train", "lora"])
+@pytest.mark.parametrize("extra,message", [
+    (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"],
+     "--lr_scheduler polynomial decays to 1e-07, so --learning_rate must be larger; got 1e-08"),
+    (["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "0"], "--lr_num_cycles must be >= 1, got 0"),
+])
+def test_lr_schedule_settings_diffusers_rejects_exit_1(tmp_path, capsys, script, extra, message):
     labels = tmp_path / "labels.json"
     labels.write_text("[]")
-    assert cli_main(lora_train, ["--pretrained_model_name_or_path", str(labels), "--json_path", str(labels),
-                            "--image_dir", str(tmp_path), "--lr_scheduler", "polynomial"]) == 1
+    module, model = (lora_train, ["--pretrained_model_name_or_path", str(labels)]) if script == "lora" else \
+        (train, ["--model", "PixArt-XL-2-256x256"])
+    assert cli_main(module, [*model, "--json_path", str(labels), "--image_dir", str(tmp_path), *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--lr_scheduler polynomial is not implemented" in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    for name in ("polynomial", "cosine_with_restarts", "linear"):  # every diffusers name parses in both scripts
+        assert parsed(["--lr_scheduler", name], module.build_parser).lr_scheduler == name
 
 
 # ----------------------------------------------------------------------------------------------------------------

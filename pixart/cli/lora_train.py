@@ -16,12 +16,10 @@ from pixart.cli.train import (add_model_options, add_precision_options, add_trai
 from pixart.data.sources import check_data_args
 from pixart.pipelines.loading import resolve_pipeline_folder
 from pixart.training.lora import LoRAMethod
-from pixart.training.optimizers import LR_SCHEDULES
+from pixart.training.optimizers import add_lr_schedule_options
 from pixart.training.setup import TrainError
 from pixart.training.trainer import Trainer
 
-
-UNSUPPORTED_SCHEDULES = ("cosine_with_restarts", "polynomial")
 
 
 def build_parser(description: str | None = None) -> ArgumentParser:
@@ -59,8 +57,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--num_train_epochs", "--epochs", dest="epochs", type=int, default=100)
     g.add_argument("--max_train_steps", "--max_steps", dest="max_steps", type=int, default=None,
                    help="optimizer steps (overrides --num_train_epochs)")
-    g.add_argument("--lr_scheduler", default="constant", choices=[*LR_SCHEDULES, *UNSUPPORTED_SCHEDULES],
-                   help=f"diffusers' schedules; {' and '.join(UNSUPPORTED_SCHEDULES)} are refused")
+    add_lr_schedule_options(g, "constant")
     g.add_argument("--lr_warmup_steps", "--warmup_steps", dest="warmup_steps", type=int, default=500,
                    help="linear warm-up (not used by --lr_scheduler constant, as in diffusers)")
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -168,9 +165,6 @@ def check_args(args) -> None:
     check_refused(args)
     device_fallbacks(args, FLAG)
     check_common_args(args, FLAG)
-    if args.lr_scheduler in UNSUPPORTED_SCHEDULES:
-        raise TrainError(f"--lr_scheduler {args.lr_scheduler} is not implemented; use one of "
-                         f"{', '.join(LR_SCHEDULES)}")
     if not args.load_from:
         raise TrainError(f"{FLAG('load_from')} is required: a LoRA trains on top of pretrained weights (a diffusers "
                          "pipeline folder, or a .pth / .ckpt / .safetensors / diffusers transformer folder)")

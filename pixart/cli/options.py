@@ -283,7 +283,9 @@ def add_source_options(g) -> None:
     g.add_argument("--dataset_config_name", default=None, help="the dataset's configuration (load_dataset's name)")
     g.add_argument("--train_data_dir", default=None,
                    help="a folder: images with a same-named .txt/.caption each (searched recursively), an "
-                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir")
+                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir. "
+                        "Under msrun each rank reads whole shards of its own (dealt anew each epoch), so the shard "
+                        "count must be a multiple of the number of ranks (refused otherwise)")
     g.add_argument("--image_column", default="image", help="dataset column of the images (or image paths)")
     g.add_argument("--caption_column", default=None, help="dataset column of the captions (default: 'text', "
                    "diffusers' name, else 'en_text', the reference port's)")

@@ -15,7 +15,7 @@ from pixart import backend, cpu
 from pixart.io import load_into
 from pixart.models.convert import fill_null_caption
 from pixart.cpu.blockwise import BlockwiseTrainStep, refusal
-from pixart.data.dataset import BatchStream, BucketDataset
+from pixart.data.dataset import BatchStream, open_dataset
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder
 from pixart.data.sources import source_from_args
 from pixart.diffusion.loss import DiffusionLoss
@@ -76,9 +76,10 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
     if cache is not None:
         cache.check_compatible(resolution, multi_scale, max_length, args.random_flip)
     captions = ("prompt", "sharegpt4v") if args.real_prompt_ratio < 1.0 else ("prompt",)
-    dataset = BucketDataset(source_from_args(args), resolution, multi_scale=multi_scale,
-                            check_images=not (cache and cache.has_latents),
-                            available=(lambda e: cache.missing(e, captions)) if cache else None)
+    dataset = open_dataset(source_from_args(args), resolution, multi_scale=multi_scale,
+                           check_images=not (cache and cache.has_latents),
+                           available=(lambda e: cache.missing(e, captions)) if cache else None,
+                           rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     log.info(dataset.summary())
     global_batch = args.batch_size * ctx.world_size
     dataset.check_batch_size(global_batch, f"{flag('batch_size')} {args.batch_size} x {ctx.world_size} rank(s)")
@@ -209,7 +210,8 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
 
 def open_stream(args, data: Data, ctx, batches_done: int, flag: Callable[[str], str] = default_flag):
     """(batch stream from `batches_done` on, batch builder, optimizer steps per epoch, last step)."""
-    stream = BatchStream(data.dataset, args.batch_size, args.seed, ctx.rank, ctx.world_size, start=batches_done)
+    stream = BatchStream(data.dataset, args.batch_size, args.seed, ctx.rank, ctx.world_size, start=batches_done,
+                         agree=ctx.min_over_ranks)
     steps_per_epoch = stream.per_epoch // args.grad_accumulation
     if steps_per_epoch == 0 and args.max_steps is None:
         raise TrainError(f"one epoch has {stream.per_epoch} batches, fewer than {flag('grad_accumulation')} "
