@@ -389,3 +389,21 @@ def test_shipped_configs_name_no_device():
         values = yaml.safe_load(config.read_text())
         assert "device_target" not in values, config.name
         assert values["checkpoint"].startswith("models/") and values["vae_root"].startswith("models/"), config.name
+
+
+def test_kv_compression_is_one_checked_constructor_for_sampling_and_training():
+    from pixart.cli.options import kv_compress_config
+    from pixart.models.pixart import KVCompression
+    from pixart.training.setup import model_config
+    for argv in (["--kv_compress", "true"], ["--kv_compress", "true", "--kv_compress_scale_factor", "4",
+                                              "--kv_compress_layer", "0", "3", "--kv_compress_sampling", "ave"]):
+        a = parsed(["--model", "PixArt-Sigma-XL-2-256x256", "--depth", "4", "--hidden_size", "72", *argv])
+        assert model_config(a, 64).kv_compress_config == kv_compress_config(a, 4)
+    assert kv_compress_config(parsed(["--kv_compress", "true"]), 4) == \
+        {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [2, 3]}  # Σ's KV models' layout
+    with pytest.raises(ValueError, match=r"^kv_compress_scale_factor 0 is not allowed: an integer >= 1"):
+        KVCompression.from_options("conv", 0)
+    with pytest.raises(ValueError, match=r"^kv_compress_layer 4, -1 out of range: the model has 4 blocks, 0\.\.3$"):
+        KVCompression.from_options("conv", 2, [1, 4, -1], depth=4)
+    with pytest.raises(ValueError, match=r"^kv_compress_sampling 'max' is not one of conv, ave, uniform$"):
+        KVCompression.from_options("max", 2)

@@ -134,7 +134,7 @@ def add_encoder_options(g, reference_layout: bool = False) -> None:
                    "the feature cache's)")
 
 
-KV_DEFAULT_SCALE_FACTOR = 2  # PixArt-Σ's KV-compressed models: keys and values downsampled 2x each way
+KV_DEFAULT_SCALE_FACTOR = 2  # for -h: KVCompression.DEFAULT_SCALE_FACTOR (a parser does not import MindSpore)
 
 
 def add_kv_compress_group(p, scale_factor: int | None = None):
@@ -153,15 +153,12 @@ def add_kv_compress_group(p, scale_factor: int | None = None):
 
 
 def kv_compress_config(args, depth: int | None = None) -> dict | None:
-    """The model's KV-compression config the flags ask for (None: off). Unset layers are the second half of the
-    `depth` blocks (Σ's 14..27 of 28); an unset factor is 2."""
+    """The model's KV-compression config the flags ask for (None: off), checked by `KVCompression.from_options`."""
     if not args.kv_compress:
         return None
-    layers = args.kv_compress_layer or (list(range(depth // 2, depth)) if depth else [])
-    factor = args.kv_compress_scale_factor or KV_DEFAULT_SCALE_FACTOR
-    if factor < 1:
-        raise ConfigError(f"--kv_compress_scale_factor must be >= 1, got {factor}")
-    return {"sampling": args.kv_compress_sampling, "scale_factor": factor, "kv_compress_layer": layers}
+    from pixart.models.pixart import KVCompression  # here: building a parser must not import MindSpore
+    return KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
+                                      args.kv_compress_layer, depth).config()
 
 
 def _device_nodes(device: str) -> bool:

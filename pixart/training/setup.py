@@ -19,7 +19,7 @@ from pixart.data.dataset import BatchStream, open_dataset
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder
 from pixart.data.sources import source_from_args
 from pixart.diffusion.loss import DiffusionLoss
-from pixart.models.pixart import PixArt, preset_config
+from pixart.models.pixart import KVCompression, PixArt, preset_config
 from pixart.training import distributed
 from pixart.training.batch import BatchBuilder
 from pixart.training.ema import EMA
@@ -128,8 +128,8 @@ def model_config(args, caption_channels: int, weights=None):
     if args.max_length is not None:
         cfg.model_max_length = args.max_length
     if args.kv_compress:
-        cfg.kv_compress_config = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
-                                  "kv_compress_layer": args.kv_compress_layer or list(range(cfg.depth // 2, cfg.depth))}
+        cfg.kv_compress_config = KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
+                                                            args.kv_compress_layer, cfg.depth).config()
     return cfg
 
 
