@@ -6,6 +6,7 @@ svjack/pokemon-blip-captions-en-zh and writes TensorBoard events that TensorBoar
 bad data input exits 1 with one line before anything is written."""
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -90,20 +91,44 @@ def test_msrun_two_workers_on_webdataset_shards_read_their_own_shards(setup, tmp
     assert all(np.isfinite(w).all() for w in weights.values())
 
 
+def alpha_512_in_hub_cache(setup) -> Path:
+    """A reduced random PixArt-XL-2-512x512 pipeline (the demo bundle's weights and tiny T5 / VAE, 120 caption
+    tokens) saved as a diffusers folder under its hub id in a Hugging Face cache; returns the cache."""
+    from pixart.models.convert import read_pixart, save_pixart
+    from pixart.models.pixart import preset_config
+    from pixart.pipelines.text_to_image import PixArtPipeline
+    root, comp, model = setup["root"], setup["comp"], "PixArt-XL-2-512x512"
+    weights = read_pixart(setup["ckpt"])  # Σ-256 and α-512 share every weight but the null caption's length
+    cfg = preset_config(model, caption_channels=demo.T5_CONFIG["d_model"], **demo.PIXART_SHRINK)
+    weights.state["y_embedder.y_embedding"] = weights.state["y_embedder.y_embedding"][:cfg.model_max_length]
+    save_pixart(weights.state, cfg, root / "alpha512.ckpt", model)
+    pipe = PixArtPipeline.from_pretrained(checkpoint=root / "alpha512.ckpt", model=model, vae_root=comp / "vae",
+                                          text_encoder_root=comp / "text_encoder", tokenizer_root=comp / "tokenizer",
+                                          log=lambda *_: None)
+    repo = root / "hub" / "models--PixArt-alpha--PixArt-XL-2-512x512"
+    pipe.save_pretrained(repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    return root / "hub"
+
+
 def test_reference_readme_lora_command_trains_from_a_datasets_folder_with_tensorboard(setup):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = setup["root"] / "pixart-pokemon-model"
-    # The reference README's command as written; what differs: the demo bundle as the base model (a Σ checkpoint
-    # with its 300-token T5 instead of α-512's 120), fp32 on CPU, and a few steps instead of 80 epochs.
-    r = run(LORA_SCRIPT, f"--pretrained_model_name_or_path={setup['ckpt']}", "--model", demo.PRESET,
-            *setup["encoders"],
+    hub = alpha_512_in_hub_cache(setup)
+    # The reference README's command as written, its base model a reduced random α-512 in the local Hugging Face
+    # cache, and --mixed_precision fp16 (on CPU: fp32 with a warning); what differs: the dataset is a local
+    # `datasets` folder in the layout of svjack/pokemon-blip-captions-en-zh, and 2 steps instead of 80 epochs.
+    r = run(LORA_SCRIPT, "--pretrained_model_name_or_path=PixArt-alpha/PixArt-XL-2-512x512",
             f"--dataset_name={setup['formats']['save_to_disk']['--dataset_name']}", "--caption_column=en_text",
             "--resolution=512", "--random_flip", "--train_batch_size=4", "--num_train_epochs=80",
             "--checkpointing_steps=200", "--learning_rate=1e-04", "--lr_scheduler=constant", "--lr_warmup_steps=0",
-            "--seed=42", "--mixed_precision=no", f"--output_dir={out}", "--validation_prompt=cute dragon creature",
+            "--seed=42", "--mixed_precision=fp16", f"--output_dir={out}", "--validation_prompt=cute dragon creature",
             "--report_to=tensorboard", "--checkpoints_total_limit=10", "--validation_epochs=5",
-            "--max_token_length=300", "--max_train_steps=2", env=setup["env"])
+            "--max_token_length=120", "--max_train_steps=2",
+            env={**setup["env"], "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: --mixed_precision fp16" in r.stderr
     acc = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     logged = losses(out)
