@@ -152,7 +152,7 @@ def add_encoder_options(g, reference_layout: bool = False) -> None:
                    "the feature cache's)")
 
 
-KV_DEFAULT_SCALE_FACTOR = 2  # PixArt-Σ's KV-compressed models: keys and values downsampled 2x each way
+KV_DEFAULT_SCALE_FACTOR = 2  # for -h: KVCompression.DEFAULT_SCALE_FACTOR (a parser does not import MindSpore)
 
 
 def add_kv_compress_group(p, scale_factor: int | None = None):
@@ -193,16 +193,12 @@ def check_kv_layers(args, depth: int | None = None, flag=None) -> None:
 
 
 def kv_compress_config(args, depth: int | None = None) -> dict | None:
-    """The model's KV-compression config the flags ask for (None: off). Unset layers are the second half of the
-    `depth` blocks (Σ's 14..27 of 28); an unset factor is 2. Layers outside the model are refused."""
+    """The model's KV-compression config the flags ask for (None: off), checked by `KVCompression.from_options`."""
     if not args.kv_compress:
         return None
-    check_kv_layers(args, depth)
-    layers = args.kv_compress_layer or (list(range(depth // 2, depth)) if depth else [])
-    factor = args.kv_compress_scale_factor or KV_DEFAULT_SCALE_FACTOR
-    if factor < 1:
-        raise ConfigError(f"--kv_compress_scale_factor must be >= 1, got {factor}")
-    return {"sampling": args.kv_compress_sampling, "scale_factor": factor, "kv_compress_layer": layers}
+    from pixart.models.pixart import KVCompression  # here: building a parser must not import MindSpore
+    return KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
+                                      args.kv_compress_layer, depth or model_depth(args)).config()
 
 
 def _device_nodes(device: str) -> bool:
@@ -324,7 +320,9 @@ def add_source_options(g) -> None:
     g.add_argument("--dataset_config_name", default=None, help="the dataset's configuration (load_dataset's name)")
     g.add_argument("--train_data_dir", default=None,
                    help="a folder: images with a same-named .txt/.caption each (searched recursively), an "
-                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir")
+                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir. "
+                        "Under msrun each rank reads whole shards of its own (dealt anew each epoch), so the shard "
+                        "count must be a multiple of the number of ranks (refused otherwise)")
     g.add_argument("--image_column", default="image", help="dataset column of the images (or image paths)")
     g.add_argument("--caption_column", default=None, help="dataset column of the captions (default: 'text', "
                    "diffusers' name, else 'en_text', the reference port's)")

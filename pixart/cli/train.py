@@ -12,6 +12,7 @@ from pixart.cli.options import (ArgumentParser, DTYPES, add_data_group, add_enco
                                 str2bool)
 from pixart.data.sources import check_data_args
 from pixart.models.pixart import preset_config
+from pixart.training.optimizers import add_lr_schedule_options, check_lr_schedule
 from pixart.training.setup import TrainError, default_flag
 from pixart.training.trainer import Method, Trainer
 
@@ -87,7 +88,9 @@ def add_reference_options(p) -> None:
                    help="image-decoding threads per rank")
     g = option_group(p, "optimisation")
     g.add_argument("--scheduler", default="constant", choices=["constant"],
-                   help="learning-rate schedule: constant after a linear warm-up of --warmup_steps")
+                   help="the reference's learning-rate schedule: constant after a linear warm-up of --warmup_steps "
+                        "(--lr_scheduler constant_with_warmup)")
+    add_lr_schedule_options(g, "constant_with_warmup")
     g.add_argument("--adamw_eps", "--optim_eps", dest="adamw_eps", type=float, default=None,
                    help="AdamW's eps (same as --eps with --optimizer adamw)")
     g.add_argument("--came_betas", type=float, nargs="*", default=None, help="CAME's 3 betas (as --betas with came)")
@@ -251,6 +254,7 @@ def check_common_args(args, flag: Callable[[str], str] = default_flag) -> None:
         raise TrainError(f"validation images need {flag('vae_root')} and {flag('text_encoder_root')}")
     if args.resume and args.resume != "latest" and not Path(args.resume).exists():
         raise TrainError(f"{flag('resume')} path not found: {args.resume}")
+    check_lr_schedule(args, flag)
 
 
 def check_args(args) -> None:

@@ -18,7 +18,8 @@ Formats (`open_source` picks one from the data options):
 * webdataset `.tar` shards (`--train_data_dir` or `--dataset_name`: a folder of shards, a `*.tar` glob or a brace
   pattern `shards-{000..009}.tar`): the tar headers are indexed (names and offsets; captions are read, images are
   not) and each image is read from its shard at its offset when a batch needs it, so shards are never unpacked and
-  memory holds only the index.
+  memory holds only the index. Under data parallelism each rank indexes and reads only its own shards
+  (`pixart.data.dataset.RankShards`).
 
 Records come in a fixed order (label order, dataset row order, sorted file names, shard then member order), so the
 same images and captions give the same batches from every format.
@@ -260,6 +261,13 @@ class ShardSource(Source):
                 raise DataError(f"shard not found: {s}")
         self.where: dict[str, tuple[Path, int, int]] = {}  # path -> (shard, data offset, size)
         self.skipped = []
+
+    def subset(self, indices) -> "ShardSource":
+        """The same source restricted to the shards at `indices` (a rank's shards under data parallelism); nothing
+        is read."""
+        part = object.__new__(ShardSource)
+        part.name, part.shards, part.where, part.skipped = self.name, [self.shards[i] for i in indices], {}, []
+        return part
 
     def check(self) -> None:
         for shard in self.shards:

@@ -24,6 +24,7 @@ from pixart.models.t5 import encode_prompts
 from pixart.models.convert import pipeline_class
 from pixart.pipelines.image_inputs import image_tensor, latent_mask, load_image, load_mask, pixel_mask
 from pixart.pipelines.loading import (dtype_name, load_components, load_transformer, resolve_pipeline_folder)
+from pixart.pipelines import captions
 
 
 MIN_IMAGE_SIZE = 8  # pixels: one latent pixel
@@ -262,8 +263,7 @@ class PixArtPipeline:
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
         if clean_caption:
-            raise ValueError("clean_caption=True (diffusers' caption cleaning, which needs beautifulsoup4 and ftfy) "
-                             "is not available here; pass clean_caption=False")
+            captions.check_available()  # one line naming beautifulsoup4 / ftfy when missing
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         max_length = int(max_sequence_length or self.max_sequence_length)
@@ -322,6 +322,8 @@ class PixArtPipeline:
                 raise ValueError(f"latents must have shape {(n, *shape)} for {n} images of {height}x{width}, got "
                                  f"{latents.shape}")
 
+        if clean_caption:  # as diffusers: what is encoded is cleaned, prompts and negative prompts alike
+            prompts, negatives = captions.clean_captions(prompts), captions.clean_captions(negatives)
         # 2. encode prompts: [negative, positive] as diffusers orders the guidance batch
         if prompt_embeds is None:
             y, mask = self.encode_prompt(prompts, max_length)

@@ -31,7 +31,8 @@ def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_st
     for step in range(start_step + 1, max_steps + 1):
         tic = time.time()
         step_lr = Tensor(learning_rate_at(getattr(args, "lr_scheduler", "constant_with_warmup"), step - 1, opt.lr,
-                                          args.warmup_steps, max_steps), ms.float32)
+                                          args.warmup_steps, max_steps, getattr(args, "lr_num_cycles", 1),
+                                          getattr(args, "lr_power", 1.0)), ms.float32)
         losses, data_time = [], 0.0
         for micro in range(args.grad_accumulation):
             t_data = time.time()

@@ -15,11 +15,11 @@ from pixart import backend, cpu
 from pixart.io import load_into
 from pixart.models.convert import fill_null_caption
 from pixart.cpu.blockwise import BlockwiseTrainStep, refusal
-from pixart.data.dataset import BatchStream, BucketDataset
+from pixart.data.dataset import BatchStream, open_dataset
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder
 from pixart.data.sources import source_from_args
 from pixart.diffusion.loss import DiffusionLoss
-from pixart.models.pixart import PixArt, preset_config
+from pixart.models.pixart import KVCompression, PixArt, preset_config
 from pixart.training import distributed
 from pixart.training.batch import BatchBuilder
 from pixart.training.ema import EMA
@@ -76,9 +76,10 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
     if cache is not None:
         cache.check_compatible(resolution, multi_scale, max_length, args.random_flip)
     captions = ("prompt", "sharegpt4v") if args.real_prompt_ratio < 1.0 else ("prompt",)
-    dataset = BucketDataset(source_from_args(args), resolution, multi_scale=multi_scale,
-                            check_images=not (cache and cache.has_latents),
-                            available=(lambda e: cache.missing(e, captions)) if cache else None)
+    dataset = open_dataset(source_from_args(args), resolution, multi_scale=multi_scale,
+                           check_images=not (cache and cache.has_latents),
+                           available=(lambda e: cache.missing(e, captions)) if cache else None,
+                           rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     log.info(dataset.summary())
     global_batch = args.batch_size * ctx.world_size
     dataset.check_batch_size(global_batch, f"{flag('batch_size')} {args.batch_size} x {ctx.world_size} rank(s)")
@@ -127,8 +128,8 @@ def model_config(args, caption_channels: int, weights=None):
     if args.max_length is not None:
         cfg.model_max_length = args.max_length
     if args.kv_compress:
-        cfg.kv_compress_config = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
-                                  "kv_compress_layer": args.kv_compress_layer or list(range(cfg.depth // 2, cfg.depth))}
+        cfg.kv_compress_config = KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
+                                                            args.kv_compress_layer, cfg.depth).config()
     return cfg
 
 
@@ -209,7 +210,8 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
 
 def open_stream(args, data: Data, ctx, batches_done: int, flag: Callable[[str], str] = default_flag):
     """(batch stream from `batches_done` on, batch builder, optimizer steps per epoch, last step)."""
-    stream = BatchStream(data.dataset, args.batch_size, args.seed, ctx.rank, ctx.world_size, start=batches_done)
+    stream = BatchStream(data.dataset, args.batch_size, args.seed, ctx.rank, ctx.world_size, start=batches_done,
+                         agree=ctx.min_over_ranks)
     steps_per_epoch = stream.per_epoch // args.grad_accumulation
     if steps_per_epoch == 0 and args.max_steps is None:
         raise TrainError(f"one epoch has {stream.per_epoch} batches, fewer than {flag('grad_accumulation')} "
