@@ -137,7 +137,7 @@ class ControlPixArt(nn.Cell):
             for proj in (getattr(block, "before_proj", None), block.after_proj):
                 if proj is not None:
                     for p in (proj.weight, proj.bias):
-                        p.set_data(Tensor(np.zeros(tuple(p.shape), np.float32)).astype(p.dtype))
+                        p.set_data(Tensor(np.zeros(tuple(p.shape), np.float32), dtype=p.dtype))
 
     def control_parameters(self) -> list:
         """The trainable parameters: the control branch's (the base stays frozen)."""

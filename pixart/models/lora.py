@@ -244,7 +244,7 @@ def initialize_lora(params, seed: int) -> None:
             value = rng.uniform(-bound, bound, shape)
         else:
             value = np.zeros(shape)
-        p.set_data(Tensor(value.astype(np.float32)).astype(p.dtype))
+        p.set_data(Tensor(value.astype(np.float32), dtype=p.dtype))
 
 
 def _is_lora_param(name: str) -> bool:
@@ -472,8 +472,8 @@ def load_lora(model, source, scale: float = 1.0, log=print) -> LoRAWeights:
                             rslora=branches[0].rslora)
         for b in branches:
             j = layer.branch_parts.index(b.part)
-            layer.lora_A[j].set_data(Tensor(b.A).astype(base.weight.dtype))
-            layer.lora_B[j].set_data(Tensor(b.B).astype(base.weight.dtype))
+            layer.lora_A[j].set_data(Tensor(b.A, dtype=base.weight.dtype))
+            layer.lora_B[j].set_data(Tensor(b.B, dtype=base.weight.dtype))
         _replace(model, module, layer)
     set_lora_scale(model, scale)
     log(f"LoRA {Path(lora.source).name}: {len(lora.branches)} low-rank updates on "
@@ -503,8 +503,8 @@ def copy_lora_weights(model, source, log=print) -> LoRAWeights:
             raise CheckpointError(f"LoRA {lora.source}: {module} has rank {b.rank}, alpha {b.alpha:g}; the model's "
                                   f"has rank {layer.ranks[part]}, alpha {layer.alphas[part]:g}")
         j = layer.branch_parts.index(part)
-        layer.lora_A[j].set_data(Tensor(b.A).astype(layer.weight.dtype))
-        layer.lora_B[j].set_data(Tensor(b.B).astype(layer.weight.dtype))
+        layer.lora_A[j].set_data(Tensor(b.A, dtype=layer.weight.dtype))
+        layer.lora_B[j].set_data(Tensor(b.B, dtype=layer.weight.dtype))
     return lora
 
 
@@ -525,7 +525,7 @@ def _merge_layer(layer: LoRALinear | LoRAConv2d, sign: int) -> None:
     w = layer.weight.asnumpy().astype(np.float64).reshape(shape[0], -1)  # a convolution as (out, in * kh * kw)
     for row, delta in layer.deltas(layer.scale):
         w[row:row + delta.shape[0]] += sign * delta
-    layer.weight.set_data(Tensor(w.reshape(shape).astype(np.float32)).astype(layer.weight.dtype))
+    layer.weight.set_data(Tensor(w.reshape(shape).astype(np.float32), dtype=layer.weight.dtype))
     layer.merged = sign > 0
     layer.lora_scale.set_data(Tensor(0.0 if layer.merged else layer.scale, ms.float32))
 

@@ -452,7 +452,7 @@ def caption_mask(mask, n: int, length: int):
 
 
 def _set(param, value: np.ndarray) -> None:
-    param.set_data(Tensor(value.astype(np.float32)).astype(param.dtype))
+    param.set_data(Tensor(value.astype(np.float32), dtype=param.dtype))
 
 
 def _xavier(rng, shape) -> np.ndarray:

@@ -132,7 +132,7 @@ class Optimizer(nn.Cell):
         for name, p in params.items():
             if tuple(state[name].shape) != tuple(p.shape):
                 raise ValueError(f"optimizer state {name} has shape {state[name].shape}, expected {tuple(p.shape)}")
-            p.set_data(Tensor(state[name]).astype(p.dtype))
+            p.set_data(Tensor(state[name], dtype=p.dtype))
 
 
 class AdamW(Optimizer):

@@ -40,7 +40,7 @@ def restore_training_state(resumed, path, opt: Optimisation, args, ctx, dataset,
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     for p in opt.step_cell.state_parameters():
         if p.name in resumed["train_state"]:
-            p.set_data(Tensor(resumed["train_state"][p.name]).astype(p.dtype))
+            p.set_data(Tensor(resumed["train_state"][p.name], dtype=p.dtype))
     if state.get("global_batch") != args.batch_size * ctx.world_size:
         log.info(f"warning: the checkpoint was trained with a global batch of {state.get('global_batch')}, now "
                  f"{args.batch_size * ctx.world_size}: the data order differs from an uninterrupted run")
