@@ -21,7 +21,8 @@ from pixart.training.log import Logger
 from pixart.training.loop import finish, train_loop
 from pixart.training.resume import param_state, restore_training_state, resume_target, run_state
 from pixart.training.setup import (build_model, build_optimisation, data_settings, default_flag, for_training,
-                                   open_stream, prepare_data, start)
+                                   open_stream, prepare_data, prior_preservation, start)
+from pixart.training.dreambooth import class_data
 from pixart.training.validation import Validation
 
 
@@ -126,6 +127,8 @@ class Trainer:
         data = prepare_data(args, ctx, log, self.flag)
 
         model = build_model(args, data, log, method.pretrained(args))
+        if prior_preservation(args):  # DreamBooth: class images from the base weights, before any LoRA surgery
+            data.classes = class_data(args, ctx, log, model, data)
         params = method.trainable(model, args, log)  # before any compilation: a compiled graph would not see it
         compute_model = for_training(model, args)
         log.info(method.report_model(model, params, data, args))
