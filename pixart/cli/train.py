@@ -13,6 +13,7 @@ from pixart.cli.options import (ArgumentParser, DTYPES, add_data_group, add_enco
 from pixart.data.dreambooth import check_training_data
 from pixart.models.pixart import preset_config
 from pixart.training.setup import TrainError, default_flag
+from pixart.training.controlnet import ControlNetMethod, check_controlnet_args
 from pixart.training.trainer import Method, Trainer
 
 
@@ -176,6 +177,23 @@ def add_dreambooth_options(p):
     return g
 
 
+def add_controlnet_options(p):
+    """train.py --controlnet: a PixArt-δ control branch on the frozen --load_from model."""
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--controlnet", type=str2bool, nargs="?", const=True, default=False,
+                   help="train a control branch (copies of the first blocks, zero projections) on the frozen model")
+    g.add_argument("--control_dir", default=None,
+                   help="condition images, each at its training image's relative path (default: the training "
+                        "image itself, made into edges by --control_type canny)")
+    g.add_argument("--control_type", default=None, choices=["canny", "none", "hed"],
+                   help="canny: Canny edges of the condition image, on the fly (default without --control_dir); "
+                        "none: the images of --control_dir as they are (default with it; HED maps go this way)")
+    g.add_argument("--copy_blocks_num", type=int, default=None,
+                   help="blocks copied into the control branch (default: 13 of 28, the same fraction of a "
+                        "reduced model)")
+    return g
+
+
 def add_training_execution_options(p):
     g = add_execution_group(p, mode="graph")
     g.add_argument("--recompute", type=str2bool, nargs="?", const=True, default=False,
@@ -232,6 +250,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                    help="every rank prints a SHA-256 of its final weights (to check ranks agree)")
     add_reference_options(p)
     add_dreambooth_options(p)
+    add_controlnet_options(p)
     return p
 
 
@@ -295,10 +314,12 @@ def check_args(args) -> None:
     if args.validation_negative_prompts and len(args.validation_negative_prompts) != len(args.validation_prompts or []):
         raise TrainError(f"--validation_negative_prompts: {len(args.validation_negative_prompts)} given for "
                          f"{len(args.validation_prompts or [])} validation prompt(s); give one each")
+    if args.controlnet:
+        check_controlnet_args(args)
     check_training_data(args, warn=warn)
 
 
 def run(args) -> dict:
-    """train.py: full fine-tuning."""
+    """train.py: full fine-tuning, or a ControlNet with --controlnet."""
     check_args(args)
-    return Trainer(args, Method(), mode_name(args)).run()
+    return Trainer(args, ControlNetMethod() if args.controlnet else Method(), mode_name(args)).run()

@@ -82,7 +82,7 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
     captions = ("prompt", "sharegpt4v") if args.real_prompt_ratio < 1.0 else ("prompt",)
     source = dreambooth.instance_source(args) if dreambooth.enabled(args) else source_from_args(args)
     dataset = BucketDataset(source, resolution, multi_scale=multi_scale,
-                            check_images=not (cache and cache.has_latents),
+                            check_images=not (cache and cache.has_latents) or controlnet_condition(args),
                             available=(lambda e: cache.missing(e, captions)) if cache else None)
     log.info(dataset.summary())
     global_batch = args.batch_size * ctx.world_size
@@ -100,7 +100,7 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
             raise TrainError(f"{flag('text_encoder_root')} is required: captions are not cached "
                              f"({flag('feature_dir')})")
         text_encoder = TextEncoder(args.text_encoder_root, args.tokenizer_root, max_length, args.text_encoder_dtype)
-    if not (cache and cache.has_latents):
+    if not (cache and cache.has_latents) or controlnet_condition(args):  # ControlNet: conditions encode on the fly
         if not args.vae_root:
             raise TrainError(f"{flag('vae_root')} is required: latents are not cached ({flag('feature_dir')})")
         image_encoder = ImageEncoder(args.vae_root, args.vae_dtype)
@@ -185,8 +185,10 @@ class Optimisation:
     dynamic: bool
 
 
-def build_optimisation(args, compute_model, params, ctx, global_batch: int, log, use_ema: bool) -> Optimisation:
-    """Optimizer over `params`, EMA, loss scaling and the train step (see pixart.training.step)."""
+def build_optimisation(args, compute_model, params, ctx, global_batch: int, log, use_ema: bool,
+                       loss_fn=None) -> Optimisation:
+    """Optimizer over `params`, EMA, loss scaling and the train step (see pixart.training.step) of `loss_fn`
+    (default: the diffusion loss of `compute_model`, DreamBooth's with prior preservation)."""
     effective = global_batch * args.grad_accumulation
     lr, ratio = auto_scale_lr(args.learning_rate, effective, args.auto_lr)
     if args.auto_lr != "none":
@@ -199,8 +201,9 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     ema = EMA(optimizer.parameters, args.ema_rate) if use_ema else None
     dynamic = args.loss_scaler == "dynamic" or (args.loss_scaler == "auto" and args.mixed_precision == "fp16")
     init_scale = args.init_loss_scale or (65536.0 if dynamic else 1.0)
-    loss_fn = PriorPreservationLoss(compute_model, args.prior_loss_weight) if prior_preservation(args) \
-        else DiffusionLoss(compute_model)
+    if loss_fn is None:
+        loss_fn = PriorPreservationLoss(compute_model, args.prior_loss_weight) if prior_preservation(args) \
+            else DiffusionLoss(compute_model)
     step_cell = TrainStep(loss_fn, optimizer, ema, args.clip_grad, args.grad_accumulation,
                           ctx.world_size, init_scale, dynamic, scale_factor=args.loss_scale_factor,
                           scale_window=args.loss_scale_window)
@@ -237,6 +240,11 @@ def batch_builder(args, data: Data, dataset) -> BatchBuilder:
                         sample_posterior=args.sample_posterior, cache=data.cache,
                         text_encoder=data.text_encoder, image_encoder=data.image_encoder,
                         workers=getattr(args, "num_parallel_workers", 1))
+
+
+def controlnet_condition(args) -> bool:
+    """ControlNet training: condition latents ride with the batch (`pixart.training.controlnet`)."""
+    return bool(getattr(args, "controlnet", False))
 
 
 def prior_preservation(args) -> bool:

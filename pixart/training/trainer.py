@@ -50,9 +50,22 @@ class Method:
         """The (state, config) of the weights to start from (`convert_pixart`), or None for PixArt's init."""
         return convert_pixart(args.load_from) if args.load_from else None
 
+    def wrap(self, model, args, log):
+        """The model that trains, built around the PixArt just made (the ControlNet method puts a control branch
+        around it); full fine-tuning trains the PixArt itself."""
+        return model
+
     def trainable(self, model, args, log) -> list:
         """The parameters the optimizer updates (after any layer surgery, before compilation)."""
         return model.trainable_params()
+
+    def loss(self, compute_model):
+        """The loss Cell the train step differentiates; None: the trainer's (`build_optimisation`)."""
+        return None
+
+    def batches(self, builder, data, args):
+        """The batch builder the loop calls (the ControlNet method adds the condition latents)."""
+        return builder
 
     def report_model(self, model, params, data, args) -> str:
         n_params = sum(int(np.prod(p.shape)) for p in params)
@@ -129,10 +142,12 @@ class Trainer:
         model = build_model(args, data, log, method.pretrained(args))
         if prior_preservation(args):  # DreamBooth: class images from the base weights, before any LoRA surgery
             data.classes = class_data(args, ctx, log, model, data)
+        model = method.wrap(model, args, log)
         params = method.trainable(model, args, log)  # before any compilation: a compiled graph would not see it
         compute_model = for_training(model, args)
         log.info(method.report_model(model, params, data, args))
-        opt = build_optimisation(args, compute_model, params, ctx, data.global_batch, log, method.use_ema(args))
+        opt = build_optimisation(args, compute_model, params, ctx, data.global_batch, log, method.use_ema(args),
+                                 method.loss(compute_model))
 
         start_step, batches_done, failures_before = 0, 0, []
         if resumed:
@@ -141,6 +156,7 @@ class Trainer:
                                                               log)
             failures_before = resumed["state"].get("decode_failures", [])
         stream, builder, steps_per_epoch, max_steps = open_stream(args, data, ctx, batches_done, self.flag)
+        builder = method.batches(builder, data, args)
 
         validate, validate_every = None, 0
         plan = method.validation(args, steps_per_epoch)
