@@ -4,18 +4,15 @@ parallel equal to one process, the base weights untouched, bad input.
 Condition images come from --control_dir (the synthetic shapes' own images, --control_type none), so these runs need
 no edge extractor; PyNative keeps each run free of graph compilation.
 """
-import signal
-import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from pixart import demo_bundle as demo
 from pixart.io import read_ckpt
 from tests.synthetic import make_dataset
-from tests.test_train import ROOT, _free_port, check_data_parallel, environment, losses, run
+from tests.test_train import (ROOT, assert_same_run, check_data_parallel, kill_after_checkpoint, msrun_two_workers,
+                              run)
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +42,13 @@ def test_controlnet_resume_after_kill_equals_an_uninterrupted_run(data, tmp_path
     assert all(n.startswith("controlnet.") for n in read_ckpt(full / "controlnet.ckpt"))
 
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--output_dir", str(part)], cwd=ROOT,
-                            env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = part / "checkpoints" / f"step_{k:08d}" / "state.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists()
+    marker = kill_after_checkpoint(k, *common, "--output_dir", part)
     r = run("train.py", *common, "--output_dir", part, "--resume", "latest")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {marker.parent}: step {k}" in r.stdout
     assert f"base weights digest {base_digest}" in r.stdout  # the base stays frozen
 
-    a, b = losses(full), losses(part)
-    assert sorted(a) == sorted(b) == list(range(1, 2 * k + 1))
-    assert all(a[s] == b[s] for s in a), (a, b)  # bit for bit
-    for name in ("model.ckpt", "ema.ckpt", "train_state.ckpt"):
-        x = read_ckpt(full / "checkpoints" / f"step_{2 * k:08d}" / name)
-        y = read_ckpt(part / "checkpoints" / f"step_{2 * k:08d}" / name)
-        assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x), name
+    assert_same_run(full, part, 2 * k)
 
 
 @pytest.mark.slow
@@ -75,20 +58,15 @@ def test_controlnet_msrun_equals_one_process(data, tmp_path):
     single = tmp_path / "single"
     r1 = run("train.py", *common, "--batch_size", 4, "--output_dir", single)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    dp, logs = tmp_path / "dp", tmp_path / "logs"
-    r2 = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
-                         f"--log_dir={logs}", "--join=True", "train.py", *common, "--batch_size", "2", "--output_dir",
-                         str(dp), "--use_parallel", "True"],
-                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
-    worker = [(logs / f"worker_{i}.log").read_text() for i in range(2)]
-    assert r2.returncode == 0, r2.stdout[-2000:] + "\n".join(w[-2000:] for w in worker)
+    dp = tmp_path / "dp"
+    worker = msrun_two_workers(tmp_path / "logs", *common, "--batch_size", 2, "--output_dir", dp)
     diff = check_data_parallel(single, r1.stdout, dp, worker)
     print(f"msrun vs one process: max |control-branch weight difference| {diff:.2e}")
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--control_dir", "{root}/nowhere"], "--control_dir not found: {root}/nowhere"),
-    (["--control_type", "hed"], "--control_type hed: training derives canny or none conditions"),
+    (["--control_type", "hed"], "--control_type hed needs HED maps made beforehand, as images under --control_dir"),
     (["--recompute", "true"], "--recompute with --controlnet"),
     (["--copy_blocks_num", "0"], "--copy_blocks_num must be >= 1, got 0"),
 ])

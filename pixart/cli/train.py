@@ -185,9 +185,10 @@ def add_controlnet_options(p):
     g.add_argument("--control_dir", default=None,
                    help="condition images, each at its training image's relative path (default: the training "
                         "image itself, made into edges by --control_type canny)")
-    g.add_argument("--control_type", default=None, choices=["canny", "none", "hed"],
-                   help="canny: Canny edges of the condition image, on the fly (default without --control_dir); "
-                        "none: the images of --control_dir as they are (default with it; HED maps go this way)")
+    g.add_argument("--control_type", default=None, choices=["canny", "hed", "none"],
+                   help="as sample.py's: canny: Canny edges of the condition image, on the fly (default without "
+                        "--control_dir); hed: --control_dir holds HED maps (made gray); none: the --control_dir "
+                        "images as they are, RGB (default with --control_dir)")
     g.add_argument("--copy_blocks_num", type=int, default=None,
                    help="blocks copied into the control branch (default: 13 of 28, the same fraction of a "
                         "reduced model)")

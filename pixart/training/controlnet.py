@@ -7,8 +7,10 @@ are the trainer's own.
   (`pixart.models.controlnet`), so step 0 computes exactly the base model; AdamW / CAME update the branch only;
 * the condition: per training image, its condition image is the same-named file under --control_dir (resized and
   cropped like the image, mirrored with it), or, without --control_dir, the training image itself; --control_type
-  canny turns it into its Canny edge map on the fly (none: used as it is, e.g. HED maps made beforehand). The
-  condition is VAE-encoded (posterior mean, scaled like the latents) with the batch;
+  canny turns it into its Canny edge map on the fly, hed / none take HED maps / any images made beforehand, as
+  sampling does (`pixart.pipelines.controlnet.condition_image`). The condition is VAE-encoded (posterior mean,
+  scaled like the latents) when its batch needs it; with --feature_dir its latents are kept under
+  `<feature_dir>/control/` (`ConditionCache`) for the next epochs and runs;
 * the train step is full fine-tuning's: the condition latents travel as extra channels of the batch's x0 and
   `ControlNetLoss` splits them off, so accumulation, loss scaling, all-reduce and checkpoints are unchanged;
 * the files: checkpoints as train.py's (`checkpoints/step_N/` with model.ckpt = the control branch only, under the
@@ -16,6 +18,8 @@ are the trainer's own.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +27,17 @@ import mindspore as ms
 from PIL import Image
 
 from pixart.data.dataset import load_image
+from pixart.data.features import image_key
 from pixart.data.sources import DataError
 from pixart.diffusion.loss import DiffusionLoss
 from pixart.io import CheckpointError, load_into, write_ckpt
-from pixart.models.controlnet import ControlPixArt
-from pixart.models.convert import architecture_record
+from pixart.models.controlnet import ControlNetConfig, ControlPixArt
+from pixart.models.convert import save_controlnet
+from pixart.pipelines.controlnet import condition_image, encode_condition
 from pixart.training import checkpoint as ckpt
 from pixart.training.resume import param_state
 from pixart.training.trainer import Method
 
-CONTROL_TYPES = ("canny", "none")
 CONTROLNET_FILE = "controlnet.ckpt"
 
 
@@ -56,24 +61,43 @@ class ControlNetLoss(DiffusionLoss):
         return self.terms(out, x0, x_t, t, noise)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """(3, h, w) in [-1, 1] -> (h, w, 3) uint8."""
-    return np.clip((image.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+def to_pil(image: np.ndarray) -> Image.Image:
+    """(3, h, w) in [-1, 1] -> an RGB image."""
+    return Image.fromarray(np.clip((image.transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8))
 
 
-def from_uint8(image: np.ndarray) -> np.ndarray:
-    """(h, w, 3) or (h, w) uint8 -> (3, h, w) float32 in [-1, 1]."""
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, 2)
-    return (image.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1).copy()
+class ConditionCache:
+    """Condition latents on disk beside the feature cache: `<feature_dir>/control/<what>/<image key>[.flip].npy`,
+    `<what>` naming the control type and the condition's source. Each file is written whole under a temporary name
+    and renamed, so ranks that fill it at the same time, or a killed run, never leave half a file."""
+
+    def __init__(self, feature_dir, control_dir, control_type: str):
+        source = hashlib.sha1(str(Path(control_dir).resolve()).encode()).hexdigest()[:12] if control_dir else "image"
+        self.folder = Path(feature_dir) / "control" / f"{control_type}-{source}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, path: str, flip: bool) -> Path:
+        return self.folder / f"{image_key(path)}{'.flip' if flip else ''}.npy"
+
+    def get(self, path: str, flip: bool) -> np.ndarray | None:
+        file = self._path(path, flip)
+        return np.load(file) if file.is_file() else None
+
+    def put(self, path: str, flip: bool, latents: np.ndarray) -> None:
+        file = self._path(path, flip)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp.npy")
+        np.save(tmp, latents)
+        os.replace(tmp, file)
 
 
 class ControlBatchBuilder:
-    """`inner`'s batch (a BatchBuilder) with the condition latents appended to x0 as channels."""
+    """`inner`'s batch (a BatchBuilder) with the condition latents appended to x0 as channels. Each condition is
+    encoded on its own, so its latents do not depend on the batch it comes in (and equal the cached ones)."""
 
-    def __init__(self, inner, dataset, image_encoder, scaling: float, control_dir=None, control_type: str = "canny"):
+    def __init__(self, inner, dataset, image_encoder, scaling: float, control_dir=None, control_type: str = "canny",
+                 cache: ConditionCache | None = None):
         self.inner, self.dataset, self.image_encoder = inner, dataset, image_encoder
-        self.scaling, self.control_type = float(scaling), control_type
+        self.scaling, self.control_type, self.cache = float(scaling), control_type, cache
         self.control_dir = Path(control_dir) if control_dir else None
         if self.control_dir is not None:
             missing = [e.path for e in dataset.entries if not (self.control_dir / e.path).is_file()]
@@ -82,28 +106,30 @@ class ControlBatchBuilder:
                                 f"training image(s) (same relative path), first: {missing[0]}")
 
     def condition(self, pos: int, flip: bool) -> np.ndarray:
-        """The condition image of entry `pos` (3, h, w) in [-1, 1], at its bucket size, mirrored with it."""
+        """The condition of entry `pos` (3, h, w) in [-1, 1] at its bucket size, mirrored with the image, made as
+        sampling makes it (`pixart.pipelines.controlnet.condition_image`)."""
         e = self.dataset.entries[pos]
         if self.control_dir is not None:
             image = load_image(self.control_dir / e.path, e.size, flip, self.dataset.resample)
         else:
             image = self.dataset.image(pos, flip)[0]
-        if self.control_type == "canny":
-            image = from_uint8(canny(to_uint8(image)))
-        return image
+        return condition_image(to_pil(image), self.control_type, *e.size)[0]
+
+    def latents(self, pos: int, flip: bool) -> np.ndarray:
+        """The condition latents of entry `pos` (C, h, w), from the cache when it holds them."""
+        path = self.dataset.entries[pos].path
+        found = self.cache.get(path, flip) if self.cache is not None else None
+        if found is None:
+            found = encode_condition(self.image_encoder.vae, self.condition(pos, flip)[None], self.scaling)[0]
+            if self.cache is not None:
+                self.cache.put(path, flip, found)
+        return found
 
     def __call__(self, ref) -> dict[str, np.ndarray]:
         batch = self.inner(ref)
-        images = np.stack([self.condition(pos, d.flip) for pos, d in zip(ref.positions, self.inner.draws(ref))])
-        mean, _ = self.image_encoder(images)
-        batch["x0"] = np.concatenate([batch["x0"], (mean * np.float32(self.scaling)).astype(np.float32)], 1)
+        latents = np.stack([self.latents(pos, d.flip) for pos, d in zip(ref.positions, self.inner.draws(ref))])
+        batch["x0"] = np.concatenate([batch["x0"], latents], 1)
         return batch
-
-
-def canny(image: np.ndarray) -> np.ndarray:
-    """(h, w, 3) uint8 -> its Canny edge map (h, w) uint8 (0 / 255), the inference pipeline's extractor."""
-    from pixart.pipelines.controlnet import canny_edges  # noqa: the extractor of the inference side
-    return np.asarray(canny_edges(Image.fromarray(image)).convert("L"))
 
 
 def control_state(model: ControlPixArt) -> dict[str, np.ndarray]:
@@ -140,8 +166,9 @@ class ControlNetMethod(Method):
         return ControlNetLoss(compute_model)
 
     def batches(self, builder, data, args):
+        cache = ConditionCache(args.feature_dir, args.control_dir, args.control_type) if args.feature_dir else None
         return ControlBatchBuilder(builder, data.dataset, data.image_encoder, data.scaling, args.control_dir,
-                                   args.control_type)
+                                   args.control_type, cache)
 
     def report_model(self, model, params, data, args) -> str:
         n_control = sum(int(np.prod(p.shape)) for p in params)
@@ -166,20 +193,24 @@ class ControlNetMethod(Method):
             else:
                 opt.ema.load_state_dict(resumed["ema"])
 
-    def record(self, model, args) -> dict[str, str]:
-        return {**architecture_record(model.config, args.model), "controlnet_copy_blocks": str(model.copy_blocks_num)}
-
     def save(self, root: Path, step: int, model, opt, train_state: dict, state: dict, args) -> Path:
-        ema_state = opt.ema.state_dict() if opt.ema is not None else None
-        return ckpt.save(root, step, control_state(model), ema_state, train_state, state, args.keep_last,
-                         self.record(model, args))
+        """train.py's checkpoint folder; model.ckpt and ema.ckpt are ControlNet files (sample.py loads them)."""
+        cfg = ControlNetConfig(model.config, model.copy_blocks_num, args.model)
+
+        def write(folder: Path) -> None:
+            save_controlnet(control_state(model), cfg, folder / ckpt.MODEL)
+            if opt.ema is not None:
+                save_controlnet(opt.ema.state_dict(), cfg, folder / ckpt.EMA)
+            write_ckpt(train_state, folder / ckpt.TRAIN_STATE)
+            ckpt.write_state(folder, state)
+        return ckpt.save_folder(root, step, write, args.keep_last, ckpt.FULL)
 
     def end(self, model, args, ctx, log, validate, validate_every: int, start_step: int, max_steps: int) -> None:
         if not ctx.is_main:
             return
         path = Path(args.output_dir) / CONTROLNET_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        write_ckpt(control_state(model), tmp, self.record(model, args))
+        tmp = path.with_name(f".{path.stem}.tmp.ckpt")  # written whole, then renamed
+        save_controlnet(control_state(model), ControlNetConfig(model.config, model.copy_blocks_num, args.model), tmp)
         tmp.replace(path)
         log.info(f"saved ControlNet {path}: sample.py --controlnet_path {path} --control_image ...")
 
@@ -191,9 +222,9 @@ def check_controlnet_args(args, flag=lambda dest: f"--{dest}") -> None:
     """train.py --controlnet's option checks (before any model loads)."""
     if args.control_type is None:
         args.control_type = "none" if args.control_dir else "canny"
-    if args.control_type not in CONTROL_TYPES:
-        raise DataError(f"{flag('control_type')} {args.control_type}: training derives {' or '.join(CONTROL_TYPES)} "
-                        "conditions; give other maps (HED) as images under --control_dir with --control_type none")
+    if args.control_type == "hed" and not args.control_dir:
+        raise DataError(f"{flag('control_type')} hed needs HED maps made beforehand, as images under "
+                        f"{flag('control_dir')} (the HED network is not ported); or use --control_type canny")
     if args.control_dir and not Path(args.control_dir).is_dir():
         raise DataError(f"{flag('control_dir')} not found: {args.control_dir}")
     if not args.vae_root:

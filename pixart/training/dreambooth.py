@@ -86,7 +86,8 @@ def generate_class_images(args, ctx, log, model, text_encoder, vae, scaling: flo
                           num_inference_steps=args.class_inference_steps, guidance_scale=args.validation_guidance,
                           seed=args.seed + k, prompt_embeds=embeds, negative_prompt_embeds=negative, progress=False,
                           use_resolution_binning=False)
-            save_png(result.images[0], folder / D.CLASS_IMAGE_NAME.format(k), {**result.settings[0], "seed": args.seed + k})
+            save_png(result.images[0], folder / D.CLASS_IMAGE_NAME.format(k),
+                     {**result.settings[0], "seed": args.seed + k})
     finally:
         model.set_train(True)
     log.info(f"prior preservation: {folder} holds {args.num_class_images} class image(s)")
