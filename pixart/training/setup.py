@@ -250,5 +250,3 @@ def controlnet_condition(args) -> bool:
 def prior_preservation(args) -> bool:
     """DreamBooth with prior preservation: class images batched after the instance images, the weighted loss."""
     return dreambooth.enabled(args) and bool(getattr(args, "with_prior_preservation", False))
-
-

@@ -1,10 +1,12 @@
-"""The one trainer: full fine-tuning and LoRA are the same run, configured by a `Method` that says what trains, how
-its weights are resumed and how its checkpoints are laid out.
+"""The one trainer: full fine-tuning, LoRA and ControlNet are the same run, configured by a `Method` that says what
+trains, how its weights are resumed and how its checkpoints are laid out; DreamBooth (`pixart.training.dreambooth`)
+changes the data and the loss of any of them.
 
-The order of work: resume target -> log -> device and ranks were set up by `start` -> data (labels, buckets, cache)
--> encoders (only what the cache lacks) -> model (init or pretrained weights) and the method's surgery (LoRA) ->
-loss, optimizer, EMA, train step -> resume -> the loop (lr, micro-batches, step, log, checkpoint, validation) ->
-final checkpoint -> the method's last files -> summary.
+The order of work: resume target -> log -> device and ranks were set up by `start` -> data (labels, buckets, cache;
+DreamBooth's instance images) -> encoders (only what the cache lacks) -> model (init or pretrained weights) ->
+DreamBooth's class images (sampled from that model where missing) -> the method's model (ControlNet's branch) and
+surgery (LoRA) -> loss, optimizer, EMA, train step -> resume -> the loop (lr, micro-batches, step, log, checkpoint,
+validation) -> final checkpoint -> the method's last files -> summary.
 """
 from __future__ import annotations
 
