@@ -14,10 +14,12 @@ from typing import Callable
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from pixart.data.buckets import ASPECT_RATIOS
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
 from pixart.models.lora import set_lora_scale
+from pixart.pipelines.controlnet import CONTROL_TYPES
 from pixart.pipelines.outputs import provenance, save_images
 from pixart.pipelines.text_to_image import check_image_size
 
@@ -68,6 +70,7 @@ class DemoApp:
         self.table = ASPECT_RATIOS[min(ASPECT_RATIOS, key=lambda r: abs(r - self.resolution))]
         self.lora = bool(getattr(args, "lora_path", None))  # loaded once with the model; the page sets its scale
         self._lora_scale = args.lora_scale if self.lora else None  # the scale the transformer holds now
+        self.controlnet = bool(getattr(args, "controlnet", None))  # PixArt-δ: the page takes a control image
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="pixart-gradio-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one generation at a time even if called outside gradio's queue
@@ -106,7 +109,8 @@ class DemoApp:
 
     # -- one request ----------------------------------------------------------------------------------------
     def check_request(self, prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed,
-                      width, height, batch_size, resolution_binning, lora_scale=None) -> dict:
+                      width, height, batch_size, resolution_binning, lora_scale=None, control_image=None,
+                      control_scale=None, control_type=None) -> dict:
         """Validate and normalise a request; a DemoError names the first bad value. `lora_scale` counts only when
         the server has a LoRA (None: the one it was started with)."""
         if not isinstance(prompt, str) or not prompt.strip():
@@ -143,9 +147,30 @@ class DemoApp:
                                 f"got {lora_scale}")
         else:
             lora_scale = None
-        return dict(prompt=prompt.strip(), negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
-                    guidance_scale=guidance_scale, seed=seed, width=width, height=height, batch_size=batch_size,
-                    resolution_binning=binning, lora_scale=lora_scale)
+        request = dict(prompt=prompt.strip(), negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
+                       guidance_scale=guidance_scale, seed=seed, width=width, height=height, batch_size=batch_size,
+                       resolution_binning=binning, lora_scale=lora_scale)
+        return dict(request, **self.check_control(control_image, control_scale, control_type))
+
+    def check_control(self, image, scale, kind) -> dict:
+        """The ControlNet part of a request (none without --controlnet): a PIL image or None (the base model), a
+        finite scale, a known type; None values take the server's flags."""
+        if not self.controlnet:
+            return {}
+        a = self.args
+        kind = a.control_type if kind is None else kind
+        if kind not in CONTROL_TYPES:
+            raise DemoError(f"control type must be one of {', '.join(CONTROL_TYPES)}, got {kind!r}")
+        try:
+            scale = float(a.control_scale if scale is None else scale)
+        except (TypeError, ValueError):
+            raise DemoError(f"control scale must be a number, got {scale!r}") from None
+        if not np.isfinite(scale):
+            raise DemoError(f"control scale must be a finite number, got {scale}")
+        if image is not None and not isinstance(image, Image.Image):
+            raise DemoError(f"the control image must be an image, got {type(image).__name__}")
+        return dict(control_image=getattr(a, "_control", None) if image is None else image, control_scale=scale,
+                    control_type=kind)
 
     def generate(self, request: dict, progress=None) -> dict:
         """Generate a checked request; returns paths of the PNGs (with metadata), settings, and the command."""
@@ -165,11 +190,16 @@ class DemoApp:
                                num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
                                num_images_per_prompt=request["batch_size"], seed=request["seed"], uncond=a.uncond,
                                use_resolution_binning=request["resolution_binning"], progress=True,
-                               sampler_options=options)
+                               sampler_options=options, **({} if not self.controlnet else dict(
+                                   control_image=request["control_image"], control_type=request["control_type"],
+                                   controlnet_conditioning_scale=request["control_scale"])))
             seconds = time.time() - t0
         folder = self.out_dir / f"{n:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         self._prune()
+        if request.get("control_image") is not None:  # kept beside the images: the reproduce-command names it
+            request["control_path"] = str(folder / "control.png")
+            request["control_image"].save(request["control_path"])
         made_by = provenance(a.model, a.checkpoint, a.lora_path, request["lora_scale"])
         paths = [str(p) for p in save_images(result, lambda _, s: folder / f"pixart-{n:05d}-seed{s['seed']}.png",
                                              made_by)]
@@ -216,6 +246,11 @@ class DemoApp:
                     num_images_per_prompt=request["batch_size"])
         if self.lora:
             opts["lora_scale"] = request["lora_scale"]
+        if self.controlnet:
+            opts.update(controlnet=a.controlnet, control_scale=request["control_scale"],
+                        control_type=request["control_type"])
+            if request.get("control_path"):
+                opts["control_image"] = request["control_path"]
         if not complete:  # neutralise what the -c config would add to this one image
             if self._base.prompt_path:
                 opts["prompt_path"] = ""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pixart.app.core import CUSTOM, LORA_SCALES, DemoApp, DemoError
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.pipelines.controlnet import CONTROL_TYPES
 
 CSS = """
 #gallery img { image-rendering: auto; }
@@ -28,10 +29,12 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
         Path(str(a.checkpoint)).name.endswith("-demo.ckpt") else ""
 
     def on_generate(prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed, width, height,
-                    batch_size, resolution_binning, lora_scale, progress=gr.Progress(track_tqdm=True)):
+                    batch_size, resolution_binning, lora_scale, control_image=None, control_scale=None,
+                    control_type=None, progress=gr.Progress(track_tqdm=True)):
         try:
             request = app.check_request(prompt, negative_prompt, sampler, steps, guidance_scale, seed,
-                                        randomize_seed, width, height, batch_size, resolution_binning, lora_scale)
+                                        randomize_seed, width, height, batch_size, resolution_binning, lora_scale,
+                                        control_image, control_scale, control_type)
             out = app.generate(request, progress=progress)
         except DemoError as e:
             app.log(f"refused: {e}")
@@ -94,6 +97,16 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                 lora_scale = gr.Slider(*LORA_SCALES, value=d["lora_scale"] if app.lora else 1.0, step=0.05,
                                        label="LoRA scale", info="0 = the base model, 1 = as trained",
                                        visible=app.lora, elem_id="lora-scale")
+                with gr.Row(visible=app.controlnet):  # PixArt-δ: the server was started with --controlnet
+                    control_image = gr.Image(label="Control image (none: the base model)", type="pil",
+                                             sources=["upload"], elem_id="control-image", height=200)
+                    with gr.Column():
+                        control_type = gr.Radio(list(CONTROL_TYPES), value=getattr(a, "control_type", "hed"),
+                                                label="Control type", elem_id="control-type",
+                                                info="hed: an edge map already; canny: edges computed here")
+                        control_scale = gr.Slider(0.0, 2.0, value=getattr(a, "control_scale", 1.0), step=0.05,
+                                                  label="Control scale", info="0 = the base model, 1 = as trained",
+                                                  elem_id="control-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height=420, elem_id="gallery",
@@ -107,7 +120,7 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                                  elem_id="yaml", interactive=False, lines=4, max_lines=24, show_line_numbers=False,
                                  buttons=["copy", "download"])
         inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, batch, binning,
-                  lora_scale]
+                  lora_scale, control_image, control_scale, control_type]
         outputs = [gallery, files, command, config, seed, status]
         button.click(on_generate, inputs, outputs, api_name="generate", concurrency_limit=1,
                      concurrency_id="model")

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 
 from pixart import backend, cpu
+from pixart.cli.controlnet import (add_controlnet_group, attach_controlnet, check_controlnet_args,
+                                   controlnet_call_options)
 from pixart.cli.options import (DTYPES, ArgumentParser, add_encoder_options, add_execution_group, add_kv_compress_group,
                                 add_model_group, add_precision_group, kv_compress_config, mode_name,
                                 resolve_model_paths, str2bool)
@@ -92,6 +94,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g = add_precision_group(p)
     g.add_argument("--dtype", default=None, choices=DTYPES, help="transformer precision (default: fp16 on Ascend, "
                    "fp32 on CPU)")
+    add_controlnet_group(p)
     g = add_execution_group(p, mode="pynative")
     g.add_argument("--use_parallel", type=str2bool, default=False,
                    help="under msrun: the prompts are split across the ranks, each writes its own images")
@@ -190,6 +193,7 @@ def check_args(args, log=print) -> None:
     if getattr(args, "lora_path", None) and not Path(args.lora_path).exists():
         raise SampleError(f"--lora_path not found: {args.lora_path}")
     kv_compress_config(args)  # a bad factor fails here
+    check_controlnet_args(args, log)  # the control image is read here, before any model
 
 
 def caption_length(args) -> int:
@@ -218,7 +222,7 @@ def load_pipeline(args, log=print, text_encoder: bool = True):
         kv_compress=kv, scaling_factor=args.sd_scale_factor, lora_path=getattr(args, "lora_path", None),
         lora_scale=getattr(args, "lora_scale", 1.0), text_encoder=text_encoder, log=log)
     pipe.max_sequence_length = caption_length(args)
-    return pipe
+    return attach_controlnet(pipe, args, log)
 
 
 def encode_first(args, prompts: list[str], negatives: list[str] | None = None, log=print):
@@ -313,7 +317,7 @@ def run(args, log=print) -> list[Path]:
     embeds, negative = dict(zip(mine, embeds)), dict(zip(mine, negative)) if negative else None
     pipe = load_pipeline(args, log, text_encoder=False)
     write_prompts()
-    options = generation_kwargs(args, pipe)
+    options = dict(generation_kwargs(args, pipe), **controlnet_call_options(args))
     made_by = provenance(args.model, args.checkpoint, args.lora_path, args.lora_scale)
 
     written, grid_rows = [], []

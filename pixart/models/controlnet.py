@@ -42,8 +42,8 @@ from pixart.models.pixart import PixArt, PixArtBlock, PixArtConfig, caption_mask
 COPY_BLOCKS = 13
 FULL_DEPTH = 28
 
-# name -> (base preset, copied blocks). The α ones are the official PixArt-δ checkpoints (HED edges); the Σ ones are the
-# same construction on a Σ base (no official weights: trained here with train.py --controlnet).
+# name -> (base preset, copied blocks). The α ones are the official PixArt-δ checkpoints (HED edges); the Σ ones are
+# the same construction on a Σ base (no official weights: trained here with train.py --controlnet).
 CONTROLNET_PRESETS: dict[str, tuple[str, int]] = {
     "PixArt-XL-2-1024-ControlNet": ("PixArt-XL-2-1024-MS", COPY_BLOCKS),
     "PixArt-XL-2-512-ControlNet": ("PixArt-XL-2-512x512", COPY_BLOCKS),
@@ -131,10 +131,9 @@ class ControlPixArt(nn.Cell):
     def initialize_from_base(self) -> None:
         """Training's start (the official initialisation): each copied block takes its base block's weights, and both
         projections are zero, so the model computes exactly what the base does."""
-        for i, block in enumerate(self.controlnet):
-            source = {p.name[len(f"base_model.blocks.{i}."):]: p for p in self.base_model.blocks[i].get_parameters()}
-            for p in block.copied_block.get_parameters():
-                p.set_data(source[p.name[len(f"controlnet.{i}.copied_block."):]].value().copy())
+        for i, block in enumerate(self.controlnet):  # the same block class and settings: parameters in one order
+            for source, copy in zip(self.base_model.blocks[i].get_parameters(), block.copied_block.get_parameters()):
+                copy.set_data(source.value().copy())
             for proj in (getattr(block, "before_proj", None), block.after_proj):
                 if proj is not None:
                     for p in (proj.weight, proj.bias):
@@ -144,10 +143,11 @@ class ControlPixArt(nn.Cell):
         """The trainable parameters: the control branch's (the base stays frozen)."""
         return list(self.controlnet.get_parameters())
 
-    def construct(self, x, timestep, y, mask=None, data_info=None, condition=None, control_scale: float = 1.0,
-                  force_drop_ids=None):
-        """PixArt's forward (see `PixArt.construct`) with `condition` (N or 1, C, H, W), the condition image's VAE
-        latents (scaled like the image latents) at the latents' size; None or `control_scale` 0: the base alone."""
+    def construct(self, x, timestep, y, mask=None, data_info=None, force_drop_ids=None, condition=None,
+                  control_scale: float = 1.0):
+        """PixArt's forward (see `PixArt.construct`, the same first six inputs) with `condition` (N or 1, C, H, W),
+        the condition image's VAE latents (scaled like the image latents) at the latents' size; None or
+        `control_scale` 0: the base alone."""
         return self.denoise(x, timestep, self.encode_caption(y, force_drop_ids), mask, data_info, condition,
                             control_scale)
 

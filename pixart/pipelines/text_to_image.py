@@ -402,6 +402,11 @@ class PixArtPipeline:
             return x, self._interrupt
         return hook
 
+    def denoiser_parts(self, height: int, width: int):
+        """The transformer's (encode_caption, denoise) for images of height x width (the ControlNet pipeline gives
+        denoise its condition here)."""
+        return self.transformer.sampler_parts()
+
     def _guided_denoiser(self, y, mask, guidance_scale: float, do_cfg: bool, height: int, width: int, n: int):
         """model_fn(x, t) for the samplers: the transformer on [uncond, cond], guided on all 4 noise channels;
         the learned-variance channels come from the conditional half (IDDPM uses them)."""
@@ -412,7 +417,7 @@ class PixArtPipeline:
             data_info = {"img_hw": Tensor(np.tile(np.array([[height, width]], np.float32), (batch, 1))),
                          "aspect_ratio": Tensor(np.full((batch, 1), height / width, np.float32))}
 
-        encode_caption, denoise = model.sampler_parts()
+        encode_caption, denoise = self.denoiser_parts(height, width)
         caption_kv = encode_caption(y)  # once per prompt: the caption's keys and values for every block
 
         def model_fn(x, t):
