@@ -13,7 +13,7 @@ from pixart.cli.options import (ArgumentParser, DTYPES, add_data_group, add_enco
 from pixart.data.dreambooth import check_training_data
 from pixart.models.pixart import preset_config
 from pixart.training.setup import TrainError, default_flag
-from pixart.training.controlnet import ControlNetMethod, check_controlnet_args
+from pixart.training.controlnet import ControlNetMethod, check_controlnet_training_args
 from pixart.training.trainer import Method, Trainer
 
 
@@ -316,7 +316,7 @@ def check_args(args) -> None:
         raise TrainError(f"--validation_negative_prompts: {len(args.validation_negative_prompts)} given for "
                          f"{len(args.validation_prompts or [])} validation prompt(s); give one each")
     if args.controlnet:
-        check_controlnet_args(args)
+        check_controlnet_training_args(args)
     check_training_data(args, warn=warn)
 
 

@@ -57,7 +57,7 @@ class ControlNetLoss(DiffusionLoss):
         x0, condition, t = x0[:, :c].astype(ms.float32), x0[:, c:], t.astype(ms.int32)
         x_t = self.noised(x0, t, noise)
         data_info = {"img_hw": img_hw, "aspect_ratio": aspect_ratio}
-        out = self.model(x_t, t.astype(ms.float32), y, mask, data_info, condition, 1.0, drop)  # (B, 2C, H, W)
+        out = self.model(x_t, t.astype(ms.float32), y, mask, data_info, drop, condition)  # (B, 2C, H, W)
         return self.terms(out, x0, x_t, t, noise)
 
 
@@ -212,13 +212,13 @@ class ControlNetMethod(Method):
         tmp = path.with_name(f".{path.stem}.tmp.ckpt")  # written whole, then renamed
         save_controlnet(control_state(model), ControlNetConfig(model.config, model.copy_blocks_num, args.model), tmp)
         tmp.replace(path)
-        log.info(f"saved ControlNet {path}: sample.py --controlnet_path {path} --control_image ...")
+        log.info(f"saved ControlNet {path}: sample.py --controlnet {path} --control_image ...")
 
     def digests(self, model) -> list[tuple[str, dict]]:
         return [("parameter digest", control_state(model)), ("base weights digest", base_state(model))]
 
 
-def check_controlnet_args(args, flag=lambda dest: f"--{dest}") -> None:
+def check_controlnet_training_args(args, flag=lambda dest: f"--{dest}") -> None:
     """train.py --controlnet's option checks (before any model loads)."""
     if args.control_type is None:
         args.control_type = "none" if args.control_dir else "canny"
