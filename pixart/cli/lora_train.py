@@ -11,9 +11,10 @@ import argparse
 from pathlib import Path
 
 from pixart.cli.options import ArgumentParser, add_kv_compress_group, flag_namer, mode_name, str2bool
-from pixart.cli.train import (add_model_options, add_precision_options, add_training_data_options,
-                              add_training_execution_options, check_common_args, device_fallbacks)
-from pixart.data.sources import check_data_args
+from pixart.cli.train import (add_dreambooth_options, add_model_options, add_precision_options,
+                              add_training_data_options, add_training_execution_options, check_common_args,
+                              device_fallbacks, warn)
+from pixart.data.dreambooth import check_training_data
 from pixart.pipelines.loading import resolve_pipeline_folder, resolve_pretrained
 from pixart.training.lora import LoRAMethod
 from pixart.training.optimizers import add_lr_schedule_options
@@ -94,6 +95,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--param_digest", type=str2bool, default=False,
                    help="every rank prints SHA-256 digests of its LoRA and of its base weights")
     add_refused_options(p)
+    add_dreambooth_options(p)
     # what the trainer reads and this script fixes
     p.set_defaults(optimizer="adamw", use_ema=False, ema_rate=0.0, auto_lr="none")
     return p
@@ -197,7 +199,7 @@ def check_args(args) -> None:
     if args.validation_prompts and not (args.vae_root and args.text_encoder_root):
         raise TrainError(f"{FLAG('validation_prompts')} needs --vae_root and --text_encoder_root (or a pipeline "
                          f"folder as {FLAG('load_from')}) to sample images")
-    check_data_args(args, FLAG)
+    check_training_data(args, FLAG, warn)
 
 
 def run(args) -> dict:
