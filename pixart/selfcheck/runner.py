@@ -18,9 +18,11 @@ from pixart.selfcheck import fixtures
 from pixart.selfcheck.checks import CHECKS, NOT_COVERED, Session
 from pixart.selfcheck.plan import plan
 
-# dtype -> the largest relative error (max |ours - reference| / max |reference|) a check may show. fp32: float
-# rounding of a different kernel order; fp16 / bf16: their 11 / 8 significant bits through a few layers and steps.
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+# dtype -> the largest relative error (max |ours - reference| / max |reference|) a check may show: a few times the
+# largest error of a correct run on MindSpore's CPU backend (docs/selfcheck.md), so that another device's kernel
+# order and accumulation pass and a wrong kernel (mask, layout, softmax, dtype rule) fails. fp32: rounding of a
+# different summation order; fp16: 11 significant bits through a few layers and steps; bf16: 8 bits, 8 times fp16.
+TOLERANCES = {"fp32": 1e-4, "fp16": 3e-2, "bf16": 2e-1}
 
 
 @dataclass
