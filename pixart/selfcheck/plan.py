@@ -38,10 +38,18 @@ def _execution_mode(mode: str):
         ms.set_context(mode=old)
 
 
-def dtype_refusal(dtype: str) -> str | None:
-    """Why the device cannot compute `dtype` (backend's refusal, e.g. bf16 on MindSpore's CPU backend), or None."""
+def _weights_only(kind: str, name: str) -> bool:
+    """Whether the check's model takes `dtype` for its transformer / T5 weights (the rest, the VAE and training's
+    mixed precision, compute wholly in it)."""
+    return kind in ("forward", "sampler") and not name.startswith("vae")
+
+
+def dtype_refusal(dtype: str, weights_only: bool = False) -> str | None:
+    """Why the device cannot run `dtype` (backend's refusal, e.g. bf16 on MindSpore's CPU backend), or None. For a
+    transformer's or T5's weights, the backend's own query for weights where it has one (`weight_dtype`)."""
+    query = getattr(backend, "weight_dtype", backend.dtype) if weights_only else backend.dtype
     try:
-        backend.dtype(dtype)
+        query(dtype)
     except ValueError as e:
         return str(e)
     return None
@@ -56,9 +64,13 @@ def _kernels(kind: str, name: str, dtype: str, mode: str) -> dict:
     if name != "t5":  # T5's attention adds its relative-position bias: its own batched matmuls
         out["attention"] = ("FlashAttentionScore (fp32 softmax inside)" if backend.use_flash_attention()
                             else "BatchMatMul + fp32 softmax")
-    precision = {"fp32": "fp32",
-                 "fp16": "fp16 weights; softmax, VAE GroupNorm, T5 residual stream / norms / wo in fp32",
-                 "bf16": "bf16 weights; softmax, VAE GroupNorm, T5 residual stream / norms / wo in fp32"}[dtype]
+    compute = getattr(backend, "compute_dtype", None)
+    if dtype == "fp32":
+        precision = "fp32"
+    elif _weights_only(kind, name) and compute is not None and compute(dtype) == ms.float32:
+        precision = f"{dtype} weights (storage), fp32 compute"
+    else:
+        precision = f"{dtype} weights; softmax, VAE GroupNorm, T5 residual stream / norms / wo in fp32"
     if kind in ("train", "parallel"):
         precision = "fp32" if dtype == "fp32" else f"auto_mixed_precision {dtype}, fp32 weights, dynamic loss scale"
     out["precision"] = precision
@@ -72,8 +84,8 @@ def _kernels(kind: str, name: str, dtype: str, mode: str) -> dict:
     return out
 
 
-def _skip(kind: str, dtype: str) -> str | None:
-    refusal = dtype_refusal(dtype)
+def _skip(kind: str, name: str, dtype: str) -> str | None:
+    refusal = dtype_refusal(dtype, _weights_only(kind, name))
     if refusal:
         return f"{dtype} not supported on this backend ({backend.device_target()}): {refusal}"
     if kind in ("train", "parallel") and dtype != "fp32" and backend.device_target() == "CPU":
@@ -93,5 +105,5 @@ def plan(dtypes, modes, checks=None, msrun: bool = False) -> list[Step]:
                 if check.kind == "parallel" and not msrun:
                     continue
                 steps.append(Step(name, dtype, mode, _kernels(check.kind, name, dtype, mode),
-                                  _skip(check.kind, dtype)))
+                                  _skip(check.kind, name, dtype)))
     return steps
