@@ -25,6 +25,7 @@ import pytest
 _USER_GLOG = os.environ.get("GLOG_v")  # read before importing pixart, which sets its quiet default
 from pixart import backend  # noqa: E402
 from pixart import demo_bundle as demo  # noqa: E402
+from pixart.cli.options import device_available  # noqa: E402
 from tests.utils import DemoBundle  # noqa: E402
 
 DEVICE_ENV = "PIXART_TEST_DEVICE"
@@ -58,6 +59,8 @@ def pytest_configure(config):
     device = config.getoption("--device") or os.environ.get(DEVICE_ENV) or "CPU"
     if device not in DEVICES:
         raise pytest.UsageError(f"{DEVICE_ENV}={device!r}: the device must be one of {', '.join(DEVICES)}")
+    if not device_available(device):
+        raise pytest.UsageError(f"device {device}: MindSpore finds no {device} device on this machine")
     TEST_DEVICE = device
     if device != "CPU":
         backend.setup(device, "pynative")

@@ -8,7 +8,7 @@ from pixart import backend
 from pixart.models import pixart as pixart_module
 from pixart.nn import Attention, Linear
 from pixart.selfcheck import checks, plan, runner
-from pixart.selfcheck.command import SelfCheckFailed, build_parser, run as run_command
+from pixart.cli.selfcheck import SelfCheckFailed, build_parser, run as run_command
 from pixart.selfcheck.fixtures import REFERENCES
 from pixart.cli.options import parse_args
 from tests import conftest

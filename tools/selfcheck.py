@@ -10,7 +10,7 @@ Prints a table (check, device, dtype, mode, max error, tolerance, ok) and exits 
 import sys
 
 from pixart.cli import main as cli_main
-from pixart.selfcheck.command import build_parser, run
+from pixart.cli.selfcheck import build_parser, run
 
 
 def main(argv=None) -> int:

@@ -10,5 +10,6 @@ PyTorch references stored in the repository (tests/data/selfcheck/, made by tool
     plan       which checks and kernels the current device gets, from `pixart.backend`'s selection
     runner     TOLERANCES (per dtype), running, comparing, the table
     parallel   the training step on two ranks under msrun
-    command    tools/selfcheck.py
+
+tools/selfcheck.py is `pixart.cli.selfcheck`; the references are made by tools/make_selfcheck_refs.py.
 """

@@ -1,5 +1,5 @@
-"""tools/selfcheck.py once its options are parsed: list checks and dtypes, print the plan, run, print the table, and
-fail (SelfCheckFailed, exit 1) naming every failed check."""
+"""tools/selfcheck.py once its options are parsed (the library is `pixart.selfcheck`): print the plan, or run it,
+print the table, and fail (SelfCheckFailed: exit 1) naming every failed row."""
 from __future__ import annotations
 
 import argparse
