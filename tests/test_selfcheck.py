@@ -81,6 +81,8 @@ def test_command_line(capsys):
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: argument --dtype: unknown dtype fp8; choose from fp32, fp16, bf16 (comma-separated)")
+    with pytest.raises(ValueError, match="--checks train-dp runs under msrun: add --msrun"):
+        run_command(parse_args(build_parser(), ["--checks", "t5,train-dp"]))
     args = parse_args(build_parser(), ["--device_target", "auto", "--mode", "pynative", "--checks", "t5", "--plan"])
     assert args.device_target == "CPU"
     run_command(args)

@@ -63,6 +63,9 @@ def print_plan(steps) -> None:
 
 def run(args) -> None:
     from pixart import backend
+    parallel = [c for c in args.checks or () if CHECKS[c].kind == "parallel"]
+    if parallel and not args.msrun:
+        raise ValueError(f"--checks {', '.join(parallel)} runs under msrun: add --msrun")
     if args.plan:
         backend.setup(args.device_target, args.mode[0])
         print_plan(plan(args.dtype, args.mode, args.checks, args.msrun))

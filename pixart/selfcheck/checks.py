@@ -75,7 +75,9 @@ def register(check: Check) -> Check:
     return check
 
 
-# Architectures the self-check does not build yet, with the reason printed under the table.
+# Architectures the self-check does not build yet, printed under the table. ControlNet's registration point: a
+# check built like `_pixart_forward` (the control branch with fixed weights, a fixed control image) registered
+# below, its reference in tools/make_selfcheck_refs.py's REFERENCES, then this entry removed.
 NOT_COVERED = {"controlnet": "ControlNet (PixArt-δ) is not covered by the self-check yet"}
 
 
