@@ -15,6 +15,7 @@ compares numbers computed on the device takes its tolerance from `device_toleran
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -66,6 +67,7 @@ def pytest_configure(config):
         backend.setup(device, "pynative")
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_imports(path: Path) -> tuple[bool, bool]:
     """(imports torch / diffusers / transformers / peft at module level, anywhere) in the test module at `path`."""
     tree = ast.parse(path.read_text(), str(path))
