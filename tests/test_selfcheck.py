@@ -1,7 +1,6 @@
 """The self-check (tools/selfcheck.py): it passes on this CPU, a broken op fails exactly its rows, the plan of an
 Ascend run (faked device), the stored references against a fresh PyTorch run, msrun, and the test suite's device
 option."""
-import numpy as np
 import pytest
 
 from pixart import backend
