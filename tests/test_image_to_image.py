@@ -202,7 +202,7 @@ def test_sample_py_refuses_bad_image_inputs_before_loading(bundle, tmp_path, mon
         (["--timesteps", "1000"], "out of range"),
         (["--timesteps", "400", "--sampling_method", "sa"], "sampler 'sa' cannot take custom timesteps"),
         (["--timesteps", "4x"], "--timesteps must be comma-separated whole numbers"),
-        (["--sampling_steps", "1000"], "dpm: 1000 steps repeat timesteps"),
+        (["--sampling_steps", "1000"], r"--sampling_steps must be in \[1, 999\]"),
     ]:
         assert main(sample_run.run, sample_run.build_parser, None, base + extra) == 1
         err = capsys.readouterr().err.strip().splitlines()

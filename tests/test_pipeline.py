@@ -298,7 +298,6 @@ def test_generator_forms_agree(sigma_folder):
     (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs may hold latents"),
     (dict(timesteps=[999, 500], sampler="sa"), "sampler .sa. cannot take custom timesteps"),
     (dict(sigmas=[1.0, 0.5]), "not sigmas"),
-    (dict(clean_caption=True), "clean_caption=True"),
     (dict(generator=[1, 2]), "generator has 2 entries for 1 images"),
     (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), "latents must have shape"),
 ])
