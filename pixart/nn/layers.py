@@ -73,7 +73,10 @@ class Linear(nn.Cell):
 
     def product(self, x2d):
         """x W^T for x (M, in) as (M, out)."""
-        return self.matmul(x2d, self.weight)
+        w = self.weight
+        if w.dtype != x2d.dtype:  # half weights stored for fp32 compute (backend.cast_parameters on CPU), no kernels
+            w = w.astype(x2d.dtype)
+        return self.matmul(x2d, w)
 
     def epilogue(self, y, in_shape):
         """`product`'s (M, out) -> + bias, activation, reshaped to in_shape[:-1] + (out,)."""

@@ -1,6 +1,7 @@
 """CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM and
-attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products
-(amx_gemm.cc); softmax.h is shared by the first two.
+attention on AVX-512 with the products of Linear layers whose weights are stored in bf16 (vdpbf16ps, on CPUs with
+AVX512_BF16) or fp16 (widened per panel) (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16
+tile products (amx_gemm.cc); softmax.h is shared by the first two.
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written
@@ -114,6 +115,26 @@ def _avx512() -> Path | None:
     if "gemm_path" not in _STATE:
         _STATE["gemm_path"] = _library(GEMM_SOURCE, "GemmAvailable") if "avx512f" in _cpu_id() else None
     return _STATE["gemm_path"]
+
+
+def half_weights(dtype_name: str) -> bool:
+    """Whether Linear weights stored in `dtype_name` ('bf16' / 'fp16') have a product here (`half_linear_product`):
+    the AVX-512 library built, and for bf16 built with AVX512_BF16 (remembered)."""
+    if not available() or not _avx512():
+        return False
+    if dtype_name == "fp16":
+        return True
+    if "bf16_ok" not in _STATE:
+        _STATE["bf16_ok"] = ctypes.CDLL(str(_STATE["gemm_path"])).GemmBf16Available() == 1
+    return dtype_name == "bf16" and _STATE["bf16_ok"]
+
+
+def half_linear_product(bias: bool = False):
+    """Inference product of a Linear layer whose weight is stored in bf16 or fp16: x (M, K) fp32, W (N, K) bf16 /
+    fp16 [, b (N) fp32 when `bias`] -> x W^T [+ b] (M, N) fp32, accumulated in fp32 (bf16: x rounded to bf16, as
+    a bf16 model's activations are; fp16: W widened to fp32). Call only where `half_weights()` says so."""
+    return op("LinearXWtHalfBias" if bias else "LinearXWtHalf", out_shape=lambda x, w, *b: (x[0], w[0]),
+              out_dtype=lambda x, *rest: x, library="gemm_path")
 
 
 def _same(*shapes):
