@@ -133,6 +133,7 @@ def half_linear_product(bias: bool = False):
     """Inference product of a Linear layer whose weight is stored in bf16 or fp16: x (M, K) fp32, W (N, K) bf16 /
     fp16 [, b (N) fp32 when `bias`] -> x W^T [+ b] (M, N) fp32, accumulated in fp32 (bf16: x rounded to bf16, as
     a bf16 model's activations are; fp16: W widened to fp32). Call only where `half_weights()` says so."""
+    half_weights("fp16")  # builds the library
     return op("LinearXWtHalfBias" if bias else "LinearXWtHalf", out_shape=lambda x, w, *b: (x[0], w[0]),
               out_dtype=lambda x, *rest: x, library="gemm_path")
 
