@@ -3,8 +3,8 @@ compute.
 
 MindSpore's CPU backend lacks many `mint` kernels (LayerNorm, Conv2d, GELU, Embedding, flash attention) and any
 bf16 compute; Ascend has all of them and is fastest with them. On CPU a half precision ('bf16', 'fp16') of the
-transformer or T5 is a storage format of their Linear weights (`cast_parameters`): those products run through
-`pixart.cpu`'s kernels (bf16: vdpbf16ps, where the CPU has AVX512_BF16, `cpu_supports_bf16()`), everything else
+transformer or T5 is a storage format of their Linear weights and embedding tables (`cast_parameters`): those
+products and lookups run through `pixart.cpu`'s kernels (bf16: vdpbf16ps, where the CPU has AVX512_BF16, `cpu_supports_bf16()`), everything else
 (norms, softmax, the residual stream) in fp32, as a PyTorch bf16 model computes each of those ops internally. The layers of `pixart.nn` ask this module at
 construction which kernels to use, so model code never branches on the device and a graph-mode compile sees a single
 path; `pixart.cpu` adds MindSpore CPU's own kernels to a built model.
@@ -100,7 +100,7 @@ def _cpu_flags() -> set:
 
 def cpu_supports_bf16() -> bool:
     """Whether this CPU multiplies bf16 (AVX512_BF16's vdpbf16ps, which every CPU with AMX-BF16 has too): where
-    it does, the transformer and T5 may store their Linear weights in bf16 on MindSpore's CPU backend."""
+    it does, the transformer and T5 may store their Linear weights (and tables) in bf16 on MindSpore's CPU backend."""
     return "avx512_bf16" in _cpu_flags()
 
 
@@ -121,7 +121,7 @@ def default_text_encoder_dtype() -> str:
 
 
 def weight_dtype(name: str):
-    """The MindSpore dtype the transformer's and T5's Linear weights are stored in for 'fp32' / 'fp16' / 'bf16'. On
+    """The MindSpore dtype the transformer's and T5's Linear weights and tables are stored in for 'fp32' / 'fp16' / 'bf16'. On
     MindSpore's CPU backend half precisions are storage only (see the module docstring); bf16 needs a CPU that
     multiplies it (`cpu_supports_bf16`), else it is refused."""
     if name not in DTYPES:
@@ -140,19 +140,22 @@ def compute_dtype(name: str):
 
 def linear_weights(net) -> set:
     """ids of the `weight` Parameters of `net`'s Linear layers (cells with `in_features`, `out_features` and a 2-D
-    weight)."""
+    weight) and embedding tables (cells with `num_embeddings` and `embedding_dim`): what a half precision stores in
+    half on CPU."""
     out = set()
     for _, cell in net.cells_and_names():
         w = getattr(cell, "weight", None)
-        if hasattr(cell, "in_features") and hasattr(cell, "out_features") and isinstance(w, ms.Parameter) \
-                and len(w.shape) == 2:
+        linear = hasattr(cell, "in_features") and hasattr(cell, "out_features")
+        table = hasattr(cell, "num_embeddings") and hasattr(cell, "embedding_dim")
+        if (linear or table) and isinstance(w, ms.Parameter) and len(w.shape) == 2:
             out.add(id(w))
     return out
 
 
 def parameter_dtypes(net, name: str) -> dict:
     """{Parameter name: the MindSpore dtype it is stored in} for the transformer or T5 in precision `name`: all of
-    them in `name`'s dtype, but on MindSpore's CPU backend only the Linear weights (the rest fp32)."""
+    them in `name`'s dtype, but on MindSpore's CPU backend only the Linear weights and embedding tables (the rest
+    fp32)."""
     target = weight_dtype(name)
     cpu_half = device_target() == "CPU" and target != ms.float32
     linear = linear_weights(net) if cpu_half else set()

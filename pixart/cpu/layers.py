@@ -147,6 +147,19 @@ class CPUAttention(nn.Attention):
         return self.bmm_pv(probs, v)
 
 
+class CPUEmbedding(nn.Embedding):
+    """Embedding whose table, stored in bf16 or fp16 (`backend.cast_parameters` on CPU), is looked up by a kernel
+    giving fp32 rows (MindSpore's CPU Gather has no bf16; the portable layer widens the whole table per call)."""
+
+    def attach(self):
+        self.half_gather = kernels.gather_rows_half() if kernels.half_weights("fp16") else None
+
+    def construct(self, ids):
+        if self.half_gather is not None and self.weight.dtype in (ms.bfloat16, ms.float16):
+            return self.half_gather(self.weight, ids)
+        return nn.Embedding.construct(self, ids)
+
+
 # portable class -> its CPU-kernel subclass
-CPU_CLASSES = {nn.Linear: CPULinear, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
+CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
                nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention}

@@ -234,7 +234,7 @@ def load_t5(folder, dtype: str = "fp32", max_positions: int = 512) -> T5EncoderM
     """Build the T5 encoder from an HF folder (config.json + weights); decoder/lm_head weights are ignored.
 
     The weights are maps of the file (safetensors) converted to their parameters' dtypes (`backend.parameter_dtypes`:
-    on CPU a half `dtype` is the Linear weights' storage, the rest fp32) one tensor at a time, and the Cell is built
+    on CPU a half `dtype` is the Linear weights' and embeddings' storage, the rest fp32) one tensor at a time, and the Cell is built
     without random weights and takes the arrays' memory where the dtypes agree, so peak memory stays near the size
     of the model.
     """

@@ -138,6 +138,19 @@ def half_linear_product(bias: bool = False):
               out_dtype=lambda x, *rest: x, library="gemm_path")
 
 
+def gather_rows_half():
+    """Lookup in a table stored in bf16 or fp16: table (V, D), ids (...) int32/int64 -> rows (..., D) fp32 (an
+    embedding in half precision; MindSpore's CPU Gather has no bf16). Call only where `half_weights()` says so."""
+    half_weights("fp16")  # builds the library
+    return op("GatherRowsHalf", out_shape=lambda table, ids: (*ids, table[1]), out_dtype=lambda *_: _float32(),
+              library="gemm_path")
+
+
+def _float32():
+    import mindspore as ms
+    return ms.float32
+
+
 def _same(*shapes):
     return shapes[0]
 

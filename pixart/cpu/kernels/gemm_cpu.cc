@@ -510,6 +510,40 @@ int LinearXWtHalfBias(int nparam, void **params, int *ndims, int64_t **shapes, c
   return nparam == 4 ? LinearXWtHalf(nparam, params, ndims, shapes, dtypes, a, b) : 1;
 }
 
+// out (..., D) fp32 = rows `ids` (...) of a table (V, D) stored in bf16 or fp16 (an embedding in half precision);
+// an id outside [0, V) gives zeros.
+int GatherRowsHalf(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || ndims[0] != 2 || std::strcmp(dtypes[2], "float32") != 0) return 1;
+  const bool bf16 = std::strcmp(dtypes[0], "bfloat16") == 0;
+  if (!bf16 && std::strcmp(dtypes[0], "float16") != 0) return 1;
+  const bool ids64 = std::strcmp(dtypes[1], "int64") == 0;
+  if (!ids64 && std::strcmp(dtypes[1], "int32") != 0) return 1;
+  const int64_t v = shapes[0][0], d = shapes[0][1];
+  int64_t count = 1;
+  for (int i = 0; i < ndims[1]; ++i) count *= shapes[1][i];
+  const auto *table = static_cast<const uint16_t *>(params[0]);
+  auto *out = static_cast<float *>(params[2]);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t id = ids64 ? static_cast<const int64_t *>(params[1])[r] : static_cast<const int32_t *>(params[1])[r];
+    float *dst = out + r * d;
+    if (id < 0 || id >= v) {
+      std::memset(dst, 0, d * 4);
+      continue;
+    }
+    const uint16_t *src = table + id * d;
+    if (bf16) {
+      for (int64_t c = 0; c < d; ++c) {
+        const uint32_t bits = static_cast<uint32_t>(src[c]) << 16;
+        std::memcpy(dst + c, &bits, 4);
+      }
+    } else {
+      for (int64_t c = 0; c < d; ++c) dst[c] = _cvtsh_ss(src[c]);
+    }
+  }
+  return 0;
+}
+
 // Attention for inference (see attention()): q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv) -> (B, H, Nq, dv).
 int Attend(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   const bool masked = nparam == 5;
@@ -567,6 +601,7 @@ int GemmAvailable() { return 0; }
 int GemmBf16Available() { return 0; }
 int LinearXWtHalf(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int LinearXWtHalfBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int GatherRowsHalf(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int LinearXWt(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int LinearXWtBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int MatMulXW(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
