@@ -141,16 +141,29 @@ void pack_b(const B &b, int64_t n, int64_t n0, int64_t k0, int kc, float *bp) {
   }
 }
 
-// One 14 x 32 tile of C (row stride ldc): C = [C or bias or 0] + ap bp over kc.
-void micro_tile(const float *__restrict ap, const float *__restrict bp, int kc, float *c, int64_t ldc,
-                bool accumulate, const float *bias) {
-  __m512 acc[kRows][2];
+// A micro-tile's accumulators: C's tile (accumulate), else the bias (32 values), else zeros.
+__attribute__((always_inline)) inline void start_tile(__m512 (&acc)[kRows][2], const float *c, int64_t ldc,
+                                                      bool accumulate, const float *bias) {
   const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
   for (int i = 0; i < kRows; ++i) {
     acc[i][0] = accumulate ? _mm512_loadu_ps(c + i * ldc) : b0;
     acc[i][1] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16) : b1;
   }
+}
+
+__attribute__((always_inline)) inline void store_tile(const __m512 (&acc)[kRows][2], float *c, int64_t ldc) {
+  for (int i = 0; i < kRows; ++i) {
+    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
+// One 14 x 32 tile of C (row stride ldc): C = [C or bias or 0] + ap bp over kc.
+void micro_tile(const float *__restrict ap, const float *__restrict bp, int kc, float *c, int64_t ldc,
+                bool accumulate, const float *bias) {
+  __m512 acc[kRows][2];
+  start_tile(acc, c, ldc, accumulate, bias);
   for (int kk = 0; kk < kc; ++kk) {
     const __m512 v0 = _mm512_load_ps(bp + kk * kCols), v1 = _mm512_load_ps(bp + kk * kCols + 16);
 #pragma GCC unroll 14
@@ -160,10 +173,7 @@ void micro_tile(const float *__restrict ap, const float *__restrict bp, int kc, 
       acc[i][1] = _mm512_fmadd_ps(a, v1, acc[i][1]);
     }
   }
-  for (int i = 0; i < kRows; ++i) {
-    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
-    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
-  }
+  store_tile(acc, c, ldc);
 }
 
 // The fp32 product: op(A) and op(B) packed as fp32, the FMA micro-kernel. `B` is an Operand or a HalfOperand
@@ -325,12 +335,7 @@ struct Bf16Kind {
   static void tile(const uint32_t *__restrict ap, const uint32_t *__restrict bp, int pairs, float *c, int64_t ldc,
                    bool accumulate, const float *bias) {
     __m512 acc[kRows][2];
-    const __m512 b0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    const __m512 b1 = bias ? _mm512_loadu_ps(bias + 16) : _mm512_setzero_ps();
-    for (int i = 0; i < kRows; ++i) {
-      acc[i][0] = accumulate ? _mm512_loadu_ps(c + i * ldc) : b0;
-      acc[i][1] = accumulate ? _mm512_loadu_ps(c + i * ldc + 16) : b1;
-    }
+    start_tile(acc, c, ldc, accumulate, bias);
     for (int p = 0; p < pairs; ++p) {
       const __m512bh v0 = reinterpret_cast<__m512bh>(_mm512_load_si512(bp + p * kCols));
       const __m512bh v1 = reinterpret_cast<__m512bh>(_mm512_load_si512(bp + p * kCols + 16));
@@ -341,10 +346,7 @@ struct Bf16Kind {
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, v1);
       }
     }
-    for (int i = 0; i < kRows; ++i) {
-      _mm512_storeu_ps(c + i * ldc, acc[i][0]);
-      _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
-    }
+    store_tile(acc, c, ldc);
   }
 };
 constexpr bool kHasBf16 = true;
