@@ -106,7 +106,8 @@ def cpu_supports_bf16() -> bool:
 
 def default_dtype() -> str:
     """The transformer's precision when none is asked for: fp16 on Ascend (the reference port's), on CPU bf16 where
-    the CPU has it (about twice fp32's speed at half its memory), else fp32."""
+    the CPU has it (faster than fp32 from half its memory; measurements: docs/benchmarks.md, 'bf16 on CPU'), else
+    fp32."""
     if on_ascend():
         return "fp16"
     return "bf16" if device_target() == "CPU" and cpu_supports_bf16() else "fp32"
