@@ -14,6 +14,7 @@ from mindspore import Tensor
 
 from pixart import nn
 from pixart.cpu import kernels
+from pixart.models.t5 import T5LayerNorm
 
 
 class CPULinear(nn.Linear):
@@ -147,6 +148,20 @@ class CPUAttention(nn.Attention):
         return self.bmm_pv(probs, v)
 
 
+class CPUT5LayerNorm(T5LayerNorm):
+    """T5's RMS norm as one kernel (inference, fp32): the portable form is five MindSpore ops, each a pass over the
+    row block with a launch of its own, and MindSpore CPU's reductions and rsqrt are slow on T5-XXL's rows."""
+
+    def attach(self):
+        self.fused = kernels.rms_norm()
+        self.eps_tensor = Tensor([self.eps], ms.float32)
+
+    def construct(self, x):
+        if not self.training and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            return self.fused(x, self.weight, self.eps_tensor)
+        return T5LayerNorm.construct(self, x)
+
+
 class CPUEmbedding(nn.Embedding):
     """Embedding whose table, stored in bf16 or fp16 (`backend.cast_parameters` on CPU), is looked up by a kernel
     giving fp32 rows (MindSpore's CPU Gather has no bf16; the portable layer widens the whole table per call)."""
@@ -161,5 +176,5 @@ class CPUEmbedding(nn.Embedding):
 
 
 # portable class -> its CPU-kernel subclass
-CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
+CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, T5LayerNorm: CPUT5LayerNorm, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
                nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention}

@@ -223,6 +223,11 @@ def bias_gelu_tanh():
     return op("BiasGeluTanh", bprop=bprop)
 
 
+def rms_norm():
+    """T5's RMS norm, inference: x (..., D), w (D), eps (1,) -> w * x / sqrt(mean(x^2) + eps), fp32."""
+    return op("RmsNorm", out_shape=lambda x, w, e: x, out_dtype=lambda x, w, e: x)
+
+
 def layer_norm_modulate():
     """x (N, T, D), shift, scale (N*D elements), eps (1,) -> LayerNorm(x) * (1 + scale) + shift, with its gradient
     (LayerNormModulateGrad: dx, dshift, dscale in one kernel)."""
