@@ -85,7 +85,8 @@ def dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     if name == "bf16" and device_target() == "CPU":
-        raise ValueError("bf16 is not supported here on MindSpore's CPU backend (no bf16 kernels); use fp32 or fp16")
+        raise ValueError("bf16 is not supported on MindSpore's CPU backend here (training, the VAE: no bf16 kernels); "
+                         "use fp32 or fp16")
     return DTYPES[name]
 
 
