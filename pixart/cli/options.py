@@ -260,10 +260,11 @@ def check_execution(args, device_from_command_line: bool = True, stream=None) ->
     if getattr(args, "enable_flash_attention", None):
         args.enable_flash_attention = None
         changes.append("flash attention off (Ascend only)")
+    from pixart.backend import cpu_supports_bf16  # only here: building a parser must not import MindSpore
     for dest in ("dtype", "text_encoder_dtype"):
-        if getattr(args, dest, None) == "bf16":
+        if getattr(args, dest, None) == "bf16" and not cpu_supports_bf16():
             setattr(args, dest, "fp32")
-            changes.append(f"--{dest} bf16 -> fp32 (MindSpore's CPU backend has no bf16 matmul)")
+            changes.append(f"--{dest} bf16 -> fp32 (bf16 on CPU needs AVX512_BF16 or AMX-BF16, which this CPU lacks)")
     if changes:
         print(f"warning: running on CPU: {'; '.join(changes)}", file=stream or sys.stderr)
 
@@ -279,9 +280,10 @@ def add_precision_group(p, text_encoder_dtype: str | None = None):
     """Precision of the models: T5's here (None: the transformer's); the caller adds its own to the returned
     group."""
     g = p.add_argument_group("precision")
-    g.add_argument("--text_encoder_dtype", default=text_encoder_dtype, choices=DTYPES,
+    g.add_argument("--text_encoder_dtype", default=text_encoder_dtype, choices=DTYPES + ["auto"],
                    help="T5 precision" + ("" if text_encoder_dtype else " (default: --dtype)")
-                   + "; fp16 halves T5-XXL's memory")
+                   + "; fp16 halves T5-XXL's memory; auto: fp16 on Ascend, on CPU bf16 where the CPU has it, "
+                     "else fp16 storage computed in fp32")
     return g
 
 

@@ -106,8 +106,8 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                    help="also save the images as one grid: a row per trial of each batch, a column per image")
 
     g = add_precision_group(p)
-    g.add_argument("--dtype", default=None, choices=DTYPES, help="transformer precision (default: fp16 on Ascend, "
-                   "fp32 on CPU)")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="transformer precision (default: fp16 on Ascend; "
+                   "on CPU bf16 where the CPU has AVX512_BF16, else fp32)")
     add_controlnet_group(p)
     g = add_execution_group(p, mode="pynative")
     g.add_argument("--use_parallel", type=str2bool, default=False,
@@ -259,9 +259,12 @@ def setup_backend(args) -> None:
     """Device, mode and dtype, once per run (the device cannot change once msrun's communication is up)."""
     if getattr(args, "_backend_ready", False):
         return
-    args.dtype = args.dtype or ("fp16" if args.device_target == "Ascend" else "fp32")
     backend.setup(args.device_target, mode_name(args), args.jit_level, args.enable_flash_attention)
-    backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
+    args.dtype = args.dtype or backend.default_dtype()
+    if args.text_encoder_dtype == "auto":
+        args.text_encoder_dtype = backend.default_text_encoder_dtype()
+    for name in (args.dtype, args.text_encoder_dtype or args.dtype):
+        backend.weight_dtype(name)  # bf16 on a CPU without it fails here, before loading
     args._backend_ready = True
 
 

@@ -58,7 +58,7 @@ class TimestepEmbedder(nn.Cell):
 
     def construct(self, t):
         freq = timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.astype(self.mlp[0].weight.dtype))
+        return self.mlp(freq.astype(self.mlp[0].bias.dtype))  # the activations' dtype: see `PixArt.embed`
 
 
 class SizeEmbedder(TimestepEmbedder):
@@ -340,7 +340,7 @@ class PixArt(nn.Cell):
     def embed_caption(self, y, force_drop_ids=None):
         """T5 features (N, 1, L, C_text) -> caption tokens (N, L, D) by the caption MLP (null caption where dropped)."""
         n = y.shape[0]
-        y = self.y_embedder(y.astype(self.t_block[1].weight.dtype), force_drop_ids)  # (N, 1, L, D)
+        y = self.y_embedder(y.astype(self.t_block[1].bias.dtype), force_drop_ids)  # (N, 1, L, D)
         return y.reshape(n, -1, y.shape[-1])
 
     def denoise(self, x, timestep, caption_kv, mask=None, data_info=None):
@@ -371,7 +371,7 @@ class PixArt(nn.Cell):
     def embed_patches(self, x):
         """Latents (N, C, H, W) -> patch tokens plus the sin-cos position embedding of their grid (N, T, D)."""
         h, w = self.token_grid(x)
-        dtype = self.t_block[1].weight.dtype
+        dtype = self.t_block[1].bias.dtype  # a bias: fp32 where half weights are storage only (backend.cast_parameters)
         pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
                                              self.base_size))
         x = self.x_embedder(x.astype(dtype))  # (N, T, D), T = h * w
