@@ -8,7 +8,8 @@ or its model or inputs change (needs torch, diffusers, transformers):
 What each reference is:
 - forward checks: the PyTorch model's outputs (PixArt-Σ's KV compression, which diffusers lacks, as an attention
   processor on diffusers' attention: depthwise stride-r conv and LayerNorm on keys and values, as the original
-  PixArt-Σ code; LoRA merged into the weights, W + alpha/r B A, in float64);
+  PixArt-Σ code; LoRA merged into the weights, W + alpha/r B A, in float64; the ControlNet as diffusers' research
+  project's adapter of BasicTransformerBlocks beside diffusers' model, the construction of tests/test_controlnet.py);
 - samplers: this port's sampler arithmetic (MindSpore CPU, fp32; checked against diffusers' schedulers and the
   papers' formulas by tests/test_samplers.py) driven by diffusers' denoiser;
 - the training step: diffusers' model, the official IDDPM loss transcribed in torch (tests/test_train_units.py),
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 from pixart import backend
 from pixart.io import diffusers_to_original, fused_slices, original_to_diffusers
 from pixart.selfcheck import fixtures as fx
-from pixart.selfcheck.checks import CHECKS, pixart_state, t5_state, vae_state
+from pixart.selfcheck.checks import CHECKS, controlnet_state, pixart_state, t5_state, vae_state
+from tests.test_controlnet import torch_controlnet, torch_forward
 from tests.test_train_units import torch_reference
 from tests.utils import diffusers_model, run_diffusers
 
@@ -103,6 +105,28 @@ def pixart_forward(name: str, lora: bool = False) -> dict:
     inp = fx.pixart_inputs(cfg)
     info = {"img_hw": inp["img_hw"], "aspect_ratio": inp["aspect_ratio"]} if cfg.micro_condition else None
     return {"out": run_diffusers(model, inp["x"], inp["t"], inp["y"][:, 0], inp["mask"], info)}
+
+
+def controlnet() -> dict:
+    """diffusers' α model with the research project's adapter beside it, holding the check's fixed weights (our
+    official names translated block by block with `original_to_diffusers`), control scale 1."""
+    model, cfg, _ = torch_pixart("alpha")
+    state, copies = {}, set()
+    for key, value in controlnet_state().items():
+        _, n, part, rest = key.split(".", 3)
+        copies.add(int(n))
+        if part != "copied_block":  # before_proj / after_proj: the same Linear layout in both
+            state[f"controlnet_blocks.{n}.{part}.{rest}"] = value
+            continue
+        converted, unmapped = original_to_diffusers({f"blocks.{n}.{rest}": value})
+        assert not unmapped, unmapped
+        state.update({k.replace(f"transformer_blocks.{n}.", f"controlnet_blocks.{n}.transformer_block.", 1): v
+                      for k, v in converted.items()})
+    adapter = torch_controlnet(model, len(copies), seed=0)
+    adapter.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    inp = fx.pixart_inputs(cfg)
+    return {"out": torch_forward(model, adapter, inp["x"], inp["t"], inp["y"][:, 0], inp["mask"], None,
+                                 fx.control_condition())}
 
 
 def sampler(name: str) -> dict:
@@ -183,6 +207,7 @@ REFERENCES = {
     "sigma": lambda: pixart_forward("sigma"),
     "sigma-kv": lambda: pixart_forward("sigma-kv"),
     "lora": lambda: pixart_forward("alpha", lora=True),
+    "controlnet": controlnet,
     "t5": t5,
     "vae-sd": lambda: vae("vae-sd"),
     "vae-sdxl": lambda: vae("vae-sdxl"),

@@ -133,6 +133,11 @@ def vae_inputs(name: str) -> dict[str, np.ndarray]:
     return dict(image=uniform((1, 3, 32, 32), 11).astype(np.float32), z=array((1, 4, 32 // f, 24 // f), 12))
 
 
+def control_condition() -> np.ndarray:
+    """The ControlNet check's condition latents (1, 4, 8, 12), one for the whole batch as the pipeline passes it."""
+    return array((1, 4, *LATENT_HW), 31)
+
+
 # sampler -> steps: each a few steps of the α model (the variance channels matter to IDDPM)
 SAMPLER_STEPS = {"dpm": 4, "sa": 4, "iddpm": 4, "ddim": 4}
 SAMPLER_SEED = 5  # the NumPy generator of the stochastic samplers' noise (SA-Solver, IDDPM)
