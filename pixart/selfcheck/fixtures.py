@@ -139,8 +139,8 @@ def control_condition() -> np.ndarray:
 
 
 # sampler -> steps: each a few steps of the α model (the variance channels matter to IDDPM)
-SAMPLER_STEPS = {"dpm": 4, "sa": 4, "iddpm": 4, "ddim": 4}
-SAMPLER_SEED = 5  # the NumPy generator of the stochastic samplers' noise (SA-Solver, IDDPM)
+SAMPLER_STEPS = {"dpm": 4, "sa": 4, "iddpm": 4, "ddim": 4, "lcm": 4}
+SAMPLER_SEED = 5  # the NumPy generator of the stochastic samplers' noise (SA-Solver, IDDPM, LCM)
 
 
 def train_inputs(cfg: PixArtConfig) -> dict[str, np.ndarray]:
