@@ -4,7 +4,7 @@ The "ControlNet-Half" design of the official `ControlPixArtHalf` / `ControlPixAr
 
 - the base PixArt stays frozen; its first N blocks (N = 13 of 28) are copied into a trainable control branch;
 - the condition image (an edge map: HED in the official checkpoint) is VAE-encoded to latents, which enter through
-  the base model's own patch embedding and position embedding (`PixArt.embed_patches`), not a new encoder;
+  the base model's own patch embedding and position embedding (the tokens of `PixArt.embed`), not a new encoder;
 - control block 0 adds those condition tokens, through a zero-initialised linear `before_proj`, to the image tokens
   after base block 0; control block i then runs the copied block i on the control stream, and its output, through a
   zero-initialised linear `after_proj`, is added to the input of base block i + 1:
@@ -168,7 +168,7 @@ class ControlPixArt(nn.Cell):
         first = 1
         if condition is not None and control_scale != 0:
             condition = condition.broadcast_to((x.shape[0],) + tuple(condition.shape[1:]))
-            c = base.embed_patches(condition)  # (N, T, D): the base's own patch and position embedding
+            c = base.embed(condition, timestep, data_info)[0]  # (N, T, D): the base's own patch and position embedding
             for i, block in enumerate(self.controlnet):
                 c, residual = block(x, c, caption_kv[depth + i], t0, mask, hw)
                 x = base.blocks[i + 1](x + residual * control_scale, caption_kv[i + 1], t0, mask, hw)

@@ -360,22 +360,18 @@ class PixArt(nn.Cell):
         """Latents, timestep and micro-conditions -> (tokens + position embedding (N, T, D), timestep embedding t
         (N, D) for the final layer, adaLN-single input t0 (N, 6D) for the blocks)."""
         n = x.shape[0]
-        x = self.embed_patches(x)  # (N, T, D), T = h * w
+        h, w = self.token_grid(x)
+        dtype = self.t_block[1].bias.dtype  # a bias: fp32 where half weights are storage only (backend.cast_parameters)
+        pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
+                                             self.base_size))
+        x = self.x_embedder(x.astype(dtype))  # (N, T, D), T = h * w
+        x = x + expand_as(pos.astype(dtype), x)
         t = self.t_embedder(timestep.reshape(-1).broadcast_to((n,)))  # (N, D)
         if self.micro_condition:
             csize = self.csize_embedder(data_info["img_hw"].astype(ms.float32).reshape(-1, 2))  # (N, 2D/3)
             ar = self.ar_embedder(data_info["aspect_ratio"].astype(ms.float32).reshape(-1, 1))  # (N, D/3)
             t = t + mint.cat([csize, ar], 1).broadcast_to(t.shape)
         return x, t, self.t_block(t)
-
-    def embed_patches(self, x):
-        """Latents (N, C, H, W) -> patch tokens plus the sin-cos position embedding of their grid (N, T, D)."""
-        h, w = self.token_grid(x)
-        dtype = self.t_block[1].bias.dtype  # a bias: fp32 where half weights are storage only (backend.cast_parameters)
-        pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
-                                             self.base_size))
-        x = self.x_embedder(x.astype(dtype))  # (N, T, D), T = h * w
-        return x + expand_as(pos.astype(dtype), x)
 
     def final(self, x, t, hw):
         """Block output (N, T, D) -> (N, C_out, H, W): the final layer, then patches back to the latent grid."""
