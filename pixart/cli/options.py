@@ -198,7 +198,7 @@ def kv_compress_config(args, depth: int | None = None) -> dict | None:
         return None
     from pixart.models.pixart import KVCompression  # here: building a parser must not import MindSpore
     return KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
-                                      args.kv_compress_layer, depth or model_depth(args)).config()
+                                      args.kv_compress_layer, depth).config()
 
 
 def _device_nodes(device: str) -> bool:
