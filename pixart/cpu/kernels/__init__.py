@@ -32,10 +32,10 @@ SOURCE = Path(__file__).with_name("fused_cpu.cc")
 AMX_SOURCE = Path(__file__).with_name("amx_gemm.cc")
 GEMM_SOURCE = Path(__file__).with_name("gemm_cpu.cc")
 GEMMS = ("auto", "matmul", "bf16x3")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]  # fast-math: libmvec expf
-# Linked apart, without -ffast-math: linking with it adds crtfastmath.o, whose constructor turns on flush-to-zero for
-# the whole process when the library loads (NumPy and every other library would then lose subnormal numbers).
-LINK_FLAGS = ["-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]  # fast-math: libmvec expf
+# Linking with -ffast-math adds crtfastmath.o: loading the library turns on flush-to-zero for the process. The kernels
+# rely on it (without it a training step's gradients can turn NaN on subnormal intermediates), so it stays until they
+# set and restore it around their own work.
 _STATE: dict = {}
 
 
@@ -58,18 +58,17 @@ def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
     if not compiler:
         raise RuntimeError("no C++ compiler found (g++ / c++ / $CXX)")
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h)
-    parts = [source.read_text(), *headers, compiler, *FLAGS, *LINK_FLAGS, _cpu_id()]
+    parts = [source.read_text(), *headers, compiler, *FLAGS, _cpu_id()]
     key = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out, obj = Path(tmp) / target.name, Path(tmp) / f"{source.stem}.o"
-        for cmd in ([compiler, *FLAGS, "-c", str(source), "-o", str(obj)], [compiler, *LINK_FLAGS, str(obj), "-o", str(out)]):
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: concurrent processes each build, the last rename wins, all equal
     return target
 
