@@ -403,7 +403,9 @@ def test_kv_compression_is_one_checked_constructor_for_sampling_and_training():
         {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [2, 3]}  # Σ's KV models' layout
     with pytest.raises(ValueError, match=r"^kv_compress_scale_factor 0 is not allowed: an integer >= 1"):
         KVCompression.from_options("conv", 0)
-    with pytest.raises(ValueError, match=r"^kv_compress_layer 4, -1 out of range: the model has 4 blocks, 0\.\.3$"):
+    with pytest.raises(ValueError, match=r"^kv_compress_layer 4 -1: the model has 4 blocks \(layers 0 \.\. 3\)$"):
         KVCompression.from_options("conv", 2, [1, 4, -1], depth=4)
+    with pytest.raises(ValueError, match=r"^kv_compress_layer -1: layers are whole numbers from 0$"):
+        KVCompression.from_options("conv", 2, [1, -1])  # the depth not known yet: only the sign is checked
     with pytest.raises(ValueError, match=r"^kv_compress_sampling 'max' is not one of conv, ave, uniform$"):
         KVCompression.from_options("max", 2)

@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from pixart import logging_setup
+from pixart.models.kv_compression import KVCompression
 
 
 class ConfigError(ValueError):
@@ -152,9 +153,6 @@ def add_encoder_options(g, reference_layout: bool = False) -> None:
                    "the feature cache's)")
 
 
-KV_DEFAULT_SCALE_FACTOR = 2  # for -h: KVCompression.DEFAULT_SCALE_FACTOR (a parser does not import MindSpore)
-
-
 def add_kv_compress_group(p, scale_factor: int | None = None):
     """Σ's KV compression of self-attention keys and values; `--kv_compress true` alone takes the layers and
     factor of Σ's KV models (the second half of the blocks, 2x)."""
@@ -164,7 +162,7 @@ def add_kv_compress_group(p, scale_factor: int | None = None):
                         "uniform have no weights)")
     g.add_argument("--kv_compress_sampling", default="conv", choices=["conv", "ave", "uniform"])
     g.add_argument("--kv_compress_scale_factor", type=int, default=scale_factor,
-                   help=f"downsampling of keys and values (default: {KV_DEFAULT_SCALE_FACTOR})")
+                   help=f"downsampling of keys and values (default: {KVCompression.DEFAULT_SCALE_FACTOR})")
     g.add_argument("--kv_compress_layer", type=int, nargs="*", default=None,
                    help="blocks that compress (default: the second half, as in Σ's KV models)")
     return g
@@ -182,21 +180,17 @@ def model_depth(args) -> int | None:
 
 def check_kv_layers(args, depth: int | None = None, flag=None) -> None:
     """Every --kv_compress_layer names a block of the model (0 .. depth-1); a layer that does not exist would be
-    silently ignored."""
-    layers = getattr(args, "kv_compress_layer", None) or []
-    depth = depth or model_depth(args)
-    bad = [i for i in layers if not 0 <= i < (depth or math.inf)]
-    if bad:
-        name = (flag or (lambda d: f"--{d}"))("kv_compress_layer")
-        raise ConfigError(f"{name} {' '.join(map(str, bad))}: the model has {depth} blocks (layers 0 .. {depth - 1})"
-                          if depth else f"{name} {' '.join(map(str, bad))}: layers are numbered from 0")
+    silently ignored. The check is `KVCompression.from_options`'s, worded with the flag the user wrote."""
+    try:
+        KVCompression.from_options(layers=getattr(args, "kv_compress_layer", None), depth=depth or model_depth(args))
+    except ValueError as e:
+        raise ConfigError(str(e).replace("kv_compress_layer", (flag or (lambda d: f"--{d}"))("kv_compress_layer"), 1))
 
 
 def kv_compress_config(args, depth: int | None = None) -> dict | None:
     """The model's KV-compression config the flags ask for (None: off), checked by `KVCompression.from_options`."""
     if not args.kv_compress:
         return None
-    from pixart.models.pixart import KVCompression  # here: building a parser must not import MindSpore
     return KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
                                       args.kv_compress_layer, depth).config()
 
