@@ -391,6 +391,48 @@ bool attention(const float *q, const float *k, const float *v, const float *keep
   return ok;
 }
 
+// T5's attention, inference: out (B, N, H*dv) = per head softmax(q k^T + bias) v (no 1/sqrt(d) scale) for q, k
+// (B, N, H*d) and v (B, N, H*dv) in the token-major layout of the Linear layers that made them (no head transposes)
+// and bias (1 or B, H, N, N): the relative position bias, padded keys already at -finfo.max as HF adds them (their
+// probability then underflows to ~0; a row with every key padded comes out uniform, as HF's). Work items as in
+// attention(): blocks of query rows of one (batch, head), two single-threaded GEMMs around the softmax.
+bool attention_bias(const float *q, const float *k, const float *v, const float *bias, int64_t bias_batch, float *out,
+                    int64_t b, int64_t h, int64_t n, int64_t d, int64_t dv) {
+  const int64_t tiles = (n + kRows - 1) / kRows, blocks = (n + 255) / 256;
+  const int64_t block_rows = (tiles + blocks - 1) / blocks * kRows;
+  bool ok = true;
+#pragma omp parallel
+  {
+    float *s = aligned_floats(block_rows * (n + dv)), *o = s == nullptr ? nullptr : s + block_rows * n;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < b * h; ++bh)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t bi = bh / h, hi = bh % h, q0 = blk * block_rows;
+        const int64_t rows = n - q0 < block_rows ? n - q0 : block_rows;
+        if (rows <= 0) continue;
+        const Operand qa{q + (bi * n + q0) * h * d + hi * d, h * d, false}, kt{k + bi * n * h * d + hi * d, h * d, true};
+        const Operand pa{s, n, false}, va{v + bi * n * h * dv + hi * dv, h * dv, false};
+        // nested inside this parallel region, each gemm runs on the calling thread alone
+        bool done = s != nullptr && gemm(qa, kt, nullptr, s, rows, n, d);
+        if (done) {
+          const float *br = bias + ((bias_batch > 1 ? bi : 0) * h + hi) * n * n + q0 * n;
+          for (int64_t i = 0; i < rows * n; ++i) s[i] += br[i];
+          softmax_rows(s, s, rows, n, nullptr);
+          done = gemm(pa, va, nullptr, o, rows, dv, n);
+        }
+        if (!done) {
+#pragma omp atomic write
+          ok = false;
+          continue;
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          std::memcpy(out + (bi * n + q0 + i) * h * dv + hi * dv, o + i * dv, dv * 4);
+      }
+    std::free(s);
+  }
+  return ok;
+}
+
 // attention()'s gradient, for training: q, k, v, out (its output), dout, keep as there -> dq, dk, dv. One (sample,
 // head) per thread at a time, all its queries at once (its scores p and their gradient, 2 x Nq x Nk, are live):
 // p = softmax(q k^T) recomputed, dp = dout v^T, ds = p (dp - rowsum(dout * out)), dq = ds k, dk = ds^T q,
@@ -568,6 +610,24 @@ int AttendMasked(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return nparam == 5 ? Attend(nparam, params, ndims, shapes, dtypes, a, b) : 1;
 }
 
+// T5's attention (see attention_bias()): q, k (B, N, H*d), v (B, N, H*dv), bias (1 or B, H, N, N) -> (B, N, H*dv).
+int AttendBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 4) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return 1;
+  const int64_t *qs = shapes[0], *ks = shapes[1], *vs = shapes[2], *bs = shapes[3];
+  const int64_t b = qs[0], n = qs[1], h = bs[1];
+  if (h <= 0 || qs[2] % h != 0 || vs[2] % h != 0) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (ks[i] != qs[i] || (i < 2 && vs[i] != qs[i])) return 1;
+  if ((bs[0] != 1 && bs[0] != b) || bs[2] != n || bs[3] != n) return 1;
+  return attention_bias(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]), bs[0],
+                        static_cast<float *>(params[4]), b, h, n, qs[2] / h, vs[2] / h)
+             ? 0
+             : 1;
+}
+
 // Attend's gradient (see attention_grad()): q, k, v [, keep], out, dout -> dq, dk, dv.
 int AttendGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   const bool masked = nparam == 9;
@@ -611,6 +671,7 @@ int MatMulXtW(int, void **, int *, int64_t **, const char **, void *, void *) { 
 int Attend(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendMasked(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendMaskedGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
 
