@@ -187,6 +187,7 @@ struct Fp32Kind {
   const B &b;
   void pack_a(int64_t m, int64_t m0, int64_t k0, int kc, float *ap) const { ::pack_a(a, m, m0, k0, kc, ap); }
   void pack_b(int64_t n, int64_t n0, int64_t k0, int kc, float *bp) const { ::pack_b(b, n, n0, k0, kc, bp); }
+  void prefetch_b(int64_t, int64_t, int64_t, int, int64_t, int64_t) const {}  // the fp32 GEMM as it was
   static void tile(const float *ap, const float *bp, int kc, float *c, int64_t ldc, bool accumulate,
                    const float *bias) {
     micro_tile(ap, bp, kc, c, ldc, accumulate, bias);
@@ -245,7 +246,13 @@ bool gemm_kind(const Kind &kind, const float *bias, float *c, int64_t m, int64_t
         const int steps = (kc + w - 1) / w;
         kind.pack_b(n, n0, k0, kc, bp);
         const float *tile_bias = bias != nullptr && s == 0 ? bias_pad : nullptr;
+        // the weights this item packs next (the next K block, else the panel this thread likely takes next),
+        // requested from memory a share per tile while this block's tiles compute
+        const bool last = s + 1 == blocks;
+        const int64_t next_n0 = last ? (item + omp_get_num_threads()) / chunks * kCols : n0, next_k0 = last ? 0 : k0 + kb;
+        const int next_kc = static_cast<int>(k - next_k0 < kb ? k - next_k0 : kb);
         for (int64_t t = t_lo; t < t_hi; ++t) {
+          if (next_n0 < n) kind.prefetch_b(n, next_n0, next_k0, next_kc, t - t_lo, t_hi - t_lo);
           const int64_t m0 = t * kRows;
           const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
           const Packed *apt = ap + (s * tiles + t) * kw * kRows;
@@ -311,6 +318,16 @@ struct Bf16Kind {
       for (int q = 0; q < pairs; ++q)
         _mm512_mask_storeu_ps(reinterpret_cast<float *>(ap + (kk / 2 + q) * kRows), (1u << kRows) - 1, r[q]);
     }
+  }
+
+  // Part `part` of `parts` of the cache lines pack_b(n, n0, k0, kc) reads, prefetched into L2: a panel's 32 rows of W
+  // are 32 streams far apart (a row is K x 2 bytes), too many for the hardware prefetchers, so without this the
+  // packing waits on memory once per K block.
+  void prefetch_b(int64_t n, int64_t n0, int64_t k0, int kc, int64_t part, int64_t parts) const {
+    const int64_t cols = n - n0 < kCols ? n - n0 : kCols, lines = (kc * 2 + 63) / 64 + 1, total = cols * lines;
+    for (int64_t idx = total * part / parts; idx < total * (part + 1) / parts; ++idx)
+      _mm_prefetch(reinterpret_cast<const char *>(w + (n0 + idx / lines) * ldw + k0) + (idx % lines) * 64,
+                   _MM_HINT_T1);
   }
 
   // bp[p * kCols + j] = (W[n0 + j][k0 + 2p], W[n0 + j][k0 + 2p + 1]).
