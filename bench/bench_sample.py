@@ -148,7 +148,12 @@ def child(side: str, a) -> dict:
         for i, prompt in enumerate(prompts):
             t1 = time.perf_counter()
             with torch.no_grad():
-                image = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                given = dict(prompt=prompt)
+                if side == "torch_t5bf16":  # the pipeline gives the transformer T5's dtype: embeddings cast to fp32
+                    embeds, mask, neg, neg_mask = pipe.encode_prompt(prompt, clean_caption=False)
+                    given = dict(prompt_embeds=embeds.float(), prompt_attention_mask=mask,
+                                 negative_prompt_embeds=neg.float(), negative_prompt_attention_mask=neg_mask)
+                image = pipe(**given, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                              generator=torch.Generator().manual_seed(42 + i), clean_caption=False).images[0]
             image.save(out_dir / f"{i:04d}.png")
             per_image.append(time.perf_counter() - t1)
