@@ -142,18 +142,22 @@ def child(side: str, a) -> dict:
             dtype = torch.bfloat16 if side == "torch_bf16" else torch.float32
             pipe = PixArtAlphaPipeline.from_pretrained(str(folder), torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
+        denoiser = PixArtAlphaPipeline(tokenizer=pipe.tokenizer, text_encoder=None, vae=pipe.vae,
+                                       transformer=pipe.transformer, scheduler=pipe.scheduler)
+        denoiser.set_progress_bar_config(disable=True)
         load_s = time.perf_counter() - t0
         out_dir.mkdir(parents=True, exist_ok=True)
         per_image = []
         for i, prompt in enumerate(prompts):
             t1 = time.perf_counter()
             with torch.no_grad():
-                given = dict(prompt=prompt)
+                given, run_pipe = dict(prompt=prompt), pipe
                 if side == "torch_t5bf16":  # the pipeline gives the transformer T5's dtype: embeddings cast to fp32
                     embeds, mask, neg, neg_mask = pipe.encode_prompt(prompt, clean_caption=False)
-                    given = dict(prompt_embeds=embeds.float(), prompt_attention_mask=mask,
+                    given = dict(negative_prompt=None, prompt_embeds=embeds.float(), prompt_attention_mask=mask,
                                  negative_prompt_embeds=neg.float(), negative_prompt_attention_mask=neg_mask)
-                image = pipe(**given, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                    run_pipe = denoiser  # without T5: its embeddings then keep the transformer's dtype
+                image = run_pipe(**given, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                              generator=torch.Generator().manual_seed(42 + i), clean_caption=False).images[0]
             image.save(out_dir / f"{i:04d}.png")
             per_image.append(time.perf_counter() - t1)
