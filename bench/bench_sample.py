@@ -72,7 +72,12 @@ def prepare(folder: Path, t5_layers: int) -> None:
     pipe.save_pretrained(folder)
     for f in (folder / "text_encoder").iterdir():  # the real depth, fp16, as the public checkpoint
         f.unlink()
-    write_weights(folder / "text_encoder", t5_layers)
+    shared = Path(f"/tmp/pixart-bench-t5-xxl-L{t5_layers}")  # bench_t5.py's weights of this depth, if written
+    if (shared / "model.safetensors.index.json").exists():
+        for f in shared.iterdir():  # linked, not copied: ~9.5 GB at 24 layers
+            (folder / "text_encoder" / f.name).symlink_to(f)
+    else:
+        write_weights(folder / "text_encoder", t5_layers)
 
 
 def folder_of(a) -> Path:
@@ -137,13 +142,22 @@ def child(side: str, a) -> dict:
             dtype = torch.bfloat16 if side == "torch_bf16" else torch.float32
             pipe = PixArtAlphaPipeline.from_pretrained(str(folder), torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
+        denoiser = PixArtAlphaPipeline(tokenizer=pipe.tokenizer, text_encoder=None, vae=pipe.vae,
+                                       transformer=pipe.transformer, scheduler=pipe.scheduler)
+        denoiser.set_progress_bar_config(disable=True)
         load_s = time.perf_counter() - t0
         out_dir.mkdir(parents=True, exist_ok=True)
         per_image = []
         for i, prompt in enumerate(prompts):
             t1 = time.perf_counter()
             with torch.no_grad():
-                image = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                given, run_pipe = dict(prompt=prompt), pipe
+                if side == "torch_t5bf16":  # the pipeline gives the transformer T5's dtype: embeddings cast to fp32
+                    embeds, mask, neg, neg_mask = pipe.encode_prompt(prompt, clean_caption=False)
+                    given = dict(negative_prompt=None, prompt_embeds=embeds.float(), prompt_attention_mask=mask,
+                                 negative_prompt_embeds=neg.float(), negative_prompt_attention_mask=neg_mask)
+                    run_pipe = denoiser  # without T5: its embeddings then keep the transformer's dtype
+                image = run_pipe(**given, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                              generator=torch.Generator().manual_seed(42 + i), clean_caption=False).images[0]
             image.save(out_dir / f"{i:04d}.png")
             per_image.append(time.perf_counter() - t1)

@@ -102,7 +102,8 @@ def test_transformer_bf16_within_pytorch_bf16_error(graph_mode):
 @needs_kernels
 def test_t5_bf16_within_pytorch_bf16_error(tmp_path):
     """T5 v1.1 (gated-GELU, padded batch): bf16 and fp16 storage against transformers' fp32 output, within the
-    error of transformers' own bf16 run; Linear weights and embedding tables stored half, the rest (norms) fp32."""
+    error of transformers' own bf16 run; Linear weights and embedding tables stored half, the rest (norms) fp32; the
+    attention and gated-GELU kernels in use, and at fp32 equal to transformers' output."""
     hf = hf_folder(tmp_path, d_model=256, d_kv=32, num_heads=8, d_ff=512)
     ids, mask = padded_batch(TINY["vocab_size"])
     outs = {}
@@ -117,6 +118,10 @@ def test_t5_bf16_within_pytorch_bf16_error(tmp_path):
         assert {str(p.dtype) for p in model.get_parameters()} == {str(dt), "Float32"}
         assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == dt == model.shared.weight.dtype
         errs[name] = rel_err(model(Tensor(ids), Tensor(mask)).asnumpy(), outs["fp32"])
+    attention, ffn = model.encoder.block[0].layer[0].SelfAttention, model.encoder.block[0].layer[1].DenseReluDense
+    assert attention.fused is not None and ffn.fused is not None  # T5's attention and gated GELU kernels in use
+    fp32 = cpu.accelerate(load_t5(tmp_path, "fp32"))  # the same kernels at fp32: HF's numbers to fp32 rounding
+    assert rel_err(fp32(Tensor(ids), Tensor(mask)).asnumpy(), outs["fp32"]) <= 1e-5
     plain = load_t5(tmp_path, "bf16")  # without pixart.cpu's kernels: the portable layers widen the weights per call
     errs["portable"] = rel_err(plain(Tensor(ids), Tensor(mask)).asnumpy(), outs["fp32"])
     print(f"vs transformers fp32: bf16 {torch_err:.2e}; ours bf16 {errs['bf16']:.2e}, fp16 {errs['fp16']:.2e}, "

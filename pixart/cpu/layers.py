@@ -14,7 +14,7 @@ from mindspore import Tensor
 
 from pixart import nn
 from pixart.cpu import kernels
-from pixart.models.t5 import T5LayerNorm
+from pixart.models.t5 import T5Attention, T5DenseActDense, T5LayerNorm
 
 
 class CPULinear(nn.Linear):
@@ -162,6 +162,38 @@ class CPUT5LayerNorm(T5LayerNorm):
         return T5LayerNorm.construct(self, x)
 
 
+class CPUT5Attention(T5Attention):
+    """T5's attention with the position bias as one kernel (`kernels.t5_attention`, inference, fp32 activations):
+    on the Linear layers' token-major outputs, so without the head transposes, the broadcast bias add and the
+    (B, H, N, N) scores, each a slow MindSpore CPU op at T5-XXL's 64 heads."""
+
+    def attach(self):
+        self.fused = kernels.t5_attention()
+
+    def construct(self, x, bias):
+        if self.fused is None or self.training or x.dtype != ms.float32:
+            return T5Attention.construct(self, x, bias)
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, N, H*d) fp32
+        if q.dtype != ms.float32:
+            return T5Attention.construct(self, x, bias)
+        return self.o(self.fused(q, k, v, bias))
+
+
+class CPUT5DenseActDense(T5DenseActDense):
+    """T5 v1.1's gated feed-forward with gelu_tanh(wi_0 x) * wi_1 x as one kernel (inference, fp32 activations)."""
+
+    def attach(self):
+        self.fused = kernels.gelu_tanh_mul() if self.gated and getattr(self.act, "approximate", None) == "tanh" else None
+
+    def construct(self, x):
+        if self.fused is None or self.training:
+            return T5DenseActDense.construct(self, x)
+        gate, up = self.wi_0(x), self.wi_1(x)
+        if gate.dtype != ms.float32:
+            return T5DenseActDense.construct(self, x)
+        return self.wo(self.fused(gate, up))
+
+
 class CPUEmbedding(nn.Embedding):
     """Embedding whose table, stored in bf16 or fp16 (`backend.cast_parameters` on CPU), is looked up by a kernel
     giving fp32 rows (MindSpore's CPU Gather has no bf16; the portable layer widens the whole table per call)."""
@@ -177,4 +209,5 @@ class CPUEmbedding(nn.Embedding):
 
 # portable class -> its CPU-kernel subclass
 CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, T5LayerNorm: CPUT5LayerNorm, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
+               T5Attention: CPUT5Attention, T5DenseActDense: CPUT5DenseActDense,
                nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention}

@@ -216,6 +216,20 @@ def attention(masked: bool):
     return op("AttendMasked" if masked else "Attend", out_shape=shape, library="gemm_path", bprop=bprop)
 
 
+def t5_attention():
+    """T5's attention from the AVX-512 library (inference), or None where it is not built: q, k (B, N, H*d), v (B, N,
+    H*dv) as the Linear layers give them, bias (1 or B, H, N, N) (position bias, padding folded in) -> per head
+    softmax(q k^T + bias) v as (B, N, H*dv), without the head transposes or the (B, H, N, N) scores."""
+    if not available() or not _avx512():
+        return None
+    return op("AttendBias", out_shape=lambda q, k, v, b: (q[0], q[1], v[2]), library="gemm_path")
+
+
+def gelu_tanh_mul():
+    """Inference: a, b of one shape -> gelu_tanh(a) * b (T5 v1.1's gated feed-forward) in one pass."""
+    return op("GeluTanhMul", out_shape=lambda a, b: a, out_dtype=lambda a, b: a)
+
+
 def bias_gelu_tanh():
     """x (..., C), b (C) -> gelu_tanh(x + b), with its gradient (BiasGeluTanhGrad; b's is summed over rows)."""
     grad = op("BiasGeluTanhGrad", out_shape=lambda x, b, dy: x)

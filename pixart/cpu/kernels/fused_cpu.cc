@@ -71,6 +71,28 @@ int BiasGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return 0;
 }
 
+// y = gelu_tanh(a) * b, inference (T5 v1.1's gated feed-forward); a, b, y of one shape.
+int GeluTanhMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3 || ndims[0] != ndims[1]) return 1;
+  for (int i = 0; i < ndims[0]; ++i)
+    if (shapes[0][i] != shapes[1][i]) return 1;
+  const float *a = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t count = numel(ndims[0], shapes[0]), chunk = 4096;
+  const float c1 = 1.5957691216057308f, c3 = c1 * 0.044715f;  // as BiasGeluTanh
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < count; s += chunk) {
+    const int64_t end = s + chunk < count ? s + chunk : count;
+#pragma omp simd
+    for (int64_t j = s; j < end; ++j) {
+      const float v = a[j];
+      y[j] = v / (1.0f + clamped_exp(-v * (c1 + c3 * v * v))) * b[j];
+    }
+  }
+  return 0;
+}
+
 // BiasGeluTanh's gradient: dx = dy * gelu_tanh'(x + b), with gelu_tanh'(v) = s + v s (1 - s) (c1 + 3 c3 v^2) for
 // s = sigmoid(c1 v + c3 v^3) (the gradient for b is dx summed over rows); x, dy, dx (..., C), b (C).
 int BiasGeluTanhGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {

@@ -187,6 +187,7 @@ struct Fp32Kind {
   const B &b;
   void pack_a(int64_t m, int64_t m0, int64_t k0, int kc, float *ap) const { ::pack_a(a, m, m0, k0, kc, ap); }
   void pack_b(int64_t n, int64_t n0, int64_t k0, int kc, float *bp) const { ::pack_b(b, n, n0, k0, kc, bp); }
+  void prefetch_b(int64_t, int64_t, int64_t, int, int64_t, int64_t) const {}  // the fp32 GEMM as it was
   static void tile(const float *ap, const float *bp, int kc, float *c, int64_t ldc, bool accumulate,
                    const float *bias) {
     micro_tile(ap, bp, kc, c, ldc, accumulate, bias);
@@ -245,7 +246,13 @@ bool gemm_kind(const Kind &kind, const float *bias, float *c, int64_t m, int64_t
         const int steps = (kc + w - 1) / w;
         kind.pack_b(n, n0, k0, kc, bp);
         const float *tile_bias = bias != nullptr && s == 0 ? bias_pad : nullptr;
+        // the weights this item packs next (the next K block, else the panel this thread likely takes next),
+        // requested from memory a share per tile while this block's tiles compute
+        const bool last = s + 1 == blocks;
+        const int64_t next_n0 = last ? (item + omp_get_num_threads()) / chunks * kCols : n0, next_k0 = last ? 0 : k0 + kb;
+        const int next_kc = static_cast<int>(k - next_k0 < kb ? k - next_k0 : kb);
         for (int64_t t = t_lo; t < t_hi; ++t) {
+          if (next_n0 < n) kind.prefetch_b(n, next_n0, next_k0, next_kc, t - t_lo, t_hi - t_lo);
           const int64_t m0 = t * kRows;
           const int rows = static_cast<int>(m - m0 < kRows ? m - m0 : kRows);
           const Packed *apt = ap + (s * tiles + t) * kw * kRows;
@@ -311,6 +318,16 @@ struct Bf16Kind {
       for (int q = 0; q < pairs; ++q)
         _mm512_mask_storeu_ps(reinterpret_cast<float *>(ap + (kk / 2 + q) * kRows), (1u << kRows) - 1, r[q]);
     }
+  }
+
+  // Part `part` of `parts` of the cache lines pack_b(n, n0, k0, kc) reads, prefetched into L2: a panel's 32 rows of W
+  // are 32 streams far apart (a row is K x 2 bytes), too many for the hardware prefetchers, so without this the
+  // packing waits on memory once per K block.
+  void prefetch_b(int64_t n, int64_t n0, int64_t k0, int kc, int64_t part, int64_t parts) const {
+    const int64_t cols = n - n0 < kCols ? n - n0 : kCols, lines = (kc * 2 + 63) / 64 + 1, total = cols * lines;
+    for (int64_t idx = total * part / parts; idx < total * (part + 1) / parts; ++idx)
+      _mm_prefetch(reinterpret_cast<const char *>(w + (n0 + idx / lines) * ldw + k0) + (idx % lines) * 64,
+                   _MM_HINT_T1);
   }
 
   // bp[p * kCols + j] = (W[n0 + j][k0 + 2p], W[n0 + j][k0 + 2p + 1]).
@@ -385,6 +402,48 @@ bool attention(const float *q, const float *k, const float *v, const float *keep
 #pragma omp atomic write
           ok = false;
         }
+      }
+    std::free(s);
+  }
+  return ok;
+}
+
+// T5's attention, inference: out (B, N, H*dv) = per head softmax(q k^T + bias) v (no 1/sqrt(d) scale) for q, k
+// (B, N, H*d) and v (B, N, H*dv) in the token-major layout of the Linear layers that made them (no head transposes)
+// and bias (1 or B, H, N, N): the relative position bias, padded keys already at -finfo.max as HF adds them (their
+// probability then underflows to ~0; a row with every key padded comes out uniform, as HF's). Work items as in
+// attention(): blocks of query rows of one (batch, head), two single-threaded GEMMs around the softmax.
+bool attention_bias(const float *q, const float *k, const float *v, const float *bias, int64_t bias_batch, float *out,
+                    int64_t b, int64_t h, int64_t n, int64_t d, int64_t dv) {
+  const int64_t tiles = (n + kRows - 1) / kRows, blocks = (n + 255) / 256;
+  const int64_t block_rows = (tiles + blocks - 1) / blocks * kRows;
+  bool ok = true;
+#pragma omp parallel
+  {
+    float *s = aligned_floats(block_rows * (n + dv)), *o = s == nullptr ? nullptr : s + block_rows * n;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < b * h; ++bh)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t bi = bh / h, hi = bh % h, q0 = blk * block_rows;
+        const int64_t rows = n - q0 < block_rows ? n - q0 : block_rows;
+        if (rows <= 0) continue;
+        const Operand qa{q + (bi * n + q0) * h * d + hi * d, h * d, false}, kt{k + bi * n * h * d + hi * d, h * d, true};
+        const Operand pa{s, n, false}, va{v + bi * n * h * dv + hi * dv, h * dv, false};
+        // nested inside this parallel region, each gemm runs on the calling thread alone
+        bool done = s != nullptr && gemm(qa, kt, nullptr, s, rows, n, d);
+        if (done) {
+          const float *br = bias + ((bias_batch > 1 ? bi : 0) * h + hi) * n * n + q0 * n;
+          for (int64_t i = 0; i < rows * n; ++i) s[i] += br[i];
+          softmax_rows(s, s, rows, n, nullptr);
+          done = gemm(pa, va, nullptr, o, rows, dv, n);
+        }
+        if (!done) {
+#pragma omp atomic write
+          ok = false;
+          continue;
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          std::memcpy(out + (bi * n + q0 + i) * h * dv + hi * dv, o + i * dv, dv * 4);
       }
     std::free(s);
   }
@@ -568,6 +627,24 @@ int AttendMasked(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return nparam == 5 ? Attend(nparam, params, ndims, shapes, dtypes, a, b) : 1;
 }
 
+// T5's attention (see attention_bias()): q, k (B, N, H*d), v (B, N, H*dv), bias (1 or B, H, N, N) -> (B, N, H*dv).
+int AttendBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 4) return 1;
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return 1;
+  const int64_t *qs = shapes[0], *ks = shapes[1], *vs = shapes[2], *bs = shapes[3];
+  const int64_t b = qs[0], n = qs[1], h = bs[1];
+  if (h <= 0 || qs[2] % h != 0 || vs[2] % h != 0) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (ks[i] != qs[i] || (i < 2 && vs[i] != qs[i])) return 1;
+  if ((bs[0] != 1 && bs[0] != b) || bs[2] != n || bs[3] != n) return 1;
+  return attention_bias(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]), bs[0],
+                        static_cast<float *>(params[4]), b, h, n, qs[2] / h, vs[2] / h)
+             ? 0
+             : 1;
+}
+
 // Attend's gradient (see attention_grad()): q, k, v [, keep], out, dout -> dq, dk, dv.
 int AttendGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   const bool masked = nparam == 9;
@@ -611,6 +688,7 @@ int MatMulXtW(int, void **, int *, int64_t **, const char **, void *, void *) { 
 int Attend(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendMasked(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendMaskedGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
 
