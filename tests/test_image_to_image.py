@@ -210,3 +210,18 @@ def test_sample_py_refuses_bad_image_inputs_before_loading(bundle, tmp_path, mon
         assert len(err) == 1 and err[0].startswith("error: "), err
         assert re.search(message, err[0]), (message, err[0])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_with_dmd_ddpm_scheduler_says_how_to_sample_it(tmp_path):
+    """PixArt-Alpha-DMD's folder ships a DDPMScheduler config, which is not one of our samplers: loading it is
+    refused in one line that gives the one-step recipe (scheduler='dpm', timesteps=[400], guidance_scale=1)."""
+    import json
+    from pixart.pipelines.scheduler import read_scheduler
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+         "beta_schedule": "linear", "prediction_type": "epsilon", "variance_type": "fixed_small"}))
+    with pytest.raises(ValueError, match=r"'DDPMScheduler' .* pass scheduler='dpm' .* timesteps=\[400\], "
+                                         r"guidance_scale=1") as e:
+        read_scheduler(tmp_path)
+    assert "\n" not in str(e.value)
