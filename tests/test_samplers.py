@@ -277,6 +277,33 @@ def test_lcm_matches_diffusers(x_T, steps, timesteps, monkeypatch):
     assert err <= 1e-5
 
 
+@pytest.mark.parity
+def test_lcm_image_to_image_respaces_as_diffusers(x_T, monkeypatch):
+    """strength s re-spaces LCM's N steps over the first int(50 s) distillation timesteps, as diffusers'
+    LCMScheduler.set_timesteps(N, strength=s): the same timesteps and, from the image noised to the first of them
+    (the scheduler's add_noise), the same latents after all N steps; too few kept timesteps are refused by both."""
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+    monkeypatch.setattr(lcm_module, "randn_tensor", lcm_module.randn_tensor)  # restored after the test
+    x_0 = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    for steps, strength in [(4, 0.5), (2, 0.3), (4, 0.85)]:
+        sch = _lcm_scheduler()
+        sch.set_timesteps(steps, strength=strength)
+        sampler = make_sampler("lcm", strength=strength)
+        np.testing.assert_array_equal(sampler.timesteps(steps), sch.timesteps.numpy())
+        start = sch.add_noise(torch.from_numpy(x_0), torch.from_numpy(x_T), sch.timesteps[:1]).numpy()
+        alpha, sigma = sampler.noise_levels(steps)
+        ours = (alpha[0] * x_0 + sigma[0] * x_T).astype(np.float32)
+        assert rel_err(ours, start) <= 1e-6
+        err = rel_err(run(sampler, ours, num_steps=steps, generator=np.random.default_rng(5)),
+                      _run_diffusers(sch, start, seed=5))
+        print(f"lcm img2img ({steps} steps, strength {strength}) vs diffusers rel err {err:.2e}")
+        assert err <= 1e-5
+    with pytest.raises(ValueError, match="smaller than `num_inference_steps`"):
+        _lcm_scheduler().set_timesteps(4, strength=0.05)
+    with pytest.raises(ValueError, match="lcm: strength 0.05 keeps 2 of the 50 distillation timesteps"):
+        make_sampler("lcm", strength=0.05).timesteps(4)
+
+
 @pytest.mark.parametrize("timesteps", [[400], [999, 500, 200], [981, 700, 321, 80, 3]])
 @pytest.mark.parity
 def test_dpm_custom_timesteps_match_diffusers(x_T, timesteps):

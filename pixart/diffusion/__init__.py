@@ -8,7 +8,9 @@ Every sampler: `sampler.sample(model_fn, x_T, num_steps=None, progress=True, gen
 
 Beside that, `sampler.noise_levels(num_steps) -> (alpha, sigma)`: x before step k is alpha[k] x_0 + sigma[k] noise
 (k = num_steps: after the last step, (1, 0)); `sample(..., start=k)` begins at step k (image-to-image); samplers
-with `CUSTOM_TIMESTEPS` take `timesteps=[...]` (strictly decreasing, in 0..999) in their constructor.
+with `CUSTOM_TIMESTEPS` take `timesteps=[...]` (strictly decreasing, in 0..999) in their constructor; those with
+`STRENGTH_RESPACES` (LCM, as diffusers' LCMScheduler) take image-to-image's `strength` in their constructor instead
+and re-space all their steps below the noise level it selects.
 """
 from .ddim import DDIMSampler
 from .common import timesteps_list

@@ -2,7 +2,10 @@
 epsilon prediction, set_alpha_to_one=True, no clipping).
 
 Timesteps: the distillation schedule is t_j = j * (1000 // K) - 1 for j = 1..K (K = `original_inference_steps`,
-50); N steps take it from the top at evenly spaced indices floor(linspace(0, K, N, endpoint=False)). Each step maps
+50); N steps take it from the top at evenly spaced indices floor(linspace(0, K, N, endpoint=False)). Image-to-image
+(`strength` s < 1) re-spaces the N steps over the first int(K * s) distillation timesteps, t_j for j <= int(K * s),
+as diffusers' `LCMScheduler.set_timesteps(N, strength=s)` does for its img2img pipeline: every step still runs, from
+a lower noise level (refused when int(K * s) < N, as diffusers refuses it). Each step maps
 x at t to the consistency function's estimate of x_0 with the boundary-condition scalings (sigma_data = 0.5,
 s = t * `timestep_scaling`):
 
@@ -27,9 +30,10 @@ class LCMSampler:
     name = "lcm"
     DEFAULT_STEPS = DEFAULT_STEPS
     CUSTOM_TIMESTEPS = True
+    STRENGTH_RESPACES = True  # image-to-image takes `strength` here, not `sample(start=k)` (see pixart.diffusion)
 
     def __init__(self, original_inference_steps: int = 50, timestep_scaling: float = 10.0, timesteps=None,
-                 noise_schedule: NoiseSchedule | None = None):
+                 strength: float = 1.0, noise_schedule: NoiseSchedule | None = None):
         self.ns = noise_schedule or default_schedule()
         if not 1 <= int(original_inference_steps) <= self.ns.num_timesteps:
             raise ValueError(f"lcm: original_inference_steps must be between 1 and {self.ns.num_timesteps}, got "
@@ -37,6 +41,11 @@ class LCMSampler:
         self.original_steps = int(original_inference_steps)
         self.timestep_scaling = float(timestep_scaling)
         self.custom = None if timesteps is None else check_timesteps(timesteps, self.ns.num_timesteps, self.name)
+        self.strength = float(strength)
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"lcm: strength must be in (0, 1], got {strength}")
+        if self.custom is not None and self.strength != 1.0:
+            raise ValueError("lcm: a custom schedule is not re-spaced by strength; pass one or the other")
 
     def timesteps(self, num_steps: int | None = None) -> np.ndarray:
         if self.custom is not None:
@@ -45,9 +54,14 @@ class LCMSampler:
         if n > self.original_steps:
             raise ValueError(f"lcm: {n} steps is more than original_inference_steps ({self.original_steps}), the "
                              f"distillation schedule they are taken from; use at most {self.original_steps}")
+        kept = int(self.original_steps * self.strength)  # diffusers' truncation of the distillation schedule
+        if kept < n:
+            raise ValueError(f"lcm: strength {self.strength:g} keeps {kept} of the {self.original_steps} distillation "
+                             f"timesteps (original_inference_steps x strength), fewer than the {n} steps asked; use "
+                             f"at most {kept} steps or a strength of at least {n / self.original_steps:g}")
         k = self.ns.num_timesteps // self.original_steps
-        origin = (np.arange(1, self.original_steps + 1) * k - 1)[::-1]
-        return origin[np.floor(np.linspace(0, self.original_steps, n, endpoint=False)).astype(np.int64)]
+        origin = (np.arange(1, kept + 1) * k - 1)[::-1]
+        return origin[np.floor(np.linspace(0, kept, n, endpoint=False)).astype(np.int64)]
 
     def noise_levels(self, num_steps: int | None = None):
         """(alpha, sigma) of x before each step and, last, after the final one (1, 0)."""

@@ -40,6 +40,11 @@ def sampler_from_config(config: dict, where="scheduler config") -> str:
     """The sampler name ("dpm", "ddim", "sa", "lcm") a diffusers scheduler config asks for; ValueError naming the class
     or setting we cannot reproduce exactly."""
     cls = config.get("_class_name")
+    if cls == "DDPMScheduler":  # PixArt-Alpha-DMD ships one: its recipe is a single step, which "dpm" computes
+        raise ValueError(f"{where}: scheduler 'DDPMScheduler' (DDPM's ancestral steps) is not one of our samplers; "
+                         f"for a one-step model such as PixArt-Alpha-DMD pass scheduler='dpm' (sample.py: "
+                         f"--sampling_method dpm) and sample with timesteps=[400], guidance_scale=1 (--timesteps 400 "
+                         f"--guidance_scale 1): one step to x_0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t)")
     if cls not in _CLASSES:
         raise ValueError(f"{where}: scheduler {cls!r} is not supported; use one of {', '.join(_CLASSES)}")
     sampler, required = _CLASSES[cls]

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pixart import backend, cpu
 from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_array
-from pixart.diffusion import DEFAULT_STEPS, make_sampler
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, make_sampler
 from pixart.models.t5 import encode_prompts
 from pixart.models.convert import pipeline_class
 from pixart.pipelines.image_inputs import image_tensor, latent_mask, load_image, load_mask, pixel_mask
@@ -239,7 +239,10 @@ class PixArtPipeline:
         image, scaled and cropped to the size generated (see `pixart.pipelines.image_inputs`), is VAE-encoded (the
         posterior mean), noised to the level of step k = steps - round(strength * steps) of the sampler's schedule
         with the initial noise, and denoised from there: round(strength * steps) transformer calls; strength 1 is
-        text-to-image from the same noise, 0 the VAE round trip. `mask_image` (white = repaint) makes it
+        text-to-image from the same noise, 0 the VAE round trip. LCM (without custom timesteps) follows diffusers'
+        LCM img2img instead: its `steps` are re-spaced over the first int(K * strength) of its K distillation
+        timesteps (K = original_inference_steps, 50) and all run (`steps` transformer calls), from the image noised
+        to the first of them; fewer than `steps` kept is refused, as diffusers refuses it. `mask_image` (white = repaint) makes it
         inpainting: after every step the kept region's latents are replaced by the encoded image noised to the
         level reached (the clean image after the last step), and the decoded output keeps the VAE round trip of the
         input outside the mask (blended over the edge that `mask_blur`, in pixels, softens; output_type="latent"
@@ -299,13 +302,17 @@ class PixArtPipeline:
             options.setdefault("eta", eta)
         if timesteps is not None:
             options["timesteps"] = list(np.asarray(timesteps).reshape(-1))
+        init_image, inpaint_mask = self._check_image_inputs(image, mask_image, strength, mask_blur)
+        respaced = (init_image is not None and timesteps is None and 0.0 < float(strength) < 1.0
+                    and getattr(SAMPLERS.get(sampler), "STRENGTH_RESPACES", False))
+        if respaced:  # LCM: all its steps, re-spaced below the level strength selects (diffusers' LCM img2img)
+            options["strength"] = float(strength)
         sampler_impl = make_sampler(sampler, **options)
         if timesteps is not None:
             steps = len(options["timesteps"])
         if steps is None or int(steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
         levels = sampler_impl.noise_levels(int(steps))  # also refuses a schedule that repeats timesteps
-        init_image, inpaint_mask = self._check_image_inputs(image, mask_image, strength, mask_blur)
         if init_image is not None:
             height, width = height or init_image.height, width or init_image.width
         height, width = height or self.resolution, width or self.resolution
@@ -349,9 +356,9 @@ class PixArtPipeline:
         hook = self._step_callback(callback, callback_steps, callback_on_step_end)
         start, x_T = 0, latents
         if init_image is not None:  # SDEdit: the encoded image noised to the level of the first step run
-            start = int(steps) - round(float(strength) * int(steps))
+            start = 0 if respaced else int(steps) - round(float(strength) * int(steps))
             x_0 = np.repeat(self.encode_image(init_image, height, width), n, 0)
-            x_T = self._noised(x_0, latents, levels, start)
+            x_T = self._noised(x_0, latents, levels, start, pure_at_start=not respaced)
             if inpaint_mask is not None:
                 hook = self._blend_known(hook, x_0, latents, levels,
                                          latent_mask(inpaint_mask, height, width, mask_blur))
@@ -451,10 +458,11 @@ class PixArtPipeline:
         return load_image(image), None if mask_image is None else load_mask(mask_image)
 
     @staticmethod
-    def _noised(x_0: np.ndarray, noise: np.ndarray, levels, k: int) -> np.ndarray:
-        """x_0 at the noise level before step k: noise itself at k = 0 (text-to-image exactly), x_0 after the last."""
+    def _noised(x_0: np.ndarray, noise: np.ndarray, levels, k: int, pure_at_start: bool = True) -> np.ndarray:
+        """x_0 at the noise level before step k: noise itself at k = 0 (text-to-image exactly) unless not
+        `pure_at_start` (a schedule re-spaced by strength starts lower), x_0 after the last."""
         alpha, sigma = levels
-        if k == 0:
+        if k == 0 and pure_at_start:
             return noise
         if k == len(alpha) - 1:
             return x_0
