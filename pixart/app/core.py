@@ -23,6 +23,7 @@ from pixart.pipelines.image_inputs import load_image, load_mask
 from pixart.pipelines.controlnet import CONTROL_TYPES
 from pixart.pipelines.outputs import provenance, save_images
 from pixart.pipelines.text_to_image import check_image_size
+from pixart.values import whole_number
 
 MAX_SEED = 2 ** 31 - 1
 MAX_STEPS = 999  # fewer than the 1000 training timesteps: more would repeat one (pixart.cli.options)
@@ -43,12 +44,9 @@ class DemoError(ValueError):
 
 def _int(name: str, value, low: int | None, high: int | None = None, why_high: str = "") -> int:
     try:
-        f = float(value)
-    except (TypeError, ValueError):
+        v = whole_number(value)
+    except ValueError:
         raise DemoError(f"{name} must be a whole number, got {value!r}") from None
-    if not np.isfinite(f) or f != int(f):
-        raise DemoError(f"{name} must be a whole number, got {value!r}")
-    v = int(f)
     if low is not None and v < low:
         raise DemoError(f"{name} must be at least {low}, got {v}")
     if high is not None and v > high:

@@ -6,6 +6,8 @@ import mindspore as ms
 from mindspore import Tensor
 from tqdm.auto import tqdm
 
+from pixart.values import whole_number
+
 
 def call_model(model_fn, x: Tensor, t: float) -> Tensor:
     """model_fn(x, t) with t as a (B,) float32 tensor in model-timestep units (0..999)."""
@@ -52,14 +54,12 @@ def check_timesteps(timesteps, num_train_timesteps: int, sampler: str) -> np.nda
     out = []
     for v in values:
         try:
-            f = float(v)
-        except (TypeError, ValueError):
+            t = whole_number(v)
+        except ValueError:
             raise ValueError(f"{sampler}: timesteps must be whole numbers, got {v!r}") from None
-        if not np.isfinite(f) or f != int(f):
-            raise ValueError(f"{sampler}: timesteps must be whole numbers, got {v!r}")
-        if not 0 <= f <= num_train_timesteps - 1:
-            raise ValueError(f"{sampler}: timestep {int(f)} is out of range; each must be in 0..{num_train_timesteps - 1}")
-        out.append(int(f))
+        if not 0 <= t <= num_train_timesteps - 1:
+            raise ValueError(f"{sampler}: timestep {t} is out of range; each must be in 0..{num_train_timesteps - 1}")
+        out.append(t)
     for a, b in zip(out, out[1:]):
         if b >= a:
             raise ValueError(f"{sampler}: timesteps must be strictly decreasing (no repeats), got {a} then {b}")
