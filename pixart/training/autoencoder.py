@@ -1,0 +1,81 @@
+"""Training an `AutoencoderKL` from scratch: reconstruction (mean squared error) plus a small KL term towards the
+standard normal, Adam on random crops. Small enough for the demo's tiny VAE on a CPU; the architecture is the full
+SD / SDXL one, so the trained weights load wherever a real VAE does."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from pixart.models.vae import AutoencoderKL
+
+
+class _Loss(nn.Cell):
+    """Image x in [-1, 1] and noise -> MSE(decode(sample), x) + kl_weight * KL(q(z|x) || N(0, 1)) per latent
+    element."""
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def construct(self, x, noise):
+        vae = self.vae  # the fp32 graph of encode / decode, spelled out (graph mode calls no properties)
+        m = vae.quant_conv(vae.encoder(x))
+        mean, logvar = m[:, :vae.latent_channels], ops.clamp(m[:, vae.latent_channels:], -30.0, 20.0)
+        rec = vae.decoder(vae.post_quant_conv(mean + ops.exp(0.5 * logvar) * noise))
+        mse = ((rec - x) ** 2).mean()
+        kl = 0.5 * (mean ** 2 + ops.exp(logvar) - 1.0 - logvar).mean()
+        return mse + self.kl_weight * kl
+
+
+def to_model(images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+
+
+def psnr(vae: AutoencoderKL, images: list[np.ndarray]) -> float:
+    """Mean PSNR (dB, 8-bit scale) of encode-mean -> decode over uint8 (H, W, 3) images, each alone."""
+    values = []
+    for im in images:
+        x = Tensor(to_model(im[None]))
+        mean, _ = vae.encode(x)
+        rec = np.clip(vae.decode(mean).asnumpy(), -1, 1)
+        mse = float(((np.round((rec + 1) * 127.5) - to_model(im[None]) * 127.5 - 127.5) ** 2).mean())
+        values.append(10 * math.log10(255 ** 2 / max(mse, 1e-10)))
+    return float(np.mean(values))
+
+
+def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, batch_size: int = 8, crop: int = 64,
+                      learning_rate: float = 2e-3, kl_weight: float = 1e-4, seed: int = 0,
+                      log: Callable[[str], None] = print, log_every: int = 50) -> list[float]:
+    """Train `vae` in place on random `crop` x `crop` windows of `images` (uint8 (H, W, 3), each at least `crop`
+    on both sides); the learning rate decays by cosine to a tenth. Returns the loss of every step."""
+    rng = np.random.default_rng(seed)
+    names = [p.name for p in vae.get_parameters()]  # wrapping prefixes them ("vae."): restored at the end
+    schedule = [learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps))) for i in range(steps)]
+    optimizer = nn.Adam(vae.trainable_params(), learning_rate=schedule)
+    step = nn.TrainOneStepCell(_Loss(vae, kl_weight), optimizer)
+    step.set_train()
+    latent = vae.latent_channels
+    f = vae.downsample_factor
+    losses, t0 = [], time.time()
+    for i in range(steps):
+        batch = []
+        for k in rng.integers(len(images), size=batch_size):
+            im = images[k]
+            y, x = rng.integers(im.shape[0] - crop + 1), rng.integers(im.shape[1] - crop + 1)
+            batch.append(im[y:y + crop, x:x + crop])
+        noise = rng.standard_normal((batch_size, latent, crop // f, crop // f)).astype(np.float32)
+        loss = float(step(Tensor(to_model(np.stack(batch))), Tensor(noise)).asnumpy())
+        losses.append(loss)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            log(f"vae step {i + 1}/{steps}: loss {np.mean(losses[-log_every:]):.5f} ({time.time() - t0:.0f} s)")
+    step.set_train(False)
+    for p, name in zip(vae.get_parameters(), names):
+        p.name = name
+    return losses
