@@ -41,15 +41,17 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--out", default=str(demo_bundle.WEIGHTS), help="where the trained weights go")
     p.add_argument("--per_scene", type=int, default=3, help="training images per scene and aspect ratio")
     p.add_argument("--vae_steps", type=int, default=300)
+    p.add_argument("--decoder_steps", type=int, default=600, help="decoder-only VAE steps (stage decoder)")
     p.add_argument("--vae_crop", type=int, default=48, help="VAE training windows (pixels, a multiple of 8)")
-    p.add_argument("--steps", type=int, default=2000, help="transformer training steps")
+    p.add_argument("--steps", type=int, default=1500, help="transformer training steps")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--ema_rate", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", nargs="+", default=["vae", "transformer", "score", "docs"],
-                   choices=["vae", "transformer", "score", "docs"], help="run only these (the later ones read the "
-                   "earlier ones' results from --work and --out); docs: the sample grid of docs/demo.md and the "
+    p.add_argument("--stages", nargs="+", default=["vae", "transformer", "decoder", "score", "docs"],
+                   choices=["vae", "transformer", "decoder", "export", "score", "docs"], help="run only these (the later ones "
+                   "read the earlier ones' results from --work and --out); export: the newest checkpoint's EMA "
+                   "weights (the transformer stage ends with it); docs: the sample grid of docs/demo.md and the "
                    "README's picture")
     p.add_argument("--docs", default="docs", help="where the docs stage writes its PNGs")
     return p
@@ -62,16 +64,21 @@ def _run(*args) -> None:
         raise SystemExit(r.returncode)
 
 
-def train_vae(args, work: Path, out: Path) -> None:
-    backend.setup("CPU", "graph")
-    ms.set_seed(args.seed)
+def _world_images(work: Path) -> list[np.ndarray]:
     labels = json.loads((work / "world" / "labels.json").read_text())
-    images = [np.asarray(Image.open(work / "world" / "images" / x["path"]).convert("RGB")) for x in labels]
+    return [np.asarray(Image.open(work / "world" / "images" / x["path"]).convert("RGB")) for x in labels]
+
+
+def train_vae(args, work: Path, out: Path) -> None:
+    # PyNative: in graph mode (MindSpore 2.7.1, CPU) this training step stalls for minutes after a dozen steps
+    backend.setup("CPU", "pynative")
+    ms.set_seed(args.seed)
+    images = _world_images(work)
     vae = AutoencoderKL(VAEConfig.from_dict(demo_bundle.VAE_CONFIG))
     load_into(vae, demo_bundle.random_vae_state(), "VAE")
     t0 = time.time()
     train_autoencoder(vae, images, args.vae_steps, batch_size=8, crop=args.vae_crop, learning_rate=3e-3,
-                      seed=args.seed)
+                      seed=args.seed, log_every=10)
     vae.set_train(False)
     held_out = demo_world.random_images(8, seed=10_000 + args.seed)
     print(f"VAE trained in {time.time() - t0:.0f} s; PSNR on 8 held-out world images: {psnr(vae, held_out):.2f} dB")
@@ -81,6 +88,26 @@ def train_vae(args, work: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(state, out / "vae.safetensors", {"format": "pt", "scaling_factor": repr(scale)})
     print(f"wrote {out / 'vae.safetensors'} (latent scaling factor {scale:.4f})")
+
+
+def train_decoder(args, work: Path, out: Path) -> None:
+    """More training for the VAE's decoder alone: the encoder, hence the latents (and the feature cache, and what
+    the transformer learned) stay as they are, so this may run beside the transformer stage."""
+    backend.setup("CPU", "pynative")
+    ms.set_seed(args.seed + 1)
+    images = _world_images(work)
+    vae = AutoencoderKL(VAEConfig.from_dict(demo_bundle.VAE_CONFIG))
+    load_into(vae, read_safetensors(out / "vae.safetensors"), "VAE")
+    scale = read_safetensors_metadata(out / "vae.safetensors")["scaling_factor"]
+    t0 = time.time()
+    train_autoencoder(vae, images, args.decoder_steps, batch_size=8, crop=args.vae_crop, learning_rate=2e-3,
+                      seed=args.seed + 1, log_every=10, decoder_only=True)
+    vae.set_train(False)
+    held_out = demo_world.random_images(8, seed=10_000 + args.seed)
+    print(f"decoder trained in {time.time() - t0:.0f} s; PSNR on 8 held-out world images: {psnr(vae, held_out):.2f} dB")
+    state = {p.name: p.asnumpy() for p in vae.get_parameters()}
+    write_safetensors(state, out / "vae.safetensors", {"format": "pt", "scaling_factor": scale})
+    print(f"wrote {out / 'vae.safetensors'}")
 
 
 def train_transformer(args, work: Path, out: Path) -> None:
@@ -103,12 +130,17 @@ def train_transformer(args, work: Path, out: Path) -> None:
          "--json_path", data / "labels.json", "--feature_dir", cache, "--batch_size", args.batch_size,
          "--learning_rate", args.learning_rate, "--warmup_steps", 100, "--sample_posterior", "false",
          "--sd_scale_factor", scale, "--use_ema", "true", "--ema_rate", args.ema_rate, "--seed", args.seed,
-         "--max_steps", args.steps, "--save_every", args.steps, "--log_every", 100, "--output_dir", run,
-         "--mode", "graph")
+         "--max_steps", args.steps, "--save_every", max(100, args.steps // 6), "--keep_last", 0,
+         "--log_every", 50, "--output_dir", run, "--mode", "graph")
     print(f"transformer trained in {time.time() - t0:.0f} s")
-    ema = read_ckpt(run / "checkpoints" / f"step_{args.steps:08d}" / "ema.ckpt")
-    write_safetensors(ema, out / "transformer.safetensors", {"format": "pt"})
-    print(f"wrote {out / 'transformer.safetensors'}")
+    export(args, work, out)
+
+
+def export(args, work: Path, out: Path) -> None:
+    """The EMA weights of the newest checkpoint of the train.py run -> out/transformer.safetensors."""
+    newest = sorted((work / "run" / "checkpoints").glob("step_*"))[-1]
+    write_safetensors(read_ckpt(newest / "ema.ckpt"), out / "transformer.safetensors", {"format": "pt"})
+    print(f"wrote {out / 'transformer.safetensors'} (the EMA weights of {newest.name})")
 
 
 def _trained_bundle(work: Path, out: Path) -> Path:
@@ -154,7 +186,8 @@ def run(args) -> None:
         demo_world.make_dataset(work / "world", args.per_scene, args.seed)
     if not (work / "bundle" / demo_bundle.CHECKPOINT).exists():
         demo_bundle.build(work / "bundle", trained=False)  # the tokenizer and the random T5
-    for stage, fn in (("vae", train_vae), ("transformer", train_transformer), ("score", score), ("docs", docs)):
+    for stage, fn in (("vae", train_vae), ("transformer", train_transformer), ("decoder", train_decoder),
+                      ("export", export), ("score", score), ("docs", docs)):
         if stage in args.stages:
             fn(args, work, out)
     print(f"done in {(time.time() - t0) / 60:.1f} min")

@@ -52,13 +52,19 @@ def psnr(vae: AutoencoderKL, images: list[np.ndarray]) -> float:
 
 def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, batch_size: int = 8, crop: int = 64,
                       learning_rate: float = 2e-3, kl_weight: float = 1e-4, seed: int = 0,
-                      log: Callable[[str], None] = print, log_every: int = 50) -> list[float]:
+                      log: Callable[[str], None] = print, log_every: int = 50,
+                      decoder_only: bool = False) -> list[float]:
     """Train `vae` in place on random `crop` x `crop` windows of `images` (uint8 (H, W, 3), each at least `crop`
-    on both sides); the learning rate decays by cosine to a tenth. Returns the loss of every step."""
+    on both sides); the learning rate decays by cosine to a tenth. `decoder_only`: the encoder (and so every
+    latent) stays as it is, only `post_quant_conv` and the decoder learn. Returns the loss of every step."""
     rng = np.random.default_rng(seed)
     names = [p.name for p in vae.get_parameters()]  # wrapping prefixes them ("vae."): restored at the end
-    schedule = [learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps))) for i in range(steps)]
-    optimizer = nn.Adam(vae.trainable_params(), learning_rate=schedule)
+    # a constant-rate optimizer whose rate is set before each step (a per-step list as `learning_rate` makes every
+    # step far slower on CPU)
+    params = vae.trainable_params()
+    if decoder_only:
+        params = [p for p in params if not p.name.startswith(("encoder.", "quant_conv."))]
+    optimizer = nn.Adam(params, learning_rate=learning_rate)
     step = nn.TrainOneStepCell(_Loss(vae, kl_weight), optimizer)
     step.set_train()
     latent = vae.latent_channels
@@ -71,6 +77,8 @@ def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, 
             y, x = rng.integers(im.shape[0] - crop + 1), rng.integers(im.shape[1] - crop + 1)
             batch.append(im[y:y + crop, x:x + crop])
         noise = rng.standard_normal((batch_size, latent, crop // f, crop // f)).astype(np.float32)
+        rate = learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+        optimizer.learning_rate.set_data(Tensor(rate, ms.float32))
         loss = float(step(Tensor(to_model(np.stack(batch))), Tensor(noise)).asnumpy())
         losses.append(loss)
         if (i + 1) % log_every == 0 or i + 1 == steps:
