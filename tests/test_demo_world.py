@@ -51,7 +51,7 @@ def test_shipped_vae_reconstructs_held_out_world_images(bundles):
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.xfail(strict=True, reason="the shipped transformer is undertrained (750 steps): its samples show about "
-                   "a third of the named attributes, the target is 90% (docs/demo.md, 'What is left')")
+                   "a fifth of the named attributes, no better than the untrained bundle; the target is 90% (docs/demo.md, 'What is left')")
 def test_shipped_demo_draws_what_its_captions_ask(bundles):
     from pixart import backend
     backend.setup("CPU", "graph")
