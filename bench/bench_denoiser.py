@@ -3,6 +3,12 @@ weights, a classifier-free-guidance batch of 2, both in this one process tree.
 
     python bench/bench_denoiser.py --size 256            # 3 runs per side, 3 timed steps each
     python bench/bench_denoiser.py --size 512 --runs 2 --steps 2
+    python bench/bench_denoiser.py --size 256 --dtype bf16   # both sides' weights in bf16 (ours: Linear weights)
+
+`--dtype bf16`: ours stores the Linear weights in bf16 (`backend.cast_parameters`; products through the CPU bf16
+GEMM, the rest fp32), PyTorch the whole model and its inputs (`model.to(torch.bfloat16)`, what a diffusers user
+picks with `torch_dtype=torch.bfloat16`). Both build fp32 random weights and cast them: the peak RSS reported is
+the steps' (reset after loading), the loading's apart.
 
 Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's cross-attention keys/values once per
 prompt, timed apart, then the compiled denoiser: on CPU graph mode embedders, graphs shared by runs of 4 blocks,
@@ -22,8 +28,8 @@ import time
 
 import numpy as np
 
-from common import (machine, parse_or_run_child, run_children, summary, table, timed, torch_pixart,
-                    without_attention_kernel)
+from common import (machine, parse_or_run_child, reset_peak_rss, run_children, summary, table, timed,
+                    torch_pixart, without_attention_kernel)
 
 PRESET = {256: "PixArt-XL-2-256x256", 512: "PixArt-XL-2-512x512"}
 
@@ -54,8 +60,10 @@ def child(side: str, a) -> dict:
         backend.setup("CPU", a.mode, threads=a.threads or None)
         if side == "ours_bmm":
             without_attention_kernel()
-        model = cpu.accelerate(PixArt(preset_config(PRESET[a.size], depth=a.depth)))
+        model = cpu.accelerate(backend.cast_parameters(PixArt(preset_config(PRESET[a.size], depth=a.depth)),
+                                                       a.dtype))
         model.set_train(False)
+        extra["load_peak_rss_gb"] = reset_peak_rss()
         x, t, y, mask = ms.Tensor(x), ms.Tensor(t), ms.Tensor(y[:, None]), ms.Tensor(mask)
         if a.entry == "sample":
             encode, denoise = model.sampler_parts()
@@ -73,14 +81,16 @@ def child(side: str, a) -> dict:
                 return model(x, t, y, mask).asnumpy()
     else:
         import torch
-        model = torch_pixart(a.depth, a.size, a.threads).eval()
-        args = dict(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(y),
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+        model = torch_pixart(a.depth, a.size, a.threads).eval().to(dt)
+        extra["load_peak_rss_gb"] = reset_peak_rss()
+        args = dict(hidden_states=torch.from_numpy(x).to(dt), encoder_hidden_states=torch.from_numpy(y).to(dt),
                     timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask.astype(np.int64)),
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
         def step():
             with torch.no_grad():
-                return model(**args).sample.numpy()
+                return model(**args).sample.float().numpy()
     first, times = timed(step, a.steps)
     if side.startswith("ours"):
         extra["compiles_after_first"] = model.compile_count()
@@ -99,15 +109,16 @@ def main():
     p.add_argument("--entry", default="sample", choices=["sample", "call"],
                    help="ours: the pipeline's (caption K/V once, then the denoiser) or model(...) (whole forward)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: library default)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="both sides' weights (see above)")
     a = parse_or_run_child(p, child)
     if a is None:
         return
     forward = ["--size", str(a.size), "--steps", str(a.steps), "--depth", str(a.depth), "--mode", a.mode,
-               "--entry", a.entry, "--threads", str(a.threads)]
+               "--entry", a.entry, "--threads", str(a.threads), "--dtype", a.dtype]
     sides = tuple(a.sides.split(","))
     results = run_children(__file__, sides, a.runs, forward)
     rows = [(side, summary(results[side])) for side in sides]
-    title = (f"Denoiser step, PixArt-XL/2 depth {a.depth}, {a.size} px, CFG batch 2, fp32 "
+    title = (f"Denoiser step, PixArt-XL/2 depth {a.depth}, {a.size} px, CFG batch 2, {a.dtype} "
              f"(ours: {a.mode}, {a.entry})")
     print()
     print(table(title, rows))
@@ -120,6 +131,8 @@ def main():
         if a.entry == "sample":
             cap = [(round(r["caption_first_s"], 2), round(r["caption_s"], 3)) for r in results[side]]
             print(f"{side}, caption keys/values once per prompt (first call incl. compile, second) s: {cap}")
+    for side in sides:
+        print(f"{side}: peak RSS while loading GiB: {[round(r['load_peak_rss_gb'], 2) for r in results[side]]}")
     print(f"machine: {machine()}")
 
 

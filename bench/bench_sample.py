@@ -1,9 +1,17 @@
 """End to end: `sample.py` (ours, MindSpore) vs diffusers' PixArtAlphaPipeline (PyTorch) doing the same work: full
-PixArt-XL/2 256 px, T5 at XXL width but reduced depth, the SD VAE, 20 DPM-Solver++ steps, guidance 4.5, fp32,
-random weights shared by both sides (one diffusers pipeline folder, written once).
+PixArt-XL/2 256 px, T5 at XXL width (`--t5_layers`, 24 for the real encoder), the SD VAE, 20 DPM-Solver++ steps,
+guidance 4.5, random weights shared by both sides (one diffusers pipeline folder, written once; T5 as fp16
+safetensors like the public checkpoint).
 
     python bench/bench_sample.py                        # writes /tmp/pixart-bench/alpha-256-t5x2 on first use
     python bench/bench_sample.py --runs 3 --images 2 --t5_layers 2
+    python bench/bench_sample.py --t5_layers 24 --runs 1 --sides ours,torch_t5bf16,torch_bf16,ours_fp32,torch
+
+Sides, each in a precision its users pick: `ours` (sample.py's defaults: on a CPU with AVX512_BF16 the transformer
+and T5 in bf16, else fp32 and fp16-stored T5), `ours_fp32` (`--dtype fp32 --text_encoder_dtype fp32`), `torch` (all
+fp32), `torch_t5bf16` (T5 in bf16, the rest fp32), `torch_bf16` (`torch_dtype=torch.bfloat16`: everything). Each
+side's images are compared with its fp32 side's (ours with ours_fp32, diffusers with torch) where both ran: the
+largest mean absolute difference per image, in 8-bit levels.
 
 Each run is a fresh process per side, alternating; it loads the pipeline (timed apart) and generates `--images`
 images from as many prompts (ours: `sample.py`'s own code path, `pixart.cli.sample.run`, in graph mode: T5
@@ -19,6 +27,9 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+
+from bench_t5 import write_weights
 from common import machine, parse_or_run_child, run_children, summary, table
 
 PROMPTS = ["a small cactus with a happy face in the Sahara desert", "an old lighthouse on a rocky coast, storm",
@@ -29,7 +40,8 @@ T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, feed_forward_proj
 
 
 def prepare(folder: Path, t5_layers: int) -> None:
-    """A random-weight diffusers PixArt-α 256 pipeline folder (transformer, VAE, T5, tokenizer, scheduler)."""
+    """A random-weight diffusers PixArt-α 256 pipeline folder (transformer, VAE, T5, tokenizer, scheduler); T5 written
+    as fp16 shards a block at a time (`bench_t5.write_weights`: a 24-layer fp32 T5 would not fit in memory)."""
     if (folder / "model_index.json").exists():
         return
     import torch
@@ -41,7 +53,7 @@ def prepare(folder: Path, t5_layers: int) -> None:
     make_tiny_tokenizer(folder / "tokenizer")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     torch.manual_seed(0)
-    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer), num_layers=t5_layers, **T5_XXL))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer), num_layers=1, **T5_XXL))
     vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                                   down_block_types=["DownEncoderBlock2D"] * 4,
                                   up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215, sample_size=256)
@@ -58,6 +70,9 @@ def prepare(folder: Path, t5_layers: int) -> None:
     pipe = diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=net,
                                          scheduler=scheduler)
     pipe.save_pretrained(folder)
+    for f in (folder / "text_encoder").iterdir():  # the real depth, fp16, as the public checkpoint
+        f.unlink()
+    write_weights(folder / "text_encoder", t5_layers)
 
 
 def folder_of(a) -> Path:
@@ -69,7 +84,7 @@ def child(side: str, a) -> dict:
     prompts = PROMPTS[:a.images]
     out_dir = Path(a.out) / side
     stamps = {}  # ours: when the pipeline finished loading
-    if side == "ours":
+    if side.startswith("ours"):
         from pixart.cli.options import parse_args
         from pixart.cli.sample import build_parser, run
         argv = ["--model", "PixArt-XL-2-256x256", "--checkpoint", str(folder / "transformer"),
@@ -78,6 +93,8 @@ def child(side: str, a) -> dict:
                 str(SIZE), "--sampling_method", "dpm", "--sampling_steps", str(STEPS), "--guidance_scale",
                 str(GUIDANCE), "--mode", a.mode, "--output_path", str(out_dir), "--progress", "false",
                 "--prompt", *prompts]
+        if side == "ours_fp32":
+            argv += ["--dtype", "fp32", "--text_encoder_dtype", "fp32"]
         saved = []
 
         def log(msg, *_, **__):
@@ -112,7 +129,13 @@ def child(side: str, a) -> dict:
         if a.threads:
             torch.set_num_threads(a.threads)
         t0 = time.perf_counter()
-        pipe = PixArtAlphaPipeline.from_pretrained(str(folder))
+        if side == "torch_t5bf16":
+            from transformers import T5EncoderModel
+            t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.bfloat16)
+            pipe = PixArtAlphaPipeline.from_pretrained(str(folder), text_encoder=t5, torch_dtype=torch.float32)
+        else:
+            dtype = torch.bfloat16 if side == "torch_bf16" else torch.float32
+            pipe = PixArtAlphaPipeline.from_pretrained(str(folder), torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         load_s = time.perf_counter() - t0
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +148,15 @@ def child(side: str, a) -> dict:
             image.save(out_dir / f"{i:04d}.png")
             per_image.append(time.perf_counter() - t1)
     return dict(side=side, load_s=load_s, times=[sum(per_image)], per_image=per_image, first_s=per_image[0])
+
+
+def image_difference(a: Path, b: Path, count: int) -> float:
+    """The largest mean absolute difference, in 8-bit levels, between the first `count` PNGs (in name order) of two
+    folders."""
+    from PIL import Image
+    pairs = zip(sorted(a.rglob("*.png"))[:count], sorted(b.rglob("*.png"))[:count])
+    return max(float(np.abs(np.asarray(Image.open(x), np.float64) - np.asarray(Image.open(y), np.float64)).mean())
+               for x, y in pairs)
 
 
 def main():
@@ -147,8 +179,15 @@ def main():
     rows = [(side, summary(results[side])) for side in sides]
     print()
     print(table(f"End to end, {a.images} image(s) of {SIZE} px, {STEPS} DPM-Solver++ steps, CFG 4.5, T5-XXL width "
-                f"x {a.t5_layers} layers, SD VAE, fp32 (ours: sample.py code path, {a.mode})", rows,
+                f"x {a.t5_layers} layers, SD VAE (ours: sample.py code path, {a.mode})", rows,
+                ours=next((s for s in sides if s.startswith("ours")), "ours"),
+                ref=next((s for s in sides if s.startswith("torch")), "torch"),
                 first_header="first image s (ours: incl. compile)"))
+    for side in sides:
+        base = "ours_fp32" if side.startswith("ours") else "torch"
+        if side != base and base in sides:
+            print(f"{side} vs {base}: largest mean |difference| per image "
+                  f"{image_difference(Path(a.out) / side, Path(a.out) / base, a.images):.2f} / 255")
     for side in sides:
         loads = [r["load_s"] for r in results[side]]
         rest = [t for r in results[side] for t in r["per_image"][1:]]

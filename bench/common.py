@@ -24,8 +24,26 @@ if str(ROOT) not in sys.path:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident set size in GiB (Linux ru_maxrss is KiB)."""
+    """This process's peak resident set size in GiB since it started or since `reset_peak_rss()` (Linux: VmHWM;
+    elsewhere ru_maxrss, never reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024 ** 2  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak RSS window (Linux: `5` to /proc/self/clear_refs resets VmHWM) after loading, so that the
+    peak then reported is the steady state's; returns the peak until now (the loading's) in GiB."""
+    before = peak_rss_gb()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return before
 
 
 def load_average() -> float:

@@ -11,6 +11,12 @@ import os
 import sys
 import warnings
 
+# The CPU kernels' OpenMP threads sleep between parallel regions instead of spinning (libgomp reads this once, when
+# mindspore loads it, hence here): where the cores are shared (a VM, other processes), a spinning thread waits out a
+# descheduled partner's time slice and a GEMM of milliseconds takes tens (measurements: docs/benchmarks.md, 'bf16 on
+# CPU'). A value set by the user is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 VERBOSE_ENV = "PIXART_VERBOSE"
 _GLOG_QUIET, _GLOG_VERBOSE = "3", "2"  # MindSpore's levels: 0 debug, 1 info, 2 warning, 3 error
 _USER_GLOG = os.environ.get("GLOG_v")  # read before anything of ours sets it

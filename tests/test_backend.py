@@ -382,3 +382,22 @@ def test_multi_aspect_training_compiles_once_per_bucket_shape(graph_mode, rng):
         loss, *_ = step(*(ms.Tensor(b) for b in batch), ms.Tensor(1e-4, ms.float32))
         assert np.isfinite(loss.asnumpy())
         assert len(step.compile_cache) == min(epoch_step + 1, len(buckets))
+
+
+def test_half_precision_storage_per_device(monkeypatch):
+    """On CPU a half dtype is the Linear weights' storage, every other parameter fp32 (MindSpore's CPU kernels
+    compute fp32; the Linear products go through pixart.cpu's kernels); on Ascend it is every parameter's (the
+    reference port's), and the default precisions are the reference port's fp16."""
+    class Net(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    net = Net()
+    assert {k: str(v) for k, v in backend.parameter_dtypes(net, "fp16").items()} == {
+        "lin.weight": "Float16", "lin.bias": "Float32", "norm.weight": "Float32", "norm.bias": "Float32"}
+    assert backend.compute_dtype("fp16") == ms.float32
+    monkeypatch.setattr(backend, "device_target", lambda: "Ascend")
+    assert set(backend.parameter_dtypes(net, "bf16").values()) == {ms.bfloat16}
+    assert backend.compute_dtype("fp16") == ms.float16
+    assert backend.default_dtype() == backend.default_text_encoder_dtype() == "fp16"

@@ -82,15 +82,20 @@ def test_aliases_are_flags_and_yaml_keys_of_the_same_option(tmp_path):
 
 
 # -- the device: the one that is there, Ascend-only requests falling back on CPU ------------------------------------
-def test_device_defaults_to_the_one_there_and_ascend_only_options_fall_back_on_cpu(capsys):
+def test_device_defaults_to_the_one_there_and_ascend_only_options_fall_back_on_cpu(capsys, monkeypatch):
+    from pixart import backend
     from pixart.cli.options import default_device
     from pixart.cli.sample import build_parser
     assert default_device() == "CPU"  # no Ascend device on this machine
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"avx512f"})  # a CPU without AVX512_BF16
     args = parse_args(build_parser(), ["--enable_flash_attention", "True", "--dtype", "bf16"])
     assert (args.device_target, args.enable_flash_attention, args.dtype) == ("CPU", None, "fp32")
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["warning: running on CPU: flash attention off (Ascend only); --dtype bf16 -> fp32 (MindSpore's "
-                   "CPU backend has no bf16 matmul)"]
+    assert err == ["warning: running on CPU: flash attention off (Ascend only); --dtype bf16 -> fp32 (bf16 on CPU "
+                   "needs AVX512_BF16 or AMX-BF16, which this CPU lacks)"]
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # one with it: bf16 is kept
+    args = parse_args(build_parser(), ["--dtype", "bf16"])
+    assert args.dtype == "bf16" and not capsys.readouterr().err
     args = parse_args(build_parser(), ["--dtype", "fp16"])  # the CPU computes fp16: kept, no warning
     assert args.dtype == "fp16" and not capsys.readouterr().err
     with pytest.raises(ConfigError, match="--device_target Ascend: MindSpore finds no Ascend device"):

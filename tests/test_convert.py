@@ -17,7 +17,7 @@ from pixart.io import CheckpointError, load_into, read_ckpt_with_metadata, read_
 from pixart.models.convert import ARCHITECTURE_KEY, save_pixart
 from pixart.models.pixart import PixArt, preset_config
 from pixart.pipelines.loading import load_transformer
-from tests.utils import diffusers_model, inputs, rel_err, run_diffusers, run_ours
+from tests.utils import diffusers_model, inputs, original_names, rel_err, run_diffusers, run_ours
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTH = 2
@@ -70,35 +70,9 @@ def diffusers_folder(repo: str, root: Path, seed: int = 0):
 
 
 def to_original(state: dict, y_tokens: int, pos_tokens: int) -> dict:
-    """The test's own diffusers -> original renaming (written out independently of pixart.io.keymap)."""
-    s = {k: v.clone() for k, v in state.items()}
-    out = {"x_embedder.proj.weight": s.pop("pos_embed.proj.weight"), "x_embedder.proj.bias": s.pop("pos_embed.proj.bias")}
-    s.pop("pos_embed.pos_embed", None)
-    pairs = {"caption_projection.linear_1": "y_embedder.y_proj.fc1", "caption_projection.linear_2": "y_embedder.y_proj.fc2",
-             "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
-             "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
-             "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
-             "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
-             "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
-             "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
-             "adaln_single.linear": "t_block.1", "proj_out": "final_layer.linear"}
-    for a, b in pairs.items():
-        for suffix in ("weight", "bias"):
-            if f"{a}.{suffix}" in s:
-                out[f"{b}.{suffix}"] = s.pop(f"{a}.{suffix}")
-    out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
-    for i in range(DEPTH):
-        b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
-        out[o + "scale_shift_table"] = s.pop(b + "scale_shift_table")
-        for suffix in ("weight", "bias"):
-            out[o + f"attn.qkv.{suffix}"] = torch.cat([s.pop(b + f"attn1.to_{n}.{suffix}") for n in "qkv"])
-            out[o + f"attn.proj.{suffix}"] = s.pop(b + f"attn1.to_out.0.{suffix}")
-            out[o + f"cross_attn.q_linear.{suffix}"] = s.pop(b + f"attn2.to_q.{suffix}")
-            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([s.pop(b + f"attn2.to_{n}.{suffix}") for n in "kv"])
-            out[o + f"cross_attn.proj.{suffix}"] = s.pop(b + f"attn2.to_out.0.{suffix}")
-            out[o + f"mlp.fc1.{suffix}"] = s.pop(b + f"ff.net.0.proj.{suffix}")
-            out[o + f"mlp.fc2.{suffix}"] = s.pop(b + f"ff.net.2.{suffix}")
-    assert not s, f"test mapping left keys: {list(s)}"
+    """The test's own diffusers -> original renaming (`tests.utils.original_names`, independent of pixart.io.keymap)
+    plus what the original files have beside it: the null caption and the fixed position-embedding buffer."""
+    out = original_names(state)
     out["y_embedder.y_embedding"] = torch.randn(y_tokens, 4096) / 64
     out["pos_embed"] = torch.zeros(1, pos_tokens, 1152)
     return out

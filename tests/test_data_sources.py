@@ -161,3 +161,44 @@ def test_make_labels_writes_the_label_json_with_sizes(formats, tmp_path):
     assert main(run, build_parser, None, ["--image_dir", str(folder), "--captions_csv", str(bad),
                                           "--output", str(tmp_path / "no.json")]) == 1
     assert not (tmp_path / "no.json").exists()
+
+
+def test_webdataset_ranks_read_only_their_own_shards_per_epoch_and_resume_exactly(formats, monkeypatch):
+    from pixart.data.dataset import RankShards, open_dataset, rank_shards
+    from pixart.data.sources import ShardSource
+    indexed = []
+    index = ShardSource._index
+    monkeypatch.setattr(ShardSource, "_index", staticmethod(lambda shard: indexed.append(shard.name) or index(shard)))
+    source = lambda: source_from_args(parse_args(_parser(), as_argv(formats["webdataset"])))  # noqa: E731
+    deals = [[rank_shards(2, 2, r, seed=3, epoch=e) for r in range(2)] for e in range(4)]
+    assert all(sorted(a + b) == [0, 1] for a, b in deals) and len({tuple(d[0]) for d in deals}) == 2
+    streams, counts = [], []
+    for rank in range(2):
+        ds = open_dataset(source(), 256, rank=rank, world_size=2, seed=3)
+        assert isinstance(ds, RankShards) and len(ds) == 8
+        counts.append(ds.batches_per_epoch(2))
+    for rank in range(2):
+        indexed.clear()
+        ds = open_dataset(source(), 256, rank=rank, world_size=2, seed=3)
+        stream = BatchStream(ds, 2, seed=3, rank=rank, world_size=2, agree=lambda n: min(counts))
+        assert stream.per_epoch == min(counts)
+        refs = [r for r, _ in zip(stream, range(3 * stream.per_epoch + 1))]
+        for ref in refs:  # every sample comes from a shard dealt to this rank in that epoch, and only those are read
+            mine = {f"shard-{i:03d}.tar" for i in deals[ref.epoch][rank]}
+            assert {e.path.split("/")[0] for e in ref.entries} <= mine, (rank, ref.epoch)
+            assert ref.slots == [2 * rank, 2 * rank + 1] and len({e.bucket for e in ref.entries}) == 1
+        assert set(indexed) == {f"shard-{i:03d}.tar" for e in range(4) for i in deals[e][rank]}
+        streams.append([[e.path for e in r.entries] for r in refs])
+        resumed = BatchStream(open_dataset(source(), 256, rank=rank, world_size=2, seed=3), 2, seed=3, rank=rank,
+                              world_size=2, start=5, agree=lambda n: min(counts))
+        assert [[e.path for e in r.entries] for r, _ in zip(resumed, range(len(refs) - 5))] == streams[rank][5:]
+    epoch0 = [{p for b in s[:min(counts)] for p in b} for s in streams]
+    assert not epoch0[0] & epoch0[1]  # the ranks' data in an epoch are disjoint
+    with pytest.raises(DataError, match=r"^2 webdataset shard\(s\) cannot be dealt evenly to 3 ranks: .*run 1, 2 "):
+        open_dataset(source(), 256, rank=0, world_size=3, seed=3)
+
+
+def _parser():
+    p = ArgumentParser()
+    add_data_group(p)
+    return p

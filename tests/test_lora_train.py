@@ -243,3 +243,24 @@ def test_flags_yaml_and_aliases(tmp_path):
     config.write_text("train_batch_size: 3\nbatch_size: 4\n")
     with pytest.raises(ConfigError, match="train_batch_size and batch_size set the same option"):
         parse_args(build_parser(), ["-c", str(config)])
+
+
+def test_lr_schedules_equal_diffusers_get_scheduler():
+    """Every --lr_scheduler name, with warm-up or not, against diffusers' get_scheduler stepping a torch optimizer,
+    including steps past the end."""
+    torch = pytest.importorskip("torch")
+    from diffusers.optimization import get_scheduler
+    from pixart.training.optimizers import LR_SCHEDULES, learning_rate_at
+    base = 1e-4
+    for name in LR_SCHEDULES:
+        for warmup, total, cycles, power in ((0, 10, 1, 1.0), (3, 17, 3, 2.0), (2, 9, 2, 0.5)):
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+            sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total, num_cycles=cycles,
+                                  power=power)
+            want = []
+            for _ in range(total + 3):
+                want.append(opt.param_groups[0]["lr"])
+                opt.step()
+                sched.step()
+            got = [learning_rate_at(name, k, base, warmup, total, cycles, power) for k in range(total + 3)]
+            assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-7 * base, (name, warmup, total, got, want)

@@ -246,13 +246,22 @@ def test_lora_fp16_falls_back_on_cpu(capsys):
     assert a.mixed_precision == "fp32" and capsys.readouterr().err.startswith("warning: --mixed_precision fp16")
 
 
-def test_lora_schedule_we_do_not_have_exits_1(tmp_path, capsys):
+@pytest.mark.parametrize("script", ["train", "lora"])
+@pytest.mark.parametrize("extra,message", [
+    (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"],
+     "--lr_scheduler polynomial decays to 1e-07, so --learning_rate must be larger; got 1e-08"),
+    (["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "0"], "--lr_num_cycles must be >= 1, got 0"),
+])
+def test_lr_schedule_settings_diffusers_rejects_exit_1(tmp_path, capsys, script, extra, message):
     labels = tmp_path / "labels.json"
     labels.write_text("[]")
-    assert cli_main(lora_train, ["--pretrained_model_name_or_path", str(labels), "--json_path", str(labels),
-                            "--image_dir", str(tmp_path), "--lr_scheduler", "polynomial"]) == 1
+    module, model = (lora_train, ["--pretrained_model_name_or_path", str(labels)]) if script == "lora" else \
+        (train, ["--model", "PixArt-XL-2-256x256"])
+    assert cli_main(module, [*model, "--json_path", str(labels), "--image_dir", str(tmp_path), *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--lr_scheduler polynomial is not implemented" in err[0], err
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    for name in ("polynomial", "cosine_with_restarts", "linear"):  # every diffusers name parses in both scripts
+        assert parsed(["--lr_scheduler", name], module.build_parser).lr_scheduler == name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,3 +389,21 @@ def test_shipped_configs_name_no_device():
         values = yaml.safe_load(config.read_text())
         assert "device_target" not in values, config.name
         assert values["checkpoint"].startswith("models/") and values["vae_root"].startswith("models/"), config.name
+
+
+def test_kv_compression_is_one_checked_constructor_for_sampling_and_training():
+    from pixart.cli.options import kv_compress_config
+    from pixart.models.pixart import KVCompression
+    from pixart.training.setup import model_config
+    for argv in (["--kv_compress", "true"], ["--kv_compress", "true", "--kv_compress_scale_factor", "4",
+                                              "--kv_compress_layer", "0", "3", "--kv_compress_sampling", "ave"]):
+        a = parsed(["--model", "PixArt-Sigma-XL-2-256x256", "--depth", "4", "--hidden_size", "72", *argv])
+        assert model_config(a, 64).kv_compress_config == kv_compress_config(a, 4)
+    assert kv_compress_config(parsed(["--kv_compress", "true"]), 4) == \
+        {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [2, 3]}  # Σ's KV models' layout
+    with pytest.raises(ValueError, match=r"^kv_compress_scale_factor 0 is not allowed: an integer >= 1"):
+        KVCompression.from_options("conv", 0)
+    with pytest.raises(ValueError, match=r"^kv_compress_layer 4, -1 out of range: the model has 4 blocks, 0\.\.3$"):
+        KVCompression.from_options("conv", 2, [1, 4, -1], depth=4)
+    with pytest.raises(ValueError, match=r"^kv_compress_sampling 'max' is not one of conv, ave, uniform$"):
+        KVCompression.from_options("max", 2)

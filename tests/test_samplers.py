@@ -5,8 +5,8 @@ import pytest
 import mindspore as ms
 import torch
 
-from pixart.diffusion import (DEFAULT_STEPS, DDIMSampler, DPMSolver, IDDPMSampler, SASolver, default_schedule,
-                              make_sampler, q_sample, space_timesteps)
+from pixart.diffusion import (DEFAULT_STEPS, SAMPLERS, DDIMSampler, DPMSolver, IDDPMSampler, LCMSampler, SASolver,
+                              default_schedule, make_sampler, q_sample, space_timesteps)
 from tests.utils import rel_err
 
 C, SHAPE = 4, (2, 4, 8, 8)
@@ -234,8 +234,113 @@ def test_q_sample_per_sample_timesteps(x_T):
 
 
 def test_make_sampler():
-    assert DEFAULT_STEPS == {"dpm": 20, "iddpm": 100, "ddim": 20, "sa": 25}
+    assert DEFAULT_STEPS == {"dpm": 20, "iddpm": 100, "ddim": 20, "sa": 25, "lcm": 4}
     assert isinstance(make_sampler("dpm", schedule="time_uniform"), DPMSolver)
     assert isinstance(make_sampler("sa"), SASolver)
-    with pytest.raises(ValueError, match="dpm, iddpm, ddim, sa"):
+    with pytest.raises(ValueError, match="dpm, iddpm, ddim, sa, lcm"):
         make_sampler("bogus")
+
+
+# ---- LCM, custom timesteps, partial runs (image-to-image) ---------------------------------------------------------
+def _lcm_scheduler(**kw):
+    from diffusers import LCMScheduler
+    return LCMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=True, clip_sample=False,
+                        prediction_type="epsilon", **kw)
+
+
+def _run_diffusers(sch, x_T, seed=None):
+    """diffusers' scheduler loop on the fake model; noise (LCM) from NumPy, one draw of x's shape per step."""
+    g = np.random.default_rng(seed)
+    x = torch.from_numpy(x_T)
+    for t in sch.timesteps:
+        kw = {}
+        if type(sch).__name__ == "LCMScheduler":
+            import diffusers.schedulers.scheduling_lcm as lcm_module
+            lcm_module.randn_tensor = lambda shape, **_: torch.from_numpy(g.standard_normal(shape, dtype=np.float32))
+        x = sch.step(torch_eps(x, t), t, x, **kw).prev_sample
+    return x.numpy()
+
+
+@pytest.mark.parametrize("steps, timesteps", [(4, None), (8, None), (1, None), (None, [999, 759, 499, 259])])
+@pytest.mark.parity
+def test_lcm_matches_diffusers(x_T, steps, timesteps, monkeypatch):
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+    monkeypatch.setattr(lcm_module, "randn_tensor", lcm_module.randn_tensor)  # restored after the test
+    sch = _lcm_scheduler()
+    sch.set_timesteps(steps, timesteps=timesteps)
+    ref = _run_diffusers(sch, x_T, seed=5)
+    sampler = make_sampler("lcm", timesteps=timesteps)
+    np.testing.assert_array_equal(sampler.timesteps(steps), sch.timesteps.numpy())
+    err = rel_err(run(sampler, x_T, num_steps=steps, generator=np.random.default_rng(5)), ref)
+    print(f"lcm ({steps or timesteps}) vs diffusers rel err {err:.2e}")
+    assert err <= 1e-5
+
+
+@pytest.mark.parametrize("timesteps", [[400], [999, 500, 200], [981, 700, 321, 80, 3]])
+@pytest.mark.parity
+def test_dpm_custom_timesteps_match_diffusers(x_T, timesteps):
+    """DPM-Solver++(2M) on a custom schedule as diffusers' set_timesteps(timesteps=...); one step at 400 is the
+    DMD one-step generator x_0 = (x - sqrt(1 - abar) eps) / sqrt(abar)."""
+    from diffusers import DPMSolverMultistepScheduler
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                      solver_order=2, algorithm_type="dpmsolver++", final_sigmas_type="zero")
+    sch.set_timesteps(timesteps=timesteps)
+    ref = _run_diffusers(sch, x_T)
+    out = run(make_sampler("dpm", timesteps=timesteps), x_T)
+    assert rel_err(out, ref) <= 1e-5
+    if timesteps == [400]:
+        a = ABAR[400]
+        assert rel_err(out, (x_T - np.sqrt(1 - a) * np_eps(x_T.astype(np.float64), 400)) / np.sqrt(a)) <= 1e-5
+
+
+def test_custom_timesteps_refused_with_the_sampler_named():
+    for name in ("ddim", "sa", "iddpm"):
+        with pytest.raises(ValueError, match=f"sampler '{name}' cannot take custom timesteps; use one of dpm, lcm"):
+            make_sampler(name, timesteps=[400])
+    for bad, message in [([1000], "timestep 1000 is out of range"), ([-1], "timestep -1 is out of range"),
+                         ([400, 500], "strictly decreasing"), ([500, 500], "strictly decreasing"),
+                         ([400.5], "whole numbers"), ([], "empty")]:
+        with pytest.raises(ValueError, match=message):
+            make_sampler("lcm", timesteps=bad)
+    with pytest.raises(ValueError, match="linspace"):
+        make_sampler("dpm", schedule="time_uniform", timesteps=[400])
+
+
+def test_degenerate_schedules_are_refused():
+    """Too many steps for the 1000-step grid would repeat a timestep (a zero step: a black image)."""
+    assert len(set(DPMSolver().timesteps(999))) == 999
+    with pytest.raises(ValueError, match="dpm: 1000 steps repeat timesteps; use at most 999 steps"):
+        DPMSolver().timesteps(1000)
+    with pytest.raises(ValueError, match="ddim: 1001 steps repeat timesteps; use at most 1000"):
+        DDIMSampler().timesteps(1001)
+    with pytest.raises(ValueError, match="more than original_inference_steps"):
+        LCMSampler().timesteps(51)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_partial_runs_start_where_the_noise_level_says(x_T, name):
+    """sample(start=k) runs exactly n - k model calls at timesteps()[k:], and noise_levels() are the sampler's own
+    (alpha, sigma) there; start=0 is the whole run."""
+    n = 6
+    sampler = make_sampler(name)
+    calls = []
+
+    def counting(x, t):
+        calls.append(float(t.asnumpy()[0]))
+        return ms_model(x, t)
+
+    ts = sampler.timesteps(n)
+    alpha, sigma = sampler.noise_levels(n)
+    assert alpha.shape == sigma.shape == (n + 1,) and (alpha[-1], sigma[-1]) == (1.0, 0.0)
+    np.testing.assert_allclose(alpha[:-1] ** 2 + sigma[:-1] ** 2, 1.0, atol=1e-9)
+    assert (np.diff(sigma) < 0).all()
+    full = sampler.sample(counting, ms.Tensor(x_T), num_steps=n, progress=False, generator=np.random.default_rng(1))
+    np.testing.assert_allclose(calls, ts, atol=1e-9)
+    calls.clear()
+    again = sampler.sample(counting, ms.Tensor(x_T), num_steps=n, progress=False, generator=np.random.default_rng(1),
+                           start=0)
+    np.testing.assert_array_equal(full.asnumpy(), again.asnumpy())
+    calls.clear()
+    sampler.sample(counting, ms.Tensor(x_T), num_steps=n, progress=False, generator=np.random.default_rng(1), start=4)
+    np.testing.assert_allclose(calls, ts[4:], atol=1e-9)

@@ -146,12 +146,13 @@ def test_graph_mode_matches_pynative(graph_mode, tiny):
 def test_fp16_and_bf16(tiny, tmp_path):
     folder, ref, ids, mask = tiny
     model = load_t5(folder, "fp16")
-    assert {str(p.dtype) for p in model.get_parameters()} == {"Float16"}
+    half = {p.name for p in model.get_parameters() if str(p.dtype) == "Float16"}  # on CPU: Linear weights, tables
+    assert half == {p.name for p in model.get_parameters() if not p.name.endswith("layer_norm.weight")}
+    assert {str(p.dtype) for p in model.get_parameters()} == {"Float16", "Float32"}
     err = rel_err(ms_encode(model, ids, mask), ref)
     print(f"fp16 vs HF fp32 rel_err {err:.2e}")
     assert err <= 1e-2
-    with pytest.raises(ValueError, match="bf16"):
-        load_t5(folder, "bf16")
+    # bf16: tests/test_bf16.py (computed where the CPU has AVX512_BF16, refused where it lacks it)
     # T5 v1.1's FFN output overflows fp16 in real checkpoints: wo runs in fp32, so fp16 weights stay finite
     state = read_safetensors(folder / "model.safetensors")
     for k in state:

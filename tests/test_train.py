@@ -180,6 +180,33 @@ def test_on_the_fly_pynative_gives_the_cached_graph_losses(setup, trained, tmp_p
 # ----------------------------------------------------------------------------------------------------------------
 # Resume: kill a run, resume it, and get the same losses and weights as a run that was never interrupted
 # ----------------------------------------------------------------------------------------------------------------
+def kill_after_checkpoint(step: int, *args, env=None) -> Path:
+    """Start train.py `args` (with --output_dir), SIGKILL it once the checkpoint of `step` is written; its state.json."""
+    out = Path(args[list(map(str, args)).index("--output_dir") + 1])
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / f"step_{step:08d}" / "state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    return marker
+
+
+def assert_same_run(full, part, steps: int) -> None:
+    """Runs `full` and `part` logged the same losses for steps 1..steps and wrote the same last checkpoint, bit for
+    bit."""
+    a, b = losses(full), losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert all(a[s] == b[s] for s in a), (a, b)  # bit for bit
+    for name in ("model.ckpt", "ema.ckpt", "train_state.ckpt"):
+        x = read_ckpt(full / "checkpoints" / f"step_{steps:08d}" / name)
+        y = read_ckpt(part / "checkpoints" / f"step_{steps:08d}" / name)
+        assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x), name
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_resume_after_kill_equals_an_uninterrupted_run(setup, tmp_path):
@@ -194,26 +221,12 @@ def test_resume_after_kill_equals_an_uninterrupted_run(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--output_dir", str(part)], cwd=ROOT,
-                            env=environment(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = part / "checkpoints" / f"step_{k:08d}" / "state.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists()
+    marker = kill_after_checkpoint(k, *common, "--output_dir", part, env=env)
     r = run("train.py", *common, "--output_dir", part, "--resume", marker.parent, "--keep_last", 1, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {marker.parent}: step {k}" in r.stdout
 
-    a, b = losses(full), losses(part)
-    assert sorted(a) == sorted(b) == list(range(1, 2 * k + 1))
-    assert all(a[s] == b[s] for s in a), (a, b)  # bit for bit
-    for name in ("model.ckpt", "ema.ckpt", "train_state.ckpt"):
-        x = read_ckpt(full / "checkpoints" / f"step_{2 * k:08d}" / name)
-        y = read_ckpt(part / "checkpoints" / f"step_{2 * k:08d}" / name)
-        assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x), name
+    assert_same_run(full, part, 2 * k)
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step_00000008"]  # --keep_last 1
 
     # --resume latest takes the newest checkpoint and goes on
@@ -271,18 +284,23 @@ def check_data_parallel(single, single_stdout, dp, worker) -> float:
     return diff
 
 
+def msrun_two_workers(logs, *args) -> list[str]:
+    """train.py `args` on two msrun workers (--use_parallel True); their logs."""
+    r = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+                        f"--log_dir={logs}", "--join=True", "train.py", *map(str, args), "--use_parallel", "True"],
+                       capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
+    worker = [(logs / f"worker_{i}.log").read_text() for i in range(2)]
+    assert r.returncode == 0, r.stdout[-2000:] + "\n".join(w[-2000:] for w in worker)
+    return worker
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup, tmp_path):
     single = tmp_path / "single"
     r1 = single_process_run(setup, single)
-    dp, logs = tmp_path / "dp", tmp_path / "logs"
-    r2 = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
-                         f"--log_dir={logs}", "--join=True", "train.py", *msrun_common_args(setup), "--batch_size",
-                         "2", "--output_dir", str(dp), "--use_parallel", "True"],
-                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
-    worker = [(logs / f"worker_{i}.log").read_text() for i in range(2)]
-    assert r2.returncode == 0, r2.stdout[-2000:] + "\n".join(w[-2000:] for w in worker)
+    dp = tmp_path / "dp"
+    worker = msrun_two_workers(tmp_path / "logs", *msrun_common_args(setup), "--batch_size", "2", "--output_dir", dp)
     diff = check_data_parallel(single, r1.stdout, dp, worker)
     print(f"msrun vs one process: max |weight difference| {diff:.2e}")
 

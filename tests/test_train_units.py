@@ -291,4 +291,4 @@ def test_lr_schedules_follow_diffusers():
     cosine = [learning_rate_at("cosine", k, 1.0, 0, 4) for k in range(5)]
     assert np.allclose(cosine, [1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5, 0.5 - 0.5 * np.cos(np.pi / 4), 0.0])
     with pytest.raises(ValueError, match="lr schedule must be one of"):
-        learning_rate_at("polynomial", 3, 1.0, 0, 4)
+        learning_rate_at("cosine_decay", 3, 1.0, 0, 4)

@@ -65,6 +65,43 @@ def run_diffusers(model, x, t, y, mask, info):
                      encoder_attention_mask=torch.from_numpy(mask), added_cond_kwargs=cond).sample.numpy()
 
 
+def original_names(state: dict, prefix: str = "") -> dict:
+    """diffusers' PixArtTransformer2DModel state dict, or one of its blocks' (names without `transformer_blocks.N.`)
+    -> the original PixArt names under `prefix`, written out here independently of pixart.io.keymap (torch tensors;
+    the fixed `pos_embed` buffer is dropped)."""
+    import torch
+    s = {k: v.detach().clone() for k, v in state.items()}
+    out = {}
+    blocks = sorted({int(k.split(".")[1]) for k in s if k.startswith("transformer_blocks.")})
+    inner = {"attn1.to_out.0": "attn.proj", "attn2.to_q": "cross_attn.q_linear", "attn2.to_out.0": "cross_attn.proj",
+             "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2"}
+    for b, o in [(f"transformer_blocks.{i}.", f"blocks.{i}.") for i in blocks] or [("", "")]:
+        out[o + "scale_shift_table"] = s.pop(b + "scale_shift_table")
+        for suffix in ("weight", "bias"):
+            out[o + f"attn.qkv.{suffix}"] = torch.cat([s.pop(b + f"attn1.to_{n}.{suffix}") for n in "qkv"])
+            out[o + f"cross_attn.kv_linear.{suffix}"] = torch.cat([s.pop(b + f"attn2.to_{n}.{suffix}") for n in "kv"])
+            for a, z in inner.items():
+                out[o + f"{z}.{suffix}"] = s.pop(b + f"{a}.{suffix}")
+    if blocks:  # the whole model: embedders, adaLN-single, final layer
+        pairs = {"pos_embed.proj": "x_embedder.proj", "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+                 "caption_projection.linear_2": "y_embedder.y_proj.fc2",
+                 "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+                 "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+                 "adaln_single.emb.resolution_embedder.linear_1": "csize_embedder.mlp.0",
+                 "adaln_single.emb.resolution_embedder.linear_2": "csize_embedder.mlp.2",
+                 "adaln_single.emb.aspect_ratio_embedder.linear_1": "ar_embedder.mlp.0",
+                 "adaln_single.emb.aspect_ratio_embedder.linear_2": "ar_embedder.mlp.2",
+                 "adaln_single.linear": "t_block.1", "proj_out": "final_layer.linear"}
+        for a, z in pairs.items():
+            for suffix in ("weight", "bias"):
+                if f"{a}.{suffix}" in s:
+                    out[f"{z}.{suffix}"] = s.pop(f"{a}.{suffix}")
+        out["final_layer.scale_shift_table"] = s.pop("scale_shift_table")
+        s.pop("pos_embed.pos_embed", None)
+    assert not s, f"test renaming left keys: {list(s)}"
+    return {prefix + k: v for k, v in out.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoBundle:
     """Where the demo bundle's files are (or will be) under `root`; pixart/demo.py builds them."""

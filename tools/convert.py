@@ -5,6 +5,7 @@ and our MindSpore .ckpt (which records its architecture).
     python tools/convert.py -s PixArt-Sigma-XL-2-1024-MS/transformer -t models/sigma-1024.ckpt
     python tools/convert.py -s output/model.ckpt -t export/transformer --to diffusers
     python tools/convert.py -s output/model.ckpt -t export/PixArt-finetuned.pth --to original
+    python tools/convert.py -s PixArt-XL-2-1024-ControlNet.pth -t models/controlnet-hed.ckpt   (PixArt-δ ControlNet)
 
 What the source does not say (a diffusers folder has no caption length, so α-512 and Σ-512-MS look alike) is taken
 from --model, or left for sample.py's --model / the config's `model:` to decide when the file is loaded.

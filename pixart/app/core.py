@@ -14,21 +14,25 @@ from typing import Callable
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from pixart.data.buckets import ASPECT_RATIOS
-from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, timesteps_list
 from pixart.models.lora import set_lora_scale
+from pixart.pipelines.image_inputs import load_image, load_mask
+from pixart.pipelines.controlnet import CONTROL_TYPES
 from pixart.pipelines.outputs import provenance, save_images
 from pixart.pipelines.text_to_image import check_image_size
 
 MAX_SEED = 2 ** 31 - 1
-MAX_STEPS = 1000
+MAX_STEPS = 999  # fewer than the 1000 training timesteps: more would repeat one (pixart.cli.options)
 LORA_SCALES = (0.0, 2.0)  # the page's LoRA scale slider: 0 = the base model, 1 = as trained
 CUSTOM = "custom"
 KEEP_REQUESTS = 50  # PNG folders kept on disk for download; older ones are deleted
 # the server-wide sample.py options a reproduce-command carries, in this order
 _MODEL_FLAGS = ("model", "checkpoint", "lora_path", "vae_root", "text_encoder_root", "tokenizer_root",
-                "sd_scale_factor", "max_length", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "device_target", "mode",
+                "sd_scale_factor", "max_length", "dtype", "text_encoder_dtype", "uncond", "dpm_schedule", "timesteps",
+                "device_target", "mode",
                 "jit_level", "enable_flash_attention", "kv_compress", "kv_compress_sampling",
                 "kv_compress_scale_factor", "kv_compress_layer")
 
@@ -52,6 +56,22 @@ def _int(name: str, value, low: int | None, high: int | None = None, why_high: s
     return v
 
 
+def editor_inputs(value) -> tuple:
+    """(image, mask or None) from the page's image editor value {"background", "layers", ...} (numpy RGBA): the
+    uploaded picture, and where any layer is painted the area to repaint (white); (None, None) with no upload."""
+    if not isinstance(value, dict) or value.get("background") is None:
+        return None, None
+    background = np.asarray(value["background"])
+    if background.ndim != 3 or background.size == 0 or not background[..., -1].any():
+        return None, None  # an empty canvas: nothing uploaded
+    image = background[..., :3]
+    painted = [np.asarray(layer)[..., -1] > 0 for layer in value.get("layers") or [] if layer is not None]
+    painted = [m for m in painted if m.shape == image.shape[:2]]
+    if not painted or not np.any(painted):
+        return image, None
+    return image, (np.any(painted, axis=0) * 255).astype(np.uint8)
+
+
 class DemoApp:
     """The loaded pipeline and the request logic behind the page (gradio-free, so tests call it directly).
 
@@ -68,6 +88,7 @@ class DemoApp:
         self.table = ASPECT_RATIOS[min(ASPECT_RATIOS, key=lambda r: abs(r - self.resolution))]
         self.lora = bool(getattr(args, "lora_path", None))  # loaded once with the model; the page sets its scale
         self._lora_scale = args.lora_scale if self.lora else None  # the scale the transformer holds now
+        self.controlnet = bool(getattr(args, "controlnet", None))  # PixArt-δ: the page takes a control image
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="pixart-gradio-"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one generation at a time even if called outside gradio's queue
@@ -106,9 +127,11 @@ class DemoApp:
 
     # -- one request ----------------------------------------------------------------------------------------
     def check_request(self, prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed,
-                      width, height, batch_size, resolution_binning, lora_scale=None) -> dict:
+                      width, height, batch_size, resolution_binning, lora_scale=None, image=None, mask=None,
+                      strength=None, control_image=None, control_scale=None, control_type=None) -> dict:
         """Validate and normalise a request; a DemoError names the first bad value. `lora_scale` counts only when
-        the server has a LoRA (None: the one it was started with)."""
+        the server has a LoRA (None: the one it was started with). `image` (an array or PIL image) makes it
+        image-to-image at `strength`, and `mask` (white or painted = repaint, None: no mask) inpainting."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise DemoError("the prompt is empty: type what the image should show")
         if sampler not in SAMPLERS:
@@ -143,9 +166,50 @@ class DemoApp:
                                 f"got {lora_scale}")
         else:
             lora_scale = None
-        return dict(prompt=prompt.strip(), negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
-                    guidance_scale=guidance_scale, seed=seed, width=width, height=height, batch_size=batch_size,
-                    resolution_binning=binning, lora_scale=lora_scale)
+        request = dict(prompt=prompt.strip(), negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
+                       guidance_scale=guidance_scale, seed=seed, width=width, height=height, batch_size=batch_size,
+                       resolution_binning=binning, lora_scale=lora_scale)
+        if image is not None:
+            request.update(self._check_image(image, mask, strength))
+        elif mask is not None:
+            raise DemoError("a mask needs an input image: upload the picture to inpaint")
+        request.update(self.check_control(control_image, control_scale, control_type))
+        return request
+
+    def _check_image(self, image, mask, strength) -> dict:
+        try:
+            strength = float(self.args.strength if strength is None else strength)
+        except (TypeError, ValueError):
+            raise DemoError(f"strength must be a number in [0, 1], got {strength!r}") from None
+        if not 0.0 <= strength <= 1.0:
+            raise DemoError(f"strength must be in [0, 1], got {strength}")
+        try:
+            out = dict(image=load_image(image), strength=strength)
+            if mask is not None:
+                out["mask_image"] = load_mask(mask)
+        except ValueError as e:
+            raise DemoError(str(e)) from None
+        return out
+
+    def check_control(self, image, scale, kind) -> dict:
+        """The ControlNet part of a request (none without --controlnet): a PIL image or None (the base model), a
+        finite scale, a known type; None values take the server's flags."""
+        if not self.controlnet:
+            return {}
+        a = self.args
+        kind = a.control_type if kind is None else kind
+        if kind not in CONTROL_TYPES:
+            raise DemoError(f"control type must be one of {', '.join(CONTROL_TYPES)}, got {kind!r}")
+        try:
+            scale = float(a.control_scale if scale is None else scale)
+        except (TypeError, ValueError):
+            raise DemoError(f"control scale must be a number, got {scale!r}") from None
+        if not np.isfinite(scale):
+            raise DemoError(f"control scale must be a finite number, got {scale}")
+        if image is not None and not isinstance(image, Image.Image):
+            raise DemoError(f"the control image must be an image, got {type(image).__name__}")
+        return dict(control_image=getattr(a, "_control", None) if image is None else image, control_scale=scale,
+                    control_type=kind)
 
     def generate(self, request: dict, progress=None) -> dict:
         """Generate a checked request; returns paths of the PNGs (with metadata), settings, and the command."""
@@ -160,16 +224,31 @@ class DemoApp:
             if self.lora and request["lora_scale"] != self._lora_scale:
                 set_lora_scale(self.pipe.transformer, request["lora_scale"])  # a compiled graph reads the new scale
                 self._lora_scale = request["lora_scale"]
+            extra = {k: request[k] for k in ("image", "mask_image", "strength") if k in request}
+            if a.timesteps and request["sampler"] == a.sampling_method:  # the server's custom schedule (DMD)
+                extra["timesteps"] = timesteps_list(a.timesteps)
+            if "mask_image" in request:
+                extra["mask_blur"] = a.mask_blur
+            if self.controlnet:
+                extra.update(control_image=request["control_image"], control_type=request["control_type"],
+                             controlnet_conditioning_scale=request["control_scale"])
             result = self.pipe(request["prompt"], negative_prompt=request["negative_prompt"],
                                height=request["height"], width=request["width"], sampler=request["sampler"],
                                num_inference_steps=request["steps"], guidance_scale=request["guidance_scale"],
                                num_images_per_prompt=request["batch_size"], seed=request["seed"], uncond=a.uncond,
                                use_resolution_binning=request["resolution_binning"], progress=True,
-                               sampler_options=options)
+                               sampler_options=options, **extra)
             seconds = time.time() - t0
         folder = self.out_dir / f"{n:05d}"
         folder.mkdir(parents=True, exist_ok=True)
+        for key in ("image", "mask_image"):  # the inputs beside the outputs: the reproduce command names them
+            if key in request:
+                request[key + "_path"] = str(folder / f"input-{key.replace('_image', '')}.png")
+                request[key].save(request[key + "_path"])
         self._prune()
+        if request.get("control_image") is not None:  # kept beside the images: the reproduce-command names it
+            request["control_path"] = str(folder / "control.png")
+            request["control_image"].save(request["control_path"])
         made_by = provenance(a.model, a.checkpoint, a.lora_path, request["lora_scale"])
         paths = [str(p) for p in save_images(result, lambda _, s: folder / f"pixart-{n:05d}-seed{s['seed']}.png",
                                              made_by)]
@@ -216,6 +295,15 @@ class DemoApp:
                     num_images_per_prompt=request["batch_size"])
         if self.lora:
             opts["lora_scale"] = request["lora_scale"]
+        if "image_path" in request:
+            opts.update(image=request["image_path"], strength=request["strength"])
+            if "mask_image_path" in request:
+                opts.update(mask_image=request["mask_image_path"], mask_blur=a.mask_blur)
+        if self.controlnet:
+            opts.update(controlnet=a.controlnet, control_scale=request["control_scale"],
+                        control_type=request["control_type"])
+            if request.get("control_path"):
+                opts["control_image"] = request["control_path"]
         if not complete:  # neutralise what the -c config would add to this one image
             if self._base.prompt_path:
                 opts["prompt_path"] = ""

@@ -1,6 +1,6 @@
 """The Gradio page: the inputs `sample.py` takes per image (prompt, negative prompt, sampler, steps, guidance, seed,
-size or an aspect-ratio preset from the bucket table, batch size, and the LoRA scale when the server was started
-with `--lora_path`), the images, the PNGs that carry their settings as metadata, and the `sample.py` command (and
+size or an aspect-ratio preset from the bucket table, batch size, the LoRA scale when the server was started
+with `--lora_path`, and an input image with a painted mask for image-to-image and inpainting), the images, the PNGs that carry their settings as metadata, and the `sample.py` command (and
 YAML config) that reproduces them. Requests are queued: one generation at a time, the others wait with their place
 in the queue shown. A refused value shows as a `gr.Error` in the page; the server goes on.
 """
@@ -10,8 +10,9 @@ import traceback
 from pathlib import Path
 
 from pixart import demo_bundle
-from pixart.app.core import CUSTOM, LORA_SCALES, DemoApp, DemoError
+from pixart.app.core import CUSTOM, LORA_SCALES, DemoApp, DemoError, editor_inputs
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.pipelines.controlnet import CONTROL_TYPES
 
 CSS = """
 #gallery img { image-rendering: auto; }
@@ -29,10 +30,16 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
     untrained = f" {demo_bundle.PAGE_NOTE}" if is_demo else ""
 
     def on_generate(prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed, width, height,
-                    batch_size, resolution_binning, lora_scale, progress=gr.Progress(track_tqdm=True)):
+                    batch_size, resolution_binning, lora_scale, editor=None, strength=None,
+                    control_image=None, control_scale=None, control_type=None,
+                    progress=gr.Progress(track_tqdm=True)):
         try:
+            image, mask = editor_inputs(editor)
             request = app.check_request(prompt, negative_prompt, sampler, steps, guidance_scale, seed,
-                                        randomize_seed, width, height, batch_size, resolution_binning, lora_scale)
+                                        randomize_seed, width, height, batch_size, resolution_binning, lora_scale,
+                                        image=image, mask=mask, strength=strength,
+                                        control_image=control_image, control_scale=control_scale,
+                                        control_type=control_type)
             out = app.generate(request, progress=progress)
         except DemoError as e:
             app.log(f"refused: {e}")
@@ -95,6 +102,23 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                 lora_scale = gr.Slider(*LORA_SCALES, value=d["lora_scale"] if app.lora else 1.0, step=0.05,
                                        label="LoRA scale", info="0 = the base model, 1 = as trained",
                                        visible=app.lora, elem_id="lora-scale")
+                with gr.Accordion("Image to image / inpainting", open=False, elem_id="img2img"):
+                    editor = gr.ImageEditor(label="Input image (scaled and cropped to width x height); paint over "
+                                            "the part to repaint for inpainting", type="numpy", elem_id="editor",
+                                            sources=["upload", "clipboard"], height=320, layers=False,
+                                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                    strength = gr.Slider(0.0, 1.0, value=a.strength, step=0.05, label="Strength",
+                                         info="0 keeps the image, 1 redraws it all", elem_id="strength")
+                with gr.Row(visible=app.controlnet):  # PixArt-δ: the server was started with --controlnet
+                    control_image = gr.Image(label="Control image (none: the base model)", type="pil",
+                                             sources=["upload"], elem_id="control-image", height=200)
+                    with gr.Column():
+                        control_type = gr.Radio(list(CONTROL_TYPES), value=getattr(a, "control_type", "hed"),
+                                                label="Control type", elem_id="control-type",
+                                                info="hed: an edge map already; canny: edges computed here")
+                        control_scale = gr.Slider(0.0, 2.0, value=getattr(a, "control_scale", 1.0), step=0.05,
+                                                  label="Control scale", info="0 = the base model, 1 = as trained",
+                                                  elem_id="control-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 if is_demo:
                     gr.Examples([[p] for p in demo_bundle.EXAMPLE_PROMPTS], [prompt], label="Prompts of its world",
@@ -111,7 +135,7 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                                  elem_id="yaml", interactive=False, lines=4, max_lines=24, show_line_numbers=False,
                                  buttons=["copy", "download"])
         inputs = [prompt, negative, sampler, steps, guidance, seed, randomize, width, height, batch, binning,
-                  lora_scale]
+                  lora_scale, editor, strength, control_image, control_scale, control_type]
         outputs = [gallery, files, command, config, seed, status]
         button.click(on_generate, inputs, outputs, api_name="generate", concurrency_limit=1,
                      concurrency_id="model")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pixart.cli.options import ArgumentParser
 from pixart.io import CheckpointError
-from pixart.models.convert import TARGETS, convert_pixart_file
+from pixart.models.convert import (TARGETS, NotAControlNetError, NotATransformerError, convert_controlnet_file,
+                                   convert_pixart_file)
 
 _DEFAULT_SUFFIX = {"ckpt": ".ckpt", "original": ".pth", "diffusers": "-diffusers"}
 
@@ -30,6 +31,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="caption tokens (120 α, 300 Σ) for the null caption diffusers files lack")
     parser.add_argument("--num_heads", type=int, default=None,
                         help="attention heads, when the source does not say and its width is no multiple of 72")
+    parser.add_argument("--base_target", default=None,
+                        help="ControlNet sources that also hold their base model (the official PixArt-δ .pth): write "
+                             "the base there too (.ckpt, .pth / .safetensors, or a diffusers folder)")
     return parser
 
 
@@ -49,5 +53,23 @@ def run(args) -> None:
     target = args.target or default_target(args.source, to)
     if Path(target).exists():
         print(f"note: {target} will be overwritten")
-    convert_pixart_file(args.source, target, preset=args.preset, model=args.model, input_size=args.input_size,
-                        model_max_length=args.model_max_length, num_heads=args.num_heads, to=to)
+    if args.base_target:  # only a ControlNet file holds a base beside its own weights
+        return convert_controlnet(args, target, to)
+    try:
+        convert_pixart_file(args.source, target, preset=args.preset, model=args.model, input_size=args.input_size,
+                            model_max_length=args.model_max_length, num_heads=args.num_heads, to=to)
+    except NotATransformerError as not_transformer:
+        try:
+            convert_controlnet(args, target, to)
+        except NotAControlNetError:
+            raise not_transformer from None
+
+
+def convert_controlnet(args, target, to) -> None:
+    """A PixArt-δ ControlNet source: its control branch converts to our .ckpt (the base, if it holds one, to
+    --base_target)."""
+    if to not in (None, "ckpt") or (to is None and not str(target).endswith(".ckpt")):
+        raise CheckpointError(f"{args.source} is a ControlNet, which converts to our .ckpt only; pass a --target "
+                              f"ending in .ckpt (got {target})")
+    convert_controlnet_file(args.source, target, model=args.model or args.preset, num_heads=args.num_heads,
+                            base_target=args.base_target)

@@ -48,7 +48,7 @@ def check_server_args(args) -> None:
 
 def sample_args(argv: list[str]):
     """`sample.py`'s options parsed from `argv` (the app writes its reproduce-command against them)."""
-    return parse_args(sample_parser(), argv)
+    return parse_args(sample_parser(), argv, check_paths=False)  # a reproduce-command writes nothing here
 
 
 def ensure_demo_bundle(args, log=print) -> bool:

@@ -11,25 +11,25 @@ import argparse
 from pathlib import Path
 
 from pixart.cli.options import ArgumentParser, add_kv_compress_group, flag_namer, mode_name, str2bool
-from pixart.cli.train import (add_model_options, add_precision_options, add_training_data_options,
-                              add_training_execution_options, check_common_args, device_fallbacks)
-from pixart.data.sources import check_data_args
-from pixart.pipelines.loading import resolve_pipeline_folder
+from pixart.cli.train import (add_dreambooth_options, add_model_options, add_precision_options,
+                              add_training_data_options, add_training_execution_options, check_common_args,
+                              device_fallbacks, warn)
+from pixart.data.dreambooth import check_training_data
+from pixart.pipelines.loading import resolve_pipeline_folder, resolve_pretrained
 from pixart.training.lora import LoRAMethod
-from pixart.training.optimizers import LR_SCHEDULES
+from pixart.training.optimizers import add_lr_schedule_options
 from pixart.training.setup import TrainError
 from pixart.training.trainer import Trainer
 
-
-UNSUPPORTED_SCHEDULES = ("cosine_with_restarts", "polynomial")
 
 
 def build_parser(description: str | None = None) -> ArgumentParser:
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = add_model_options(p, None)
     g.add_argument("--pretrained_model_name_or_path", "--checkpoint", "--load_from", dest="load_from", default=None,
-                   help="the base model: a local diffusers pipeline folder (transformer/, vae/, text_encoder/, "
-                        "tokenizer/; sets --model and the encoder folders), or transformer weights (.pth, .ckpt, "
+                   help="the base model: a diffusers pipeline folder (transformer/, vae/, text_encoder/, "
+                        "tokenizer/; sets --model and the encoder folders) or its hub id when it is in the local "
+                        "Hugging Face cache (nothing is downloaded), or transformer weights (.pth, .ckpt, "
                         ".safetensors, a diffusers transformer folder)")
     p.set_defaults(model=None)  # --model: default the preset of a pipeline folder, or the one the weights match
 
@@ -43,8 +43,8 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                    "(default: alpha = rank, scale 1)")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branches' input")
     g.add_argument("--lora_targets", nargs="+", default=["all"],
-                   help="all: every linear layer (default; the reference LoRA script's targets, less the patch "
-                        "embedding's convolution); blocks: the attention and MLP linears of every block; or module "
+                   help="all: every linear layer and the patch embedding's convolution (default; the reference "
+                        "LoRA script's targets); blocks: the attention and MLP linears of every block; or module "
                         "names, matched as suffixes: "
                         "attn.qkv attn.proj cross_attn.q_linear cross_attn.kv_linear cross_attn.proj mlp.fc1 "
                         "mlp.fc2 t_block.1 y_embedder.y_proj.fc1 final_layer.linear ...")
@@ -59,8 +59,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--num_train_epochs", "--epochs", dest="epochs", type=int, default=100)
     g.add_argument("--max_train_steps", "--max_steps", dest="max_steps", type=int, default=None,
                    help="optimizer steps (overrides --num_train_epochs)")
-    g.add_argument("--lr_scheduler", default="constant", choices=[*LR_SCHEDULES, *UNSUPPORTED_SCHEDULES],
-                   help=f"diffusers' schedules; {' and '.join(UNSUPPORTED_SCHEDULES)} are refused")
+    add_lr_schedule_options(g, "constant")
     g.add_argument("--lr_warmup_steps", "--warmup_steps", dest="warmup_steps", type=int, default=500,
                    help="linear warm-up (not used by --lr_scheduler constant, as in diffusers)")
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -96,6 +95,7 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--param_digest", type=str2bool, default=False,
                    help="every rank prints SHA-256 digests of its LoRA and of its base weights")
     add_refused_options(p)
+    add_dreambooth_options(p)
     # what the trainer reads and this script fixes
     p.set_defaults(optimizer="adamw", use_ema=False, ema_rate=0.0, auto_lr="none")
     return p
@@ -141,10 +141,18 @@ FLAG = flag_namer(build_parser())
 # ----------------------------------------------------------------------------------------------------------------
 # Options -> what the trainer reads; checks that need no model
 # ----------------------------------------------------------------------------------------------------------------
+def is_hub_id(name: str) -> bool:
+    """`owner/name`, as a Hugging Face hub id is written (`PixArt-alpha/PixArt-XL-2-512x512`)."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(
+        (".ckpt", ".pth", ".safetensors", ".bin"))
+
+
 def complete_args(args) -> None:
     """Fill in what the flags imply: a pipeline folder's components and preset, a checkpoint named relative to
     --output_dir (as diffusers resolves it), AdamW's settings, the lr schedule."""
     base = Path(args.load_from) if args.load_from else None
+    if base is not None and not base.exists() and is_hub_id(args.load_from):  # in the local Hugging Face cache
+        base = resolve_pretrained(args.load_from)
     if base is not None and ((base / "model_index.json").is_file() or (base / "transformer").is_dir()):
         for name, value in resolve_pipeline_folder(base, args.model).items():
             if name == "checkpoint":
@@ -168,9 +176,6 @@ def check_args(args) -> None:
     check_refused(args)
     device_fallbacks(args, FLAG)
     check_common_args(args, FLAG)
-    if args.lr_scheduler in UNSUPPORTED_SCHEDULES:
-        raise TrainError(f"--lr_scheduler {args.lr_scheduler} is not implemented; use one of "
-                         f"{', '.join(LR_SCHEDULES)}")
     if not args.load_from:
         raise TrainError(f"{FLAG('load_from')} is required: a LoRA trains on top of pretrained weights (a diffusers "
                          "pipeline folder, or a .pth / .ckpt / .safetensors / diffusers transformer folder)")
@@ -194,7 +199,7 @@ def check_args(args) -> None:
     if args.validation_prompts and not (args.vae_root and args.text_encoder_root):
         raise TrainError(f"{FLAG('validation_prompts')} needs --vae_root and --text_encoder_root (or a pipeline "
                          f"folder as {FLAG('load_from')}) to sample images")
-    check_data_args(args, FLAG)
+    check_training_data(args, FLAG, warn)
 
 
 def run(args) -> dict:

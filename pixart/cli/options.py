@@ -10,12 +10,30 @@ Shared option groups (`add_model_group`, `add_kv_compress_group`, `add_execution
 `add_encoder_options`, `add_data_group`) give every entry point the same names, types and help; `ALIASES` maps
 other tools' names for an option to ours, applied to every parser by `parse_args`, so `-h` lists each option once
 with all its names.
+
+Validation, before anything is loaded (`validate`, run by `parse_args` on every parser, on the values from the
+command line, the YAML file and the defaults alike), from what each option declares:
+- a YAML value must have the option's shape and type: one value for a one-value option (`image_height: [64, 64]`
+  is refused), a list for a list option (a single value becomes a one-element list), each converted by the option's
+  `type` (a YAML boolean is no number); a value outside the option's `choices` is refused, so an unknown sampler in
+  a config fails at once, not after the models load;
+- every float, whatever the option, is finite (`inf` / `nan` are refused);
+- a number's range comes from its `type` when that is a `Number` (`type=Number(float, low=0, high=1)`), else from
+  `LIMITS` by dest, which applies to every parser that has that dest. A new option declares its range one of
+  these two ways, e.g. `g.add_argument("--strength", type=Number(float, low=0, high=1), default=0.8)`, and is
+  checked with no further code; messages read `--strength must be in [0, 1], got 1.5`;
+- a path's kind comes from `PATHS` by dest (or `path_kind(action, kind)` for one parser): an input file that is a
+  folder (or the reverse) is refused; an output folder (or file) must be creatable and writable, checked without
+  creating anything. A missing input is left to the entry point, which knows the stand-ins (`resolve_model_paths`).
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import math
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -134,7 +152,7 @@ def add_encoder_options(g, reference_layout: bool = False) -> None:
                    "the feature cache's)")
 
 
-KV_DEFAULT_SCALE_FACTOR = 2  # PixArt-Σ's KV-compressed models: keys and values downsampled 2x each way
+KV_DEFAULT_SCALE_FACTOR = 2  # for -h: KVCompression.DEFAULT_SCALE_FACTOR (a parser does not import MindSpore)
 
 
 def add_kv_compress_group(p, scale_factor: int | None = None):
@@ -152,16 +170,35 @@ def add_kv_compress_group(p, scale_factor: int | None = None):
     return g
 
 
+def model_depth(args) -> int | None:
+    """The number of blocks of the model the flags name (--depth, else --model's preset; None when unknown)."""
+    if getattr(args, "depth", None):
+        return args.depth
+    if not getattr(args, "model", None):
+        return None
+    from pixart.models.pixart import PRESETS, preset_config  # only here: building a parser must not import MindSpore
+    return preset_config(args.model).depth if args.model in PRESETS else None
+
+
+def check_kv_layers(args, depth: int | None = None, flag=None) -> None:
+    """Every --kv_compress_layer names a block of the model (0 .. depth-1); a layer that does not exist would be
+    silently ignored."""
+    layers = getattr(args, "kv_compress_layer", None) or []
+    depth = depth or model_depth(args)
+    bad = [i for i in layers if not 0 <= i < (depth or math.inf)]
+    if bad:
+        name = (flag or (lambda d: f"--{d}"))("kv_compress_layer")
+        raise ConfigError(f"{name} {' '.join(map(str, bad))}: the model has {depth} blocks (layers 0 .. {depth - 1})"
+                          if depth else f"{name} {' '.join(map(str, bad))}: layers are numbered from 0")
+
+
 def kv_compress_config(args, depth: int | None = None) -> dict | None:
-    """The model's KV-compression config the flags ask for (None: off). Unset layers are the second half of the
-    `depth` blocks (Σ's 14..27 of 28); an unset factor is 2."""
+    """The model's KV-compression config the flags ask for (None: off), checked by `KVCompression.from_options`."""
     if not args.kv_compress:
         return None
-    layers = args.kv_compress_layer or (list(range(depth // 2, depth)) if depth else [])
-    factor = args.kv_compress_scale_factor or KV_DEFAULT_SCALE_FACTOR
-    if factor < 1:
-        raise ConfigError(f"--kv_compress_scale_factor must be >= 1, got {factor}")
-    return {"sampling": args.kv_compress_sampling, "scale_factor": factor, "kv_compress_layer": layers}
+    from pixart.models.pixart import KVCompression  # here: building a parser must not import MindSpore
+    return KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
+                                      args.kv_compress_layer, depth).config()
 
 
 def _device_nodes(device: str) -> bool:
@@ -223,10 +260,11 @@ def check_execution(args, device_from_command_line: bool = True, stream=None) ->
     if getattr(args, "enable_flash_attention", None):
         args.enable_flash_attention = None
         changes.append("flash attention off (Ascend only)")
+    from pixart.backend import cpu_supports_bf16  # only here: building a parser must not import MindSpore
     for dest in ("dtype", "text_encoder_dtype"):
-        if getattr(args, dest, None) == "bf16":
+        if getattr(args, dest, None) == "bf16" and not cpu_supports_bf16():
             setattr(args, dest, "fp32")
-            changes.append(f"--{dest} bf16 -> fp32 (MindSpore's CPU backend has no bf16 matmul)")
+            changes.append(f"--{dest} bf16 -> fp32 (bf16 on CPU needs AVX512_BF16 or AMX-BF16, which this CPU lacks)")
     if changes:
         print(f"warning: running on CPU: {'; '.join(changes)}", file=stream or sys.stderr)
 
@@ -242,9 +280,10 @@ def add_precision_group(p, text_encoder_dtype: str | None = None):
     """Precision of the models: T5's here (None: the transformer's); the caller adds its own to the returned
     group."""
     g = p.add_argument_group("precision")
-    g.add_argument("--text_encoder_dtype", default=text_encoder_dtype, choices=DTYPES,
+    g.add_argument("--text_encoder_dtype", default=text_encoder_dtype, choices=DTYPES + ["auto"],
                    help="T5 precision" + ("" if text_encoder_dtype else " (default: --dtype)")
-                   + "; fp16 halves T5-XXL's memory")
+                   + "; fp16 halves T5-XXL's memory; auto: fp16 on Ascend, on CPU bf16 where the CPU has it, "
+                     "else fp16 storage computed in fp32")
     return g
 
 
@@ -283,7 +322,9 @@ def add_source_options(g) -> None:
     g.add_argument("--dataset_config_name", default=None, help="the dataset's configuration (load_dataset's name)")
     g.add_argument("--train_data_dir", default=None,
                    help="a folder: images with a same-named .txt/.caption each (searched recursively), an "
-                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir")
+                        "imagefolder with metadata.jsonl/.csv, or .tar shards; with --dataset_name: its data_dir. "
+                        "Under msrun each rank reads whole shards of its own (dealt anew each epoch), so the shard "
+                        "count must be a multiple of the number of ranks (refused otherwise)")
     g.add_argument("--image_column", default="image", help="dataset column of the images (or image paths)")
     g.add_argument("--caption_column", default=None, help="dataset column of the captions (default: 'text', "
                    "diffusers' name, else 'en_text', the reference port's)")
@@ -304,14 +345,249 @@ def add_report_group(p):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Validation: what every option allows, checked on the parsed values before anything is loaded (module docstring)
+# ---------------------------------------------------------------------------------------------------------------
+NUM_TRAIN_TIMESTEPS = 1000  # pixart.diffusion.schedule's (not imported: it loads MindSpore)
+MAX_SAMPLING_STEPS = NUM_TRAIN_TIMESTEPS - 1  # more would repeat a training timestep (a zero-length solver step)
+MAX_IMAGE_SIZE = 4096  # px: twice the largest trained size (2K); larger images do not fit in memory on one device
+MAX_SEED = 2 ** 32 - 1  # NumPy's seed range
+MAX_LENGTH = 2048  # caption tokens: T5's memory grows with the square of the length
+MAX_CONFIG_BYTES = 1 << 20  # a YAML config is options, not data
+MAX_TEXT_BYTES = 64 << 20  # a prompt file is read whole
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The range of a numeric option: `low` / `high` inclusive unless `low_open` / `high_open`; `why` ends the
+    message (the reason for the bound)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def allows(self, v) -> bool:
+        return not ((self.low is not None and (v < self.low or self.low_open and v == self.low))
+                    or (self.high is not None and (v > self.high or self.high_open and v == self.high)))
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+
+
+class Number:
+    """An argparse `type` for a bounded number, e.g. `type=Number(float, low=0, high=1)`: converts like `kind`
+    (an int option refuses 2.5 and a YAML boolean), and `validate` checks the range on every value, given or
+    default."""
+
+    def __init__(self, kind=float, low=None, high=None, *, low_open=False, high_open=False, why=""):
+        self.kind, self.limit = kind, Limit(low, high, low_open, high_open, why)
+        self.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+
+    def __call__(self, value):
+        if isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+        if self.kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}")
+            return int(value)
+        return self.kind(value)
+
+    def __repr__(self):
+        return f"Number({self.kind.__name__}, {self.limit.describe()})"
+
+
+_AT_LEAST_1 = Limit(1)
+_AT_LEAST_0 = Limit(0)
+_POSITIVE = Limit(0, low_open=True)
+_PROBABILITY = Limit(0, 1)
+_DECAY = Limit(0, 1, high_open=True)
+_SEED = Limit(0, MAX_SEED, why="NumPy's seed range")
+_STEPS = Limit(1, MAX_SAMPLING_STEPS, why=f"fewer steps than the {NUM_TRAIN_TIMESTEPS} training timesteps")
+_SIZE = Limit(1, MAX_IMAGE_SIZE, why=f"{MAX_IMAGE_SIZE} px is twice the largest trained size")
+
+# dest -> its range, for every parser that has the dest (a `Number` type overrides this). Every float is also
+# required to be finite, listed here or not.
+LIMITS: dict[str, Limit] = {
+    # sampling
+    "guidance_scale": _AT_LEAST_0, "validation_guidance": _AT_LEAST_0,
+    "sampling_steps": _STEPS, "validation_steps": _STEPS,
+    "image_height": _SIZE, "image_width": _SIZE, "max_image_size": _SIZE,
+    "seed": _SEED, "validation_seed": _SEED,
+    "batch_size": _AT_LEAST_1, "num_trials": _AT_LEAST_1, "num_images_per_prompt": _AT_LEAST_1,
+    "max_length": Limit(1, MAX_LENGTH, why="T5's memory grows with the square of the length"),
+    "sd_scale_factor": _POSITIVE, "strength": _PROBABILITY,
+    "timesteps": Limit(0, NUM_TRAIN_TIMESTEPS - 1, why="the training timesteps"),
+    "kv_compress_scale_factor": _AT_LEAST_1, "kv_compress_layer": _AT_LEAST_0,
+    "port": Limit(1, 65535), "max_batch_size": _AT_LEAST_1, "queue_size": _AT_LEAST_1,
+    # models
+    "depth": _AT_LEAST_1, "hidden_size": _AT_LEAST_1, "num_heads": _AT_LEAST_1, "input_size": _AT_LEAST_1,
+    "model_max_length": _AT_LEAST_1, "rank": _AT_LEAST_1, "lora_alpha": _POSITIVE, "lora_dropout": _DECAY,
+    # training
+    "learning_rate": _POSITIVE, "weight_decay": _AT_LEAST_0, "adam_weight_decay": _AT_LEAST_0,
+    "betas": _DECAY, "came_betas": _DECAY, "adam_beta1": _DECAY, "adam_beta2": _DECAY, "ema_rate": _DECAY,
+    "eps": _POSITIVE, "came_eps": _POSITIVE, "adamw_eps": _POSITIVE, "adam_epsilon": _POSITIVE,
+    "max_grad_norm": _AT_LEAST_0, "clip_grad": _AT_LEAST_0, "init_loss_scale": _POSITIVE,
+    "loss_scale_factor": Limit(1, low_open=True), "loss_scale_window": _AT_LEAST_1,
+    "grad_accumulation": _AT_LEAST_1, "epochs": _AT_LEAST_1, "max_steps": _AT_LEAST_1, "warmup_steps": _AT_LEAST_0,
+    "save_every": _AT_LEAST_1, "keep_last": _AT_LEAST_0, "log_every": _AT_LEAST_1, "ckpt_save_interval": _AT_LEAST_1,
+    "validation_every": _AT_LEAST_0, "num_validation_images": _AT_LEAST_1, "validation_epochs": _AT_LEAST_1,
+    "visualize_interval": _AT_LEAST_1, "num_parallel_workers": _AT_LEAST_1, "threads": _AT_LEAST_1,
+    "max_train_samples": _AT_LEAST_1, "real_prompt_ratio": _PROBABILITY, "class_dropout_prob": _PROBABILITY,
+    # data tools
+    "num_shards": _AT_LEAST_1, "shard_id": _AT_LEAST_0,
+}
+
+# dest -> what the path must be: "file" / "text" (UTF-8, read whole) / "dir" (an input that exists must be of that
+# kind; a missing one is the entry point's to report), "out_dir" / "out_file" / "output" (written: creatable and writable; "output" is a
+# file when its name has a suffix, else a folder). Checked without creating anything.
+PATHS: dict[str, str] = {
+    "prompt_path": "text", "json_path": "file", "captions_csv": "file",
+    "image": "file", "mask_image": "file", "control_image": "file", "control_dir": "dir",
+    "vae_root": "dir", "text_encoder_root": "dir", "tokenizer_root": "dir", "image_dir": "dir", "feature_dir": "dir",
+    "output_path": "output", "target": "output", "output_dir": "out_dir", "output": "out_file",
+}
+
+
+def path_kind(action: argparse.Action, kind: str | None) -> argparse.Action:
+    """Give one parser's option a path kind other than `PATHS`' (None: not checked)."""
+    action.path_kind = kind
+    return action
+
+
+def yaml_value(action: argparse.Action, value, config, key: str | None = None):
+    """A YAML value for `action`, shaped and converted as the command line would: one value or a list as the
+    option takes, each through its `type`; ConfigError naming the key otherwise."""
+    key = key or action.dest
+    where = f"{config}: {key}"
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if action.nargs == 0:  # store_const, count: the YAML value is the value
+        return value
+    many = action.nargs in ("*", "+", argparse.REMAINDER) or isinstance(action.nargs, int)
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: expected {'a list of values' if many else 'one value'}, got a mapping")
+    if isinstance(value, list) and not many:
+        raise ConfigError(f"{where}: expected one value, got a list {value!r}")
+    out = []
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, (list, dict)):
+            raise ConfigError(f"{where}: expected a list of values, got a nested {type(v).__name__}")
+        if action.type is None:
+            v = v if isinstance(v, (str, bool)) else str(v)
+        else:
+            if isinstance(v, bool) and (action.type in (int, float) or isinstance(action.type, Number)):
+                raise ConfigError(f"{where}: expected a number, got {v!r}")
+            try:
+                v = action.type(v)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise ConfigError(f"{where}: bad value {v!r} ({e})") from None
+        out.append(v)
+    return out if many else out[0]
+
+
+def _check_value(action: argparse.Action, value, name: str) -> None:
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{name} {value!r}: not one of {', '.join(map(str, action.choices))}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    limit = action.type.limit if isinstance(action.type, Number) else LIMITS.get(action.dest)
+    if limit is not None and not limit.allows(value):
+        raise ConfigError(f"{name} must be {limit.describe()}, got {value}" + (f" ({limit.why})" if limit.why else ""))
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_path(value, kind: str, name: str) -> None:
+    """`value` against its kind (see `PATHS`); ConfigError naming the option and the path."""
+    path = Path(value)
+    if kind in ("file", "text", "dir"):
+        if kind != "dir" and path.is_dir():
+            raise ConfigError(f"{name} {value} is a folder; expected a file")
+        if kind == "dir" and path.exists() and not path.is_dir():
+            raise ConfigError(f"{name} {value} is a file; expected a folder")
+        if kind != "dir" and path.is_file() and not os.access(path, os.R_OK):
+            raise ConfigError(f"{name} {value} is not readable")
+        if kind == "text" and path.is_file():
+            if path.stat().st_size > MAX_TEXT_BYTES:
+                raise ConfigError(f"{name} {value} is {path.stat().st_size} bytes; a text file of prompts is at most "
+                                  f"{MAX_TEXT_BYTES}")
+            try:
+                path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{name} {value} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return
+    if kind == "output":
+        kind = "out_file" if path.suffix and not path.is_dir() else "out_dir"
+    if path.is_dir():
+        if kind == "out_file":
+            raise ConfigError(f"{name} {value} is a folder; expected a file to write")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name} {value}: the folder is not writable")
+        return
+    if path.exists() and kind == "out_dir":
+        raise ConfigError(f"{name} {value} is a file; expected a folder to write into")
+    parent = _nearest_existing(path if path.exists() else path.parent)
+    if not parent.is_dir():
+        raise ConfigError(f"{name} {value}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {value}: cannot write in {parent} (not writable)")
+
+
+def validate(parser: argparse.ArgumentParser, args, check_paths: bool = True) -> None:
+    """Every option's value against what it declares (see the module docstring): shape, choices, finite numbers,
+    range, path kind; the first problem raises ConfigError naming the flag and the value."""
+    flag = flag_namer(parser)
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config", "verbose"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        name = flag(action.dest)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            _check_value(action, v, name)
+        kind = getattr(action, "path_kind", PATHS.get(action.dest))
+        if check_paths and kind and isinstance(value, str) and value:
+            check_path(value, kind, name)
+    if getattr(args, "kv_compress", False) and getattr(args, "kv_compress_layer", None):
+        check_kv_layers(args, flag=flag)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------------------------
 def load_yaml(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config {path} is a folder, not a YAML file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is {path.stat().st_size} bytes; a YAML config is at most "
+                          f"{MAX_CONFIG_BYTES} bytes")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -367,9 +643,10 @@ def resolve_model_paths(args, log=print) -> None:
             args.tokenizer_root = None  # the text encoder's folder holds the tokenizer (T5 downloads do)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv=None, check_paths: bool = True) -> argparse.Namespace:
     """Parse `argv` with YAML defaults from `-c/--config` and the `ALIASES`; unknown YAML keys raise ConfigError.
-    Then `check_execution` fills in and checks the device options."""
+    Then `validate` checks every value against its option (paths too, unless `check_paths` is False: a parse that
+    only reads the options) and `check_execution` fills in and checks the device options."""
     add_aliases(parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default=None)
@@ -396,17 +673,14 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
             by_dest[dest] = key
             if key != dest:
                 values[dest] = values.pop(key)
-        for action in parser._actions:  # YAML values go through the same type conversion as flags
-            if action.dest in values and action.type is not None and values[action.dest] is not None \
-                    and not isinstance(values[action.dest], list):
-                try:
-                    values[action.dest] = action.type(values[action.dest])
-                except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                    raise ConfigError(f"{known.config}: bad value for {action.dest}: {e}") from None
+        for action in parser._actions:  # YAML values go through the same shape and type checks as flags
+            if action.dest in values and action.option_strings:
+                values[action.dest] = yaml_value(action, values[action.dest], known.config, key=by_dest[action.dest])
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     if known.config:
         args.config = known.config
+    validate(parser, args, check_paths)
     if args.verbose:
         logging_setup(verbose=True)
     given = sys.argv[1:] if argv is None else [str(a) for a in argv]

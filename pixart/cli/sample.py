@@ -10,13 +10,16 @@ import numpy as np
 from PIL import Image
 
 from pixart import backend, cpu
+from pixart.cli.controlnet import (add_controlnet_group, attach_controlnet, check_controlnet_args,
+                                   controlnet_call_options)
 from pixart.cli.options import (DTYPES, ArgumentParser, add_encoder_options, add_execution_group, add_kv_compress_group,
                                 add_model_group, add_precision_group, kv_compress_config, mode_name,
                                 resolve_model_paths, str2bool)
-from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
+from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, make_sampler, timesteps_list
 from pixart.models.convert import read_pixart, resolve_config
 from pixart.models.pixart import PRESETS, preset_config
 from pixart.models.t5 import load_t5, load_tokenizer
+from pixart.pipelines.image_inputs import load_image, load_mask
 from pixart.pipelines.outputs import image_grid, provenance, save_images, save_png, write_json
 from pixart.pipelines.text_to_image import PixArtPipeline, check_image_size, encode_text
 from pixart.training import distributed
@@ -72,7 +75,11 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--resolution_binning", type=str2bool, default=True,
                    help="generate at the nearest trained aspect ratio, then resize and crop to the requested size")
     g.add_argument("--sampling_method", default="dpm", choices=list(SAMPLERS))
-    g.add_argument("--sampling_steps", type=int, default=None, help="default: dpm 20, iddpm 100, ddim 20, sa 25")
+    g.add_argument("--sampling_steps", type=int, default=None,
+                   help="default: dpm 20, iddpm 100, ddim 20, sa 25, lcm 4")
+    g.add_argument("--timesteps", default=None,
+                   help="a custom schedule instead of --sampling_steps: comma-separated, strictly decreasing, in "
+                        "0..999 (dpm and lcm), e.g. 400 for PixArt-Alpha-DMD's one step")
     g.add_argument("--dpm_schedule", default="linspace", choices=["linspace", "time_uniform"],
                    help="DPM-Solver++ steps: diffusers' schedule, or the official repos' time_uniform")
     g.add_argument("--guidance_scale", type=float, default=4.5)
@@ -84,14 +91,24 @@ def build_parser(description: str | None = None) -> ArgumentParser:
                    help="images of each prompt within one batch (diffusers' name; faster than --num_trials)")
     g.add_argument("--progress", type=str2bool, default=True, help="show a progress bar over denoising steps")
 
+    g = p.add_argument_group("image to image / inpainting")
+    g.add_argument("--image", default=None, help="start from this image (SDEdit), scaled and cropped to the size generated (--image_height / "
+                        "--image_width; without them, its own size)")
+    g.add_argument("--strength", type=float, default=0.8,
+                   help="with --image: how much is redone, 0 (the image as the VAE returns it) .. 1 (all)")
+    g.add_argument("--mask_image", default=None,
+                   help="with --image: inpaint where this mask is white (resized onto the image), keep where black")
+    g.add_argument("--mask_blur", type=float, default=0.0, help="soften the mask's edge by this many pixels")
+
     g = p.add_argument_group("output")
     g.add_argument("--output_path", default="samples")
     g.add_argument("--imagegrid", type=str2bool, default=False,
                    help="also save the images as one grid: a row per trial of each batch, a column per image")
 
     g = add_precision_group(p)
-    g.add_argument("--dtype", default=None, choices=DTYPES, help="transformer precision (default: fp16 on Ascend, "
-                   "fp32 on CPU)")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="transformer precision (default: fp16 on Ascend; "
+                   "on CPU bf16 where the CPU has AVX512_BF16, else fp32)")
+    add_controlnet_group(p)
     g = add_execution_group(p, mode="pynative")
     g.add_argument("--use_parallel", type=str2bool, default=False,
                    help="under msrun: the prompts are split across the ranks, each writes its own images")
@@ -175,6 +192,8 @@ def check_args(args, log=print) -> None:
         raise SampleError(str(e)) from None
     if args.sampling_steps is not None and args.sampling_steps < 1:
         raise SampleError(f"--sampling_steps must be >= 1, got {args.sampling_steps}")
+    check_sampling(args)
+    check_image_inputs(args)
     for name in ("batch_size", "num_trials", "num_images_per_prompt", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -190,6 +209,45 @@ def check_args(args, log=print) -> None:
     if getattr(args, "lora_path", None) and not Path(args.lora_path).exists():
         raise SampleError(f"--lora_path not found: {args.lora_path}")
     kv_compress_config(args)  # a bad factor fails here
+    check_controlnet_args(args, log)  # the control image is read here, before any model
+
+
+def parse_timesteps(value) -> list[int] | None:
+    """--timesteps "999,500" (or a YAML list) -> [999, 500]; the sampler checks range and order."""
+    try:
+        return timesteps_list(value)
+    except ValueError as e:
+        raise SampleError(f"--{e}") from None
+
+
+def check_sampling(args) -> None:
+    """The sampler and its schedule, built now so that a schedule it cannot run (custom timesteps it does not take,
+    out of range or not decreasing, too many steps) is refused before loading."""
+    options = {"schedule": args.dpm_schedule} if args.sampling_method == "dpm" else {}
+    timesteps = parse_timesteps(getattr(args, "timesteps", None))
+    try:
+        sampler = make_sampler(args.sampling_method, timesteps=timesteps, **options)
+        sampler.noise_levels(args.sampling_steps or DEFAULT_STEPS[args.sampling_method])
+    except ValueError as e:
+        raise SampleError(f"--timesteps / --sampling_steps: {e}") from None
+
+
+def check_image_inputs(args) -> None:
+    """--image / --mask_image readable, --strength in [0, 1], --mask_blur >= 0."""
+    if getattr(args, "mask_image", None) and not getattr(args, "image", None):
+        raise SampleError("--mask_image needs --image: the picture to inpaint")
+    if not getattr(args, "image", None):
+        return
+    if not 0.0 <= args.strength <= 1.0:
+        raise SampleError(f"--strength must be in [0, 1] (0 keeps the image, 1 repaints it all), got {args.strength}")
+    if not 0.0 <= args.mask_blur < float("inf"):
+        raise SampleError(f"--mask_blur must be a number of pixels >= 0, got {args.mask_blur}")
+    try:
+        load_image(args.image, "--image")
+        if args.mask_image:
+            load_mask(args.mask_image, "--mask_image")
+    except ValueError as e:
+        raise SampleError(str(e)) from None
 
 
 def caption_length(args) -> int:
@@ -201,9 +259,12 @@ def setup_backend(args) -> None:
     """Device, mode and dtype, once per run (the device cannot change once msrun's communication is up)."""
     if getattr(args, "_backend_ready", False):
         return
-    args.dtype = args.dtype or ("fp16" if args.device_target == "Ascend" else "fp32")
     backend.setup(args.device_target, mode_name(args), args.jit_level, args.enable_flash_attention)
-    backend.dtype(args.dtype)  # bf16 on CPU fails here, before loading
+    args.dtype = args.dtype or backend.default_dtype()
+    if args.text_encoder_dtype == "auto":
+        args.text_encoder_dtype = backend.default_text_encoder_dtype()
+    for name in (args.dtype, args.text_encoder_dtype or args.dtype):
+        backend.weight_dtype(name)  # bf16 on a CPU without it fails here, before loading
     args._backend_ready = True
 
 
@@ -218,13 +279,13 @@ def load_pipeline(args, log=print, text_encoder: bool = True):
         kv_compress=kv, scaling_factor=args.sd_scale_factor, lora_path=getattr(args, "lora_path", None),
         lora_scale=getattr(args, "lora_scale", 1.0), text_encoder=text_encoder, log=log)
     pipe.max_sequence_length = caption_length(args)
-    return pipe
+    return attach_controlnet(pipe, args, log)
 
 
 def encode_first(args, prompts: list[str], negatives: list[str] | None = None, log=print):
     """T5 on its own, before the transformer is loaded: every prompt (and each distinct negative prompt) encoded,
     then T5 freed, so the two models never share memory (T5-XXL is the larger of the two). Returns the embeddings
-    per prompt and per negative prompt (None with --uncond y_embedding)."""
+    per prompt and per negative prompt (None with --uncond y_embedding, or guidance off)."""
     setup_backend(args)
     t0 = time.time()
     log(f"loading text encoder {args.text_encoder_root}")
@@ -234,7 +295,7 @@ def encode_first(args, prompts: list[str], negatives: list[str] | None = None, l
     embeds = [encode_text(t5, tokenizer, [p], length) for p in prompts]
     negatives = [""] * len(prompts) if negatives is None else negatives
     negative = None
-    if args.uncond == "negative":
+    if args.uncond == "negative" and args.guidance_scale > 1.0:  # guidance off: no unconditional branch to encode
         distinct = {text: encode_text(t5, tokenizer, [text], length) for text in dict.fromkeys(negatives)}
         negative = [distinct[text] for text in negatives]
     del t5
@@ -245,8 +306,15 @@ def encode_first(args, prompts: list[str], negatives: list[str] | None = None, l
 
 def generation_kwargs(args, pipe) -> dict:
     """The `pipe(...)` keywords the flags set, other than prompts and seeds (sample.py and the LoRA script)."""
-    return dict(height=args.image_height or pipe.resolution, width=args.image_width or pipe.resolution,
-                sampler=args.sampling_method,
+    image = getattr(args, "image", None)
+    default_size = None if image else pipe.resolution  # image-to-image: the input image's size
+    extra = dict(image=image, mask_image=args.mask_image, strength=args.strength,
+                 mask_blur=args.mask_blur) if image else {}
+    timesteps = parse_timesteps(getattr(args, "timesteps", None))
+    if timesteps is not None:
+        extra["timesteps"] = timesteps
+    return dict(height=args.image_height or default_size, width=args.image_width or default_size,
+                sampler=args.sampling_method, **extra,
                 num_inference_steps=args.sampling_steps or DEFAULT_STEPS[args.sampling_method],
                 guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images_per_prompt,
                 uncond=args.uncond, use_resolution_binning=args.resolution_binning, progress=args.progress,
@@ -313,7 +381,7 @@ def run(args, log=print) -> list[Path]:
     embeds, negative = dict(zip(mine, embeds)), dict(zip(mine, negative)) if negative else None
     pipe = load_pipeline(args, log, text_encoder=False)
     write_prompts()
-    options = generation_kwargs(args, pipe)
+    options = dict(generation_kwargs(args, pipe), **controlnet_call_options(args))
     made_by = provenance(args.model, args.checkpoint, args.lora_path, args.lora_scale)
 
     written, grid_rows = [], []

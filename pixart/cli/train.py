@@ -10,9 +10,11 @@ from typing import Callable
 from pixart.cli.options import (ArgumentParser, DTYPES, add_data_group, add_encoder_options, add_execution_group,
                                 add_kv_compress_group, add_model_group, add_precision_group, mode_name, option_group,
                                 str2bool)
-from pixart.data.sources import check_data_args
+from pixart.data.dreambooth import check_training_data
 from pixart.models.pixart import preset_config
+from pixart.training.optimizers import add_lr_schedule_options, check_lr_schedule
 from pixart.training.setup import TrainError, default_flag
+from pixart.training.controlnet import ControlNetMethod, check_controlnet_training_args
 from pixart.training.trainer import Method, Trainer
 
 
@@ -87,7 +89,9 @@ def add_reference_options(p) -> None:
                    help="image-decoding threads per rank")
     g = option_group(p, "optimisation")
     g.add_argument("--scheduler", default="constant", choices=["constant"],
-                   help="learning-rate schedule: constant after a linear warm-up of --warmup_steps")
+                   help="the reference's learning-rate schedule: constant after a linear warm-up of --warmup_steps "
+                        "(--lr_scheduler constant_with_warmup)")
+    add_lr_schedule_options(g, "constant_with_warmup")
     g.add_argument("--adamw_eps", "--optim_eps", dest="adamw_eps", type=float, default=None,
                    help="AdamW's eps (same as --eps with --optimizer adamw)")
     g.add_argument("--came_betas", type=float, nargs="*", default=None, help="CAME's 3 betas (as --betas with came)")
@@ -153,6 +157,47 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def add_dreambooth_options(p):
+    """DreamBooth (diffusers' train_dreambooth*.py names): instance images with one prompt, optional prior
+    preservation with class images, sampled from the base model when --class_data_dir holds too few."""
+    g = p.add_argument_group("DreamBooth")
+    g.add_argument("--instance_data_dir", default=None,
+                   help="a folder of images of the subject (instead of --json_path / --dataset_name / "
+                        "--train_data_dir); trained as square crops at the model's resolution")
+    g.add_argument("--instance_prompt", default=None, help="the prompt of every instance image, e.g. "
+                   "'a photo of sks dog'")
+    g.add_argument("--with_prior_preservation", type=str2bool, nargs="?", const=True, default=False,
+                   help="also train on class images with --class_prompt, weighted by --prior_loss_weight, so "
+                        "that the class keeps what the base model makes of it")
+    g.add_argument("--class_data_dir", default=None,
+                   help="the class images; the missing ones up to --num_class_images are sampled into it first")
+    g.add_argument("--class_prompt", default=None, help="the prompt of the class images, e.g. 'a photo of dog'")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class images' loss")
+    g.add_argument("--num_class_images", type=int, default=100,
+                   help="class images used; fewer in --class_data_dir are completed by sampling")
+    g.add_argument("--class_inference_steps", type=int, default=20,
+                   help="DPM-Solver++ steps per sampled class image (guidance: --validation_guidance)")
+    return g
+
+
+def add_controlnet_options(p):
+    """train.py --controlnet: a PixArt-δ control branch on the frozen --load_from model."""
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--controlnet", type=str2bool, nargs="?", const=True, default=False,
+                   help="train a control branch (copies of the first blocks, zero projections) on the frozen model")
+    g.add_argument("--control_dir", default=None,
+                   help="condition images, each at its training image's relative path (default: the training "
+                        "image itself, made into edges by --control_type canny)")
+    g.add_argument("--control_type", default=None, choices=["canny", "hed", "none"],
+                   help="as sample.py's: canny: Canny edges of the condition image, on the fly (default without "
+                        "--control_dir); hed: --control_dir holds HED maps (made gray); none: the --control_dir "
+                        "images as they are, RGB (default with --control_dir)")
+    g.add_argument("--copy_blocks_num", type=int, default=None,
+                   help="blocks copied into the control branch (default: 13 of 28, the same fraction of a "
+                        "reduced model)")
+    return g
+
+
 def add_training_execution_options(p):
     g = add_execution_group(p, mode="graph")
     g.add_argument("--recompute", type=str2bool, nargs="?", const=True, default=False,
@@ -208,12 +253,14 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     g.add_argument("--param_digest", type=str2bool, default=False,
                    help="every rank prints a SHA-256 of its final weights (to check ranks agree)")
     add_reference_options(p)
+    add_dreambooth_options(p)
+    add_controlnet_options(p)
     return p
 
 
 def check_common_args(args, flag: Callable[[str], str] = default_flag) -> None:
     """The checks train.py and the LoRA script share: files and loop numbers, resume path (the data's own checks,
-    which read the label file or dataset, come last: `check_data_args`)."""
+    which read the label file or dataset, come last: `check_training_data`)."""
     mode_name(args, TrainError)
     if args.model is not None:
         preset_config(args.model)
@@ -251,6 +298,7 @@ def check_common_args(args, flag: Callable[[str], str] = default_flag) -> None:
         raise TrainError(f"validation images need {flag('vae_root')} and {flag('text_encoder_root')}")
     if args.resume and args.resume != "latest" and not Path(args.resume).exists():
         raise TrainError(f"{flag('resume')} path not found: {args.resume}")
+    check_lr_schedule(args, flag)
 
 
 def check_args(args) -> None:
@@ -271,10 +319,12 @@ def check_args(args) -> None:
     if args.validation_negative_prompts and len(args.validation_negative_prompts) != len(args.validation_prompts or []):
         raise TrainError(f"--validation_negative_prompts: {len(args.validation_negative_prompts)} given for "
                          f"{len(args.validation_prompts or [])} validation prompt(s); give one each")
-    check_data_args(args)
+    if args.controlnet:
+        check_controlnet_training_args(args)
+    check_training_data(args, warn=warn)
 
 
 def run(args) -> dict:
-    """train.py: full fine-tuning."""
+    """train.py: full fine-tuning, or a ControlNet with --controlnet."""
     check_args(args)
-    return Trainer(args, Method(), mode_name(args)).run()
+    return Trainer(args, ControlNetMethod() if args.controlnet else Method(), mode_name(args)).run()

@@ -14,13 +14,18 @@ from mindspore import Tensor
 
 from pixart import nn
 from pixart.cpu import kernels
+from pixart.models.t5 import T5LayerNorm
 
 
 class CPULinear(nn.Linear):
     """Linear whose product is the AVX-512 GEMM (`kernels.linear_product`: strict fp32, with a gradient) or, with
     PIXART_CPU_GEMM=bf16x3 on CPUs with Intel AMX, the bf16x3 product (inference only, never for a `strict` layer),
     and whose bias + GELU run as one kernel. Products of more than `kernel_max_rows` rows keep MindSpore's MatMul,
-    which is faster there (measurements: docs/benchmarks.md, 'Design measurements')."""
+    which is faster there (measurements: docs/benchmarks.md, 'Design measurements').
+
+    A weight stored in bf16 or fp16 (`backend.cast_parameters` on CPU) with fp32 activations takes the half-weight
+    product (`kernels.half_linear_product`, inference, any number of rows: MindSpore has no mixed product to fall
+    back to); without it, the portable product widens the weight per call."""
 
     kernel_max_rows = 1024
 
@@ -29,15 +34,29 @@ class CPULinear(nn.Linear):
         self.kernel, self.kernel_trains = kernels.linear_product(self.strict, adds_bias)
         self.kernel_adds_bias = self.kernel is not None and adds_bias
         self.fused_gelu = kernels.bias_gelu_tanh() if self.activation is not None and self.bias is not None else None
+        self.half_kernel = kernels.half_linear_product(adds_bias) if kernels.half_weights("fp16") else None
+        self.bf16_kernel = kernels.half_weights("bf16")
+        self.half_adds_bias = adds_bias
 
     def on_kernel(self, dtype, rows) -> bool:
         """Whether this call takes the GEMM kernel: one was chosen, fp32, at most `kernel_max_rows` rows (a static
         shape in graph mode), and inference unless it has a gradient."""
         return (self.kernel is not None and (self.kernel_trains or not self.training) and dtype == ms.float32
-                and rows <= self.kernel_max_rows)
+                and rows <= self.kernel_max_rows and self.weight.dtype == ms.float32)
+
+    def on_half_kernel(self, dtype) -> bool:
+        """Whether this call takes the half-weight product: fp32 activations, the weight in fp16 or (where the
+        kernel has it) bf16, inference."""
+        if self.half_kernel is None or self.training or dtype != ms.float32:
+            return False
+        return self.weight.dtype == ms.float16 or (self.bf16_kernel and self.weight.dtype == ms.bfloat16)
 
     def product(self, x2d):
         """x W^T (M, out), plus the bias where the kernel adds it (`epilogue` then does not)."""
+        if self.on_half_kernel(x2d.dtype):
+            if self.half_adds_bias:
+                return self.half_kernel(x2d, self.weight, self.bias)
+            return self.half_kernel(x2d, self.weight)
         if self.on_kernel(x2d.dtype, x2d.shape[0]):
             if self.kernel_adds_bias:
                 return self.kernel(x2d, self.weight, self.bias)
@@ -47,7 +66,8 @@ class CPULinear(nn.Linear):
     def epilogue(self, y, in_shape):
         if self.fused_gelu is not None and y.dtype == ms.float32:  # with its gradient: training takes it too
             return self.fused_gelu(y, self.bias).reshape(in_shape[:-1] + (self.out_features,))
-        if self.kernel_adds_bias and self.on_kernel(y.dtype, y.shape[0]):  # the product added the bias; no activation
+        if (self.half_adds_bias and self.on_half_kernel(y.dtype)) or (
+                self.kernel_adds_bias and self.on_kernel(y.dtype, y.shape[0])):  # the product added the bias
             return y.reshape(in_shape[:-1] + (self.out_features,))
         return nn.Linear.epilogue(self, y, in_shape)
 
@@ -128,6 +148,33 @@ class CPUAttention(nn.Attention):
         return self.bmm_pv(probs, v)
 
 
+class CPUT5LayerNorm(T5LayerNorm):
+    """T5's RMS norm as one kernel (inference, fp32): the portable form is five MindSpore ops, each a pass over the
+    row block with a launch of its own, and MindSpore CPU's reductions and rsqrt are slow on T5-XXL's rows."""
+
+    def attach(self):
+        self.fused = kernels.rms_norm()
+        self.eps_tensor = Tensor([self.eps], ms.float32)
+
+    def construct(self, x):
+        if not self.training and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            return self.fused(x, self.weight, self.eps_tensor)
+        return T5LayerNorm.construct(self, x)
+
+
+class CPUEmbedding(nn.Embedding):
+    """Embedding whose table, stored in bf16 or fp16 (`backend.cast_parameters` on CPU), is looked up by a kernel
+    giving fp32 rows (MindSpore's CPU Gather has no bf16; the portable layer widens the whole table per call)."""
+
+    def attach(self):
+        self.half_gather = kernels.gather_rows_half() if kernels.half_weights("fp16") else None
+
+    def construct(self, ids):
+        if self.half_gather is not None and self.weight.dtype in (ms.bfloat16, ms.float16):
+            return self.half_gather(self.weight, ids)
+        return nn.Embedding.construct(self, ids)
+
+
 # portable class -> its CPU-kernel subclass
-CPU_CLASSES = {nn.Linear: CPULinear, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
+CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, T5LayerNorm: CPUT5LayerNorm, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
                nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention}

@@ -12,6 +12,15 @@ global batch, so every rank sees the same bucket at the same step, and one proce
 union of two ranks with batch b. The position in this stream is one integer (global batches consumed), which is
 all a checkpoint needs to resume the data exactly, whatever the source.
 
+webdataset shards under data parallelism (`RankShards`) are the exception: each rank reads only its own shards.
+Every epoch the shards are shuffled by (seed, epoch) and cut into world-size equal runs; rank r indexes and reads
+run r only, and buckets and batches those samples by itself (batches of the per-rank batch size, so ranks may train
+different buckets at the same step). The shard count must be a multiple of the number of ranks (refused otherwise:
+ranks read whole shards). An epoch has as many steps as the fewest batches any rank's epoch-0 shards fill, agreed
+between the ranks at set-up; a rank whose shards fill fewer batches in a later epoch starts that epoch's batches
+again, one with more leaves the rest. The position is still one integer, so a resume repeats the data exactly; a
+single process reads every shard, so its batches are not the ranks' batches side by side.
+
 Unusable entries are skipped, counted and reported, never fatal: a missing or unreadable image (header check when
 the dataset is built), an image that fails to decode later (replaced, deterministically, by the first good image
 of the same bucket), or in cache mode an entry without cached features.
@@ -24,9 +33,11 @@ import numpy as np
 from PIL import Image
 
 from pixart.data.buckets import TRAIN_ASPECT_RATIOS, bucket_for_image, resize_and_center_crop
-from pixart.data.sources import DataError, LabelSource, Skipped, Source, first_line, load_labels  # noqa: F401
+from pixart.data.sources import (DataError, LabelSource, ShardSource, Skipped, Source, first_line,  # noqa: F401
+                                 load_labels)
 
 SHUFFLE_STREAM = 1  # first word after the seed in every generator key; pixart.training.batch uses 2
+SHARD_STREAM = 3    # deals webdataset shards to ranks, per epoch
 
 
 @dataclass
@@ -175,6 +186,113 @@ class BucketDataset:
         raise DataError(f"no image of bucket {e.bucket} can be decoded (last failure: {self.decode_failures[-1].path})")
 
 
+def check_shard_count(num_shards: int, world_size: int) -> None:
+    if num_shards % world_size:
+        fits = [n for n in range(1, num_shards + 1) if num_shards % n == 0]
+        raise DataError(f"{num_shards} webdataset shard(s) cannot be dealt evenly to {world_size} ranks: each rank "
+                        f"reads whole shards, so the shard count must be a multiple of the number of ranks "
+                        f"(re-shard the data, or run {', '.join(map(str, fits))} rank(s))")
+
+
+def rank_shards(num_shards: int, world_size: int, rank: int, seed: int, epoch: int) -> list[int]:
+    """The shards `rank` reads in `epoch`: all shards shuffled by (seed, epoch), cut into `world_size` equal runs;
+    run `rank`, in file order."""
+    check_shard_count(num_shards, world_size)
+    order = np.random.default_rng([seed, SHARD_STREAM, epoch]).permutation(num_shards)
+    k = num_shards // world_size
+    return sorted(order[rank * k:(rank + 1) * k].tolist())
+
+
+class RankShards:
+    """webdataset shards under data parallelism: one rank's data. Each epoch this rank indexes and reads only the
+    shards `rank_shards` deals it, as a `BucketDataset` of their samples (batched by the per-rank batch size). The
+    set-up's summary, checks and entries (the resume fingerprint) are those of epoch 0's shards."""
+    rank_local = True
+
+    def __init__(self, source: ShardSource, resolution: int, multi_scale: bool, check_images: bool, available,
+                 rank: int, world_size: int, seed: int):
+        if source.max_samples is not None:
+            raise DataError("--max_train_samples cannot be combined with webdataset shards under msrun (each rank "
+                            "reads whole shards); write the subset as its own shards")
+        check_shard_count(len(source.shards), world_size)
+        self.source, self.rank, self.world_size, self.seed = source, rank, world_size, seed
+        self.resolution, self.multi_scale = resolution, multi_scale
+        self._options = dict(multi_scale=multi_scale, check_images=check_images, available=available)
+        self.first = self._read(0)
+        self.current, self._epoch, self._failures = self.first, 0, []
+
+    def shards(self, epoch: int) -> list[int]:
+        return rank_shards(len(self.source.shards), self.world_size, self.rank, self.seed, epoch)
+
+    def _read(self, epoch: int) -> BucketDataset:
+        return BucketDataset(self.source.subset(self.shards(epoch)), self.resolution, **self._options)
+
+    def view(self, epoch: int) -> BucketDataset:
+        """This rank's samples in `epoch` (its shards indexed when the epoch starts)."""
+        if epoch != self._epoch:
+            self._failures += self.current.decode_failures
+            self.current.decode_failures = []
+            same = self.shards(epoch) == self.shards(0)
+            self.current, self._epoch = (self.first if same else self._read(epoch)), epoch
+        return self.current
+
+    # -- what set-up, resume and the checkpoint state read -----------------------------------------------------
+    @property
+    def entries(self) -> list[Entry]:
+        return self.first.entries
+
+    @property
+    def buckets(self) -> dict[str, list[int]]:
+        return self.first.buckets
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        return self.first.skipped
+
+    @property
+    def num_labels(self) -> int:
+        return self.first.num_labels
+
+    @property
+    def decode_failures(self) -> list[Skipped]:
+        return self._failures + self.current.decode_failures
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def _names(self, epoch: int) -> str:
+        return ", ".join(self.source.shards[i].name for i in self.shards(epoch))
+
+    def summary(self) -> str:
+        return (f"rank {self.rank}/{self.world_size} reads {len(self.shards(0))} of {len(self.source.shards)} "
+                f"shard(s) per epoch (epoch 0: {self._names(0)}); " + self.first.summary())
+
+    def check_batch_size(self, global_batch: int, what: str) -> None:
+        self.first.check_batch_size(global_batch // self.world_size,
+                                    f"the per-rank batch ({what}; rank {self.rank}, shards {self._names(0)})")
+
+    def unused_buckets(self, global_batch: int) -> list[str]:
+        return self.first.unused_buckets(global_batch // self.world_size)
+
+    def batches_per_epoch(self, batch: int) -> int:
+        return self.first.batches_per_epoch(batch)
+
+    def epoch_batches(self, epoch: int, batch: int, seed: int) -> list[list[int]]:
+        return self.view(epoch).epoch_batches(epoch, batch, seed)
+
+    def image(self, pos: int, flip: bool = False) -> tuple[np.ndarray, int]:
+        return self.current.image(pos, flip)
+
+
+def open_dataset(source: Source, resolution: int, multi_scale: bool = True, check_images: bool = True,
+                 available=None, rank: int = 0, world_size: int = 1, seed: int = 0):
+    """The training data of one rank: `RankShards` for webdataset shards under data parallelism, else the whole
+    `BucketDataset` (every rank slices the same global batches)."""
+    if world_size > 1 and isinstance(source, ShardSource):
+        return RankShards(source, resolution, multi_scale, check_images, available, rank, world_size, seed)
+    return BucketDataset(source, resolution, multi_scale=multi_scale, check_images=check_images, available=available)
+
+
 @dataclass
 class BatchRef:
     """One rank's part of one global batch."""
@@ -187,16 +305,22 @@ class BatchRef:
 
 
 class BatchStream:
-    """Global batches from `start` on, epoch after epoch; each rank takes its contiguous slice."""
+    """Global batches from `start` on, epoch after epoch; each rank takes its contiguous slice (with `RankShards`,
+    each rank's own batch, from its own shards). `agree(n)` returns the smallest `n` over the ranks: with
+    `RankShards` it makes every rank's epoch the same number of steps."""
 
-    def __init__(self, dataset: BucketDataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start: int = 0):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0, agree=None):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
-        self.per_epoch = dataset.batches_per_epoch(self.global_batch)
+        self.local = getattr(dataset, "rank_local", False)
+        self.plan_batch = batch_size if self.local else self.global_batch
+        self.per_epoch = dataset.batches_per_epoch(self.plan_batch)
         if self.per_epoch == 0:
             dataset.check_batch_size(self.global_batch, "batch size x ranks")
+        if self.local and agree is not None:
+            self.per_epoch = agree(self.per_epoch)
         self.next_index = start
         self._plan_epoch, self._plan = None, None
 
@@ -209,11 +333,18 @@ class BatchStream:
     def __next__(self) -> BatchRef:
         epoch, i = self.position(self.next_index)
         if self._plan_epoch != epoch:
-            self._plan, self._plan_epoch = self.dataset.epoch_batches(epoch, self.global_batch, self.seed), epoch
-        batch = self._plan[i]
+            self._plan, self._plan_epoch = self.dataset.epoch_batches(epoch, self.plan_batch, self.seed), epoch
+            if not self._plan:
+                raise DataError(f"rank {self.rank}'s shards of epoch {epoch} fill no batch of {self.batch_size} "
+                                "in any aspect-ratio bucket")
         lo = self.rank * self.batch_size
-        positions = batch[lo:lo + self.batch_size]
-        ref = BatchRef(self.next_index, epoch, positions, list(range(lo, lo + self.batch_size)),
-                       self.dataset.entries[positions[0]].bucket, [self.dataset.entries[p] for p in positions])
+        if self.local:  # this rank's own batch; when its epoch is short, the epoch's batches start again
+            positions = self._plan[i % len(self._plan)]
+            entries = [self.dataset.view(epoch).entries[p] for p in positions]
+        else:
+            positions = self._plan[i][lo:lo + self.batch_size]
+            entries = [self.dataset.entries[p] for p in positions]
+        ref = BatchRef(self.next_index, epoch, positions, list(range(lo, lo + self.batch_size)), entries[0].bucket,
+                       entries)
         self.next_index += 1
         return ref

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from pixart.io.atomic import atomic_path
+from pixart.io.atomic import write_text as atomic_write_text
+from pixart.io.base import refuse_non_finite
 
 META_FILE = "features.json"
 VERSION = 1
@@ -46,16 +49,12 @@ def image_key(path: str) -> str:
     return path.replace("\\", "/").strip("/").replace("/", "__")
 
 
-def _tmp_name(path: Path, suffix: str = ".tmp") -> Path:
-    """A temporary name next to `path` that no other process uses (concurrent shards write shared files too)."""
-    return path.with_name(f"{path.name}.{os.getpid()}{suffix}")
-
-
 def _save_npz(path: Path, **arrays) -> None:
+    """Atomically, under a name no other process uses (concurrent shards write shared files too); a failed write
+    leaves nothing (`pixart.io.atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path, ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def skipped_report_name(shard: tuple[int, int] = (0, 1)) -> str:
@@ -161,9 +160,7 @@ class FeatureCache:
                                    "; use a new --output_dir")
             meta = {**old, **meta, "text": old.get("text") or meta.get("text"),
                     "latents": old.get("latents") or meta.get("latents")}
-        tmp = _tmp_name(path)
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(meta, indent=2))
         return cls(root)
 
     # what is cached
@@ -210,12 +207,14 @@ class FeatureCache:
     # reading
     def text(self, caption: str) -> np.ndarray:
         with np.load(self.text_path(caption)) as f:
-            return f["feature"].astype(np.float32)
+            return refuse_non_finite({"feature": f["feature"].astype(np.float32)}, self.text_path(caption))["feature"]
 
     def latents(self, path: str, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.latent_path(path)) as f:
             prefix = "flip_" if flip else ""
-            return f[prefix + "mean"].astype(np.float32), f[prefix + "std"].astype(np.float32)
+            arrays = refuse_non_finite({k: f[prefix + k].astype(np.float32) for k in ("mean", "std")},
+                                       self.latent_path(path))
+            return arrays["mean"], arrays["std"]
 
     # writing
     def write_text(self, caption: str, feature: np.ndarray) -> None:
@@ -237,9 +236,7 @@ class FeatureCache:
             if old != path and not (same_split and old.name.startswith("skipped.shard") and
                                     old.name.endswith(same_split)):
                 old.unlink(missing_ok=True)
-        tmp = _tmp_name(path)
-        tmp.write_text(json.dumps(skipped, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(skipped, indent=2))
         return path
 
 

@@ -18,7 +18,8 @@ Formats (`open_source` picks one from the data options):
 * webdataset `.tar` shards (`--train_data_dir` or `--dataset_name`: a folder of shards, a `*.tar` glob or a brace
   pattern `shards-{000..009}.tar`): the tar headers are indexed (names and offsets; captions are read, images are
   not) and each image is read from its shard at its offset when a batch needs it, so shards are never unpacked and
-  memory holds only the index.
+  memory holds only the index. Under data parallelism each rank indexes and reads only its own shards
+  (`pixart.data.dataset.RankShards`).
 
 Records come in a fixed order (label order, dataset row order, sorted file names, shard then member order), so the
 same images and captions give the same batches from every format.
@@ -29,6 +30,7 @@ import glob
 import io
 import json
 import math
+import os
 import socket
 import tarfile
 from dataclasses import dataclass
@@ -139,6 +141,16 @@ def load_labels(json_path) -> list[dict]:
     return items
 
 
+def path_inside(root: Path, path: str) -> Path:
+    """`root / path` if it stays inside `root` (no `..` above it, not absolute), else FileNotFoundError: a label
+    such as `../../etc/hostname` is skipped like a missing image and never read. Checked on the names, so a
+    symlink inside the folder still works."""
+    base = os.path.abspath(root)
+    if os.path.commonpath([os.path.abspath(os.path.join(base, path)), base]) != base:
+        raise FileNotFoundError(f"{path}: outside the image folder")
+    return Path(root) / path
+
+
 class LabelSource(Source):
     """A label JSON; `path` is relative to `image_dir` (None: no images, e.g. every latent is cached)."""
 
@@ -160,7 +172,7 @@ class LabelSource(Source):
     def open(self, path: str):
         if self.image_dir is None:
             raise DataError("--image_dir is needed to read images (no cached latents, or labels without sizes)")
-        p = self.image_dir / path
+        p = path_inside(self.image_dir, path)
         if not p.is_file():
             raise FileNotFoundError("missing")
         return p
@@ -249,6 +261,13 @@ class ShardSource(Source):
                 raise DataError(f"shard not found: {s}")
         self.where: dict[str, tuple[Path, int, int]] = {}  # path -> (shard, data offset, size)
         self.skipped = []
+
+    def subset(self, indices) -> "ShardSource":
+        """The same source restricted to the shards at `indices` (a rank's shards under data parallelism); nothing
+        is read."""
+        part = object.__new__(ShardSource)
+        part.name, part.shards, part.where, part.skipped = self.name, [self.shards[i] for i in indices], {}, []
+        return part
 
     def check(self) -> None:
         for shard in self.shards:

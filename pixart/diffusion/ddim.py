@@ -22,6 +22,7 @@ DEFAULT_STEPS = 20  # PixArt's inference script has no DDIM; 20 matches the DPM-
 class DDIMSampler:
     name = "ddim"
     DEFAULT_STEPS = DEFAULT_STEPS
+    CUSTOM_TIMESTEPS = False  # diffusers' DDIMScheduler takes none either: its stride is fixed by the step count
 
     def __init__(self, eta: float = 0.0, noise_schedule: NoiseSchedule | None = None):
         self.eta = float(eta)
@@ -29,17 +30,25 @@ class DDIMSampler:
 
     def timesteps(self, num_steps: int | None = None) -> np.ndarray:
         n = num_steps or DEFAULT_STEPS
+        if n > self.ns.num_timesteps:  # a stride of 0: every step at t = 0
+            raise ValueError(f"ddim: {n} steps repeat timesteps; use at most {self.ns.num_timesteps} steps")
         return (np.arange(n) * (self.ns.num_timesteps // n))[::-1].astype(np.int64)
 
+    def noise_levels(self, num_steps: int | None = None):
+        """(alpha, sigma) of x before each step and, last, after the final one (1, 0)."""
+        ac = self.ns.alphas_cumprod[self.timesteps(num_steps)]
+        return np.append(np.sqrt(ac), 1.0), np.append(np.sqrt(1.0 - ac), 0.0)
+
     def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
-               callback=None):
-        """`generator` (a NumPy Generator) supplies the noise when eta > 0: one draw of x's shape per step."""
+               callback=None, start: int = 0):
+        """`generator` (a NumPy Generator) supplies the noise when eta > 0: one draw of x's shape per step.
+        `start` skips the first steps (x_T is then x at timesteps()[start])."""
         n = num_steps or DEFAULT_STEPS
         ts = self.timesteps(n)
         ac = self.ns.alphas_cumprod
         stride = self.ns.num_timesteps // n
         x = as_float32(x_T)
-        for i in steps_iter(n, progress, "DDIM"):
+        for i in steps_iter(range(start, n), progress, "DDIM"):
             t = int(ts[i])
             a_t = ac[t]
             a_prev = ac[t - stride] if t - stride >= 0 else 1.0

@@ -51,6 +51,7 @@ def respaced_schedule(base: NoiseSchedule, kept: list[int]) -> NoiseSchedule:
 class IDDPMSampler:
     name = "iddpm"
     DEFAULT_STEPS = DEFAULT_STEPS
+    CUSTOM_TIMESTEPS = False  # the respacing is set by section counts, as the official IDDPM(str(steps))
 
     def __init__(self, noise_schedule: NoiseSchedule | None = None):
         self.base = noise_schedule or default_schedule()
@@ -64,13 +65,19 @@ class IDDPMSampler:
         """Original model timesteps in call order (high to low)."""
         return np.asarray(self.respace(num_steps)[0][::-1], np.int64)
 
+    def noise_levels(self, num_steps: int | None = None):
+        """(alpha, sigma) of x before each step and, last, after the final one (1, 0)."""
+        ac = self.base.alphas_cumprod[self.timesteps(num_steps)]
+        return np.append(np.sqrt(ac), 1.0), np.append(np.sqrt(1.0 - ac), 0.0)
+
     def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
-               callback=None):
+               callback=None, start: int = 0):
         """x_{i-1} = mean + exp(0.5 log_var) z for respaced i > 0, the mean alone at i = 0. `generator` (a NumPy
-        Generator) gives one draw of x's shape per step except the last."""
+        Generator) gives one draw of x's shape per step except the last. `start` skips the first steps (x_T is
+        then x at timesteps()[start])."""
         kept, ns = self.respace(num_steps)
         x = as_float32(x_T)
-        for i in steps_iter(range(len(kept) - 1, -1, -1), progress, "IDDPM"):  # respaced index, high to low
+        for i in steps_iter(range(len(kept) - 1 - start, -1, -1), progress, "IDDPM"):  # respaced index, high to low
             out = call_model(model_fn, x, kept[i])  # the ORIGINAL timestep, as _WrappedModel maps it
             if out.shape[1] != 2 * x.shape[1]:
                 raise ValueError(f"IDDPM needs a learned-sigma model output of {2 * x.shape[1]} channels, "

@@ -42,6 +42,7 @@ def sa_coefficients(lam_t: float, h: float, tau: float, lam_nodes, alpha_t: floa
 class SASolver:
     name = "sa"
     DEFAULT_STEPS = DEFAULT_STEPS
+    CUSTOM_TIMESTEPS = False  # diffusers' SASolverScheduler takes none either
 
     def __init__(self, eta: float = 1.0, tau_interval=(0.2, 0.8), noise_schedule: NoiseSchedule | None = None):
         self.eta, self.tau_interval = float(eta), tuple(tau_interval)
@@ -58,9 +59,15 @@ class SASolver:
     def timesteps(self, num_steps: int | None = None) -> np.ndarray:
         return self._nodes(num_steps or DEFAULT_STEPS)[0]
 
+    def noise_levels(self, num_steps: int | None = None):
+        """(alpha, sigma) of x before each step and, last, after the final one (1, 0)."""
+        _, alpha, sigma, _, _ = self._nodes(num_steps or DEFAULT_STEPS)
+        return np.append(alpha[:-1], 1.0), np.append(sigma[:-1], 0.0)
+
     def sample(self, model_fn, x_T, num_steps: int | None = None, progress: bool = True, generator=None,
-               callback=None):
-        """`generator` (a NumPy Generator) gives one draw of x's shape for each step k = 1..n with tau_k > 0."""
+               callback=None, start: int = 0):
+        """`generator` (a NumPy Generator) gives one draw of x's shape for each step k = 1..n with tau_k > 0.
+        `start` skips the first steps (x_T is then x at node `start`; the first step taken is of order 1)."""
         n = num_steps or DEFAULT_STEPS
         if n < 2:
             raise ValueError("SA-Solver (predictor order 2) needs at least 2 steps")
@@ -81,10 +88,12 @@ class SASolver:
             return out
 
         x = as_float32(x_T)
-        hist = [(predict_x0(x, 0), 0)]  # newest first
-        for k in steps_iter(range(1, n + 1), progress, "SA-Solver"):
+        if start >= n:
+            return x
+        hist = [(predict_x0(x, start), start)]  # newest first
+        for k in steps_iter(range(start + 1, n + 1), progress, "SA-Solver"):
             z = randn_like(x, generator) if tau[k] > 0 else None
-            order = 1 if k in (1, n) else 2
+            order = 1 if k in (start + 1, n) else 2
             x_p = step(x, k, hist[:order], z)  # predictor
             if k == n:
                 x, _ = after_step(callback, k - 1, model_t[k - 1], x_p)

@@ -3,11 +3,14 @@ and atomic writes. Strings saved beside the tensors (MindSpore's `append_dict`) 
 `pixart.models.convert` records a model's architecture."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import mindspore as ms
+from mindspore import log as ms_log
 
+from .atomic import atomic_path, remove_quietly
 from .base import CheckpointError, widen_bf16
 
 _DTYPES = {"Float64": np.float64, "Float32": np.float32, "Float16": np.float16, "BFloat16": np.uint16,
@@ -19,11 +22,12 @@ _STRING = "str"  # MindSpore's tensor type of an `append_dict` string, stored as
 def _varint(buf, pos: int) -> tuple[int, int]:
     """The protobuf varint at buf[pos] and the position after it."""
     value = shift = 0
-    while True:
+    while shift < 70:  # a varint is at most 10 bytes
         byte = buf[pos]
         pos, value, shift = pos + 1, value | (byte & 0x7F) << shift, shift + 7
         if byte < 0x80:
             return value, pos
+    raise ValueError(f"varint longer than 10 bytes at byte {pos}")
 
 
 def _protobuf_fields(buf, start: int, end: int):
@@ -37,6 +41,8 @@ def _protobuf_fields(buf, start: int, end: int):
             yield number, wire, value, 0
         elif wire in (1, 2, 5):
             length, pos = _varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
+            if pos + length > end:  # every length is bounded by the message that holds it
+                raise ValueError(f"field {number} at byte {pos}: {length} bytes past the end of its message")
             yield number, wire, pos, length
             pos += length
         else:
@@ -102,7 +108,7 @@ def _read_ckpt_stream(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             state[tag], last = (arr, dims, dtype), tag
     out = {}
     for tag, (arr, dims, dtype) in state.items():
-        if int(np.prod(dims)) != arr.size:
+        if math.prod(dims) != arr.size:
             raise ValueError(f"{tag}: {arr.size} values for dims {dims}")
         if dtype == "BFloat16":
             arr = widen_bf16(arr)
@@ -131,10 +137,22 @@ def read_ckpt(path) -> dict[str, np.ndarray]:
 
 
 def write_ckpt(state: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
-    """Save `{name: array}` as a MindSpore .ckpt atomically; `metadata` strings go into MindSpore's `append_dict`
-    (read back by `read_ckpt_with_metadata`, and by `ms.load_checkpoint` as str values)."""
-    tmp = f"{path}.tmp.ckpt"
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], tmp,
-                       append_dict=dict(metadata) if metadata else None)
-    os.chmod(tmp, 0o644)  # MindSpore writes 0400
-    os.replace(tmp, path)
+    """Save `{name: array}` as a MindSpore .ckpt atomically (`atomic_path`: a failed write leaves no file and the
+    previous one intact, and raises the OSError naming `path`); `metadata` strings go into MindSpore's
+    `append_dict` (read back by `read_ckpt_with_metadata`, and by `ms.load_checkpoint` as str values)."""
+    with atomic_path(path, ".ckpt") as tmp:
+        mindspore_tmp = tmp.with_suffix(".tmp")  # MindSpore's own temporary name for `tmp`
+        logger = ms_log._get_logger()  # its failure message would be a second line beside ours
+        quiet, logger.disabled = logger.disabled, True
+        try:
+            ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], str(tmp),
+                               append_dict=dict(metadata) if metadata else None)
+        except OSError as e:
+            remove_quietly(mindspore_tmp)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        except BaseException:
+            remove_quietly(mindspore_tmp)
+            raise
+        finally:
+            logger.disabled = quiet
+        os.chmod(tmp, 0o644)  # MindSpore writes 0400

@@ -158,3 +158,47 @@ def fused_slices(name: str) -> tuple[str, ...]:
         if rest == fused:
             return tuple(p.removeprefix("to_") for p in parts)
     return ()
+
+
+# PixArt-δ ControlNet. Official names: `controlnet.N.copied_block.<block names>`, `controlnet.0.before_proj.*`,
+# `controlnet.N.after_proj.*` (the base under `base_model.`). diffusers' research project
+# (PixArtControlNetAdapterModel):
+# `controlnet_blocks.N.before_proj.*`, `controlnet_blocks.N.after_proj.*`, `controlnet_blocks.N.transformer_block.<its
+# BasicTransformerBlock names>`, which are those of the transformer's blocks.
+CONTROLNET_PREFIX = "controlnet."
+CONTROLNET_BASE_PREFIX = "base_model."
+_DIFFUSERS_CONTROLNET = "controlnet_blocks."
+
+
+def is_controlnet(state: dict) -> bool:
+    """Whether `state` holds a PixArt ControlNet branch, in official or diffusers' research project names."""
+    return any(k.startswith((CONTROLNET_PREFIX, _DIFFUSERS_CONTROLNET)) for k in state)
+
+
+def controlnet_diffusers_to_original(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """diffusers' research-project ControlNet adapter -> the official names (the copied blocks' q/k/v fused as in
+    `diffusers_to_original`). Official names pass through. Returns (state, keys it could not map)."""
+    out, unmapped, blocks = {}, [], {}
+    for key, value in state.items():
+        if key.startswith(CONTROLNET_PREFIX):
+            out[key] = value
+            continue
+        if not key.startswith(_DIFFUSERS_CONTROLNET):
+            unmapped.append(key)
+            continue
+        n, _, rest = key[len(_DIFFUSERS_CONTROLNET):].partition(".")
+        part, _, tail = rest.partition(".")
+        if not n.isdigit() or not tail:
+            unmapped.append(key)
+        elif part in ("before_proj", "after_proj"):
+            out[f"{CONTROLNET_PREFIX}{n}.{part}.{tail}"] = value
+        elif part == "transformer_block":
+            blocks[f"{_BLOCKS['diffusers']}{n}.{tail}"] = (key, value)
+        else:
+            unmapped.append(key)
+    renamed, left = diffusers_to_original({k: v for k, (_, v) in blocks.items()})
+    unmapped += [blocks[k][0] for k in left]
+    for key, value in renamed.items():
+        n, rest = _block(key, "original")
+        out[f"{CONTROLNET_PREFIX}{n}.copied_block.{rest}"] = value
+    return out, unmapped

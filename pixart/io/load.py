@@ -26,7 +26,7 @@ def load_into(cell, state: dict[str, np.ndarray], what: str = "model", strict: b
         if k in state and tuple(state[k].shape) == tuple(p.shape):
             arr = state[k]
             shared = ms.from_numpy(arr) if share and arr.flags.c_contiguous else None
-            p.set_data(shared if shared is not None and shared.dtype == p.dtype else ms.Tensor(arr).astype(p.dtype))
+            p.set_data(shared if shared is not None and shared.dtype == p.dtype else ms.Tensor(arr, dtype=p.dtype))
 
 
 def check_state(shapes: dict[str, tuple], state: dict, ignore: tuple[str, ...] = ()) -> tuple[list, list, list]:

@@ -2,10 +2,9 @@
 read (tools/convert.py and the tests reach it; sampling and training never need torch)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from .atomic import atomic_path
 from .base import CheckpointError
 
 
@@ -36,6 +35,5 @@ def write_torch(state: dict[str, np.ndarray], path) -> None:
         import torch  # optional: only conversion to PyTorch files needs it
     except ImportError:
         raise CheckpointError(f"{path}: writing PyTorch files needs torch (pip install torch==2.13.0)") from None
-    tmp = f"{path}.tmp"
-    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}}, tmp)

@@ -27,6 +27,8 @@ from mindspore.nn.utils import no_init_parameters
 from pixart.io import (RECOMPUTED_BUFFERS, CheckpointError, check_state, describe_mismatch, diffusers_to_original,
                        is_diffusers_transformer, original_to_diffusers, read_config, read_weights, write_ckpt,
                        write_safetensors, write_torch)
+from pixart.io.keymap import CONTROLNET_BASE_PREFIX, controlnet_diffusers_to_original, is_controlnet
+from pixart.models.controlnet import CONTROLNET_PRESETS, ControlNetConfig, ControlPixArt
 from pixart.models.pixart import PRESETS, KVCompression, PixArt, PixArtConfig, get_2d_sincos_pos_embed, preset_config
 
 ARCHITECTURE_KEY = "pixart_architecture"
@@ -37,6 +39,10 @@ UNSAID = ("input_size", "pe_interpolation", "model_max_length")
 FAMILY = ("patch_size", "micro_condition", "qk_norm", "input_size", "pe_interpolation", "model_max_length")
 # what diffusers pipelines pass as max_sequence_length: a full pipeline folder's model_index.json names the family
 _PIPELINE_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+
+
+class NotATransformerError(CheckpointError):
+    """The file holds no PixArt transformer (tools/convert.py then tries it as a ControlNet)."""
 
 
 @dataclasses.dataclass
@@ -58,7 +64,7 @@ def infer_pixart_config(state: dict[str, np.ndarray], diffusers_config: dict | N
     weights do not say are None (see UNSAID; `num_heads` too when neither the config nor the argument says it and
     the width is no multiple of HEAD_SIZE)."""
     if "x_embedder.proj.weight" not in state:
-        raise CheckpointError("not a PixArt transformer checkpoint: no x_embedder.proj.weight "
+        raise NotATransformerError("not a PixArt transformer checkpoint: no x_embedder.proj.weight "
                               f"(found keys like {', '.join(list(state)[:5])})")
     proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
@@ -430,3 +436,223 @@ def convert_pixart_file(source, target, preset: str | None = None, model: str | 
         f" ({to} layout)"
     log(f"wrote {len(state)} tensors to {target}" + recorded)
     return name, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PixArt-δ ControlNet checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+# Our ControlNet .ckpt holds the control branch only (`controlnet.*`, official names) and records, as
+# CONTROLNET_ARCHITECTURE_KEY, JSON {"base_preset": name or null, "copy_blocks_num": n, "base": {PixArtConfig fields,
+# null where unknown}}: the base it was made for, checked against the base it is loaded on (`check_controlnet_base`).
+CONTROLNET_ARCHITECTURE_KEY = "pixart_controlnet_architecture"
+# the base's fields a ControlNet must agree with, where both say them
+_CONTROLNET_BASE_FIELDS = ("hidden_size", "num_heads", "mlp_ratio", "qk_norm", "patch_size", "in_channels",
+                           "pred_sigma", "caption_channels", "depth", "micro_condition", "model_max_length",
+                           "input_size", "pe_interpolation")
+_UNKNOWN_BASE = {f.name: None for f in dataclasses.fields(PixArtConfig) if f.name != "kv_compress_config"}
+
+
+class NotAControlNetError(CheckpointError):
+    """The file holds no ControlNet branch."""
+
+
+@dataclasses.dataclass
+class ControlNetWeights:
+    """A ControlNet checkpoint read into official names: the control branch, what it says of its base (None where it
+    says nothing), and the base's own weights when the file holds them too (the official .pth), else {}."""
+    state: dict
+    config: ControlNetConfig
+    base_state: dict
+    recorded: bool
+
+
+def infer_controlnet_config(control: dict[str, np.ndarray], base_state: dict[str, np.ndarray] | None = None,
+                            num_heads: int | None = None) -> ControlNetConfig:
+    """What the weights say: the copied blocks, their width and layout; the whole base architecture only when the
+    base's weights are there."""
+    indices = sorted({int(k.split(".")[1]) for k in control if k.split(".")[1].isdigit()})
+    if not indices or indices != list(range(len(indices))) or "controlnet.0.before_proj.weight" not in control:
+        raise CheckpointError("not a PixArt ControlNet branch: expected controlnet.0 ... controlnet.N-1 with "
+                              f"controlnet.0.before_proj (found blocks {indices[:20]})")
+    hidden = control["controlnet.0.before_proj.weight"].shape[0]
+    kv_layers = [i for i in indices if f"controlnet.{i}.copied_block.attn.sr.weight" in control]
+    if base_state:
+        base = infer_pixart_config(base_state, None, num_heads)
+        if base.hidden_size != hidden:
+            raise CheckpointError(f"the control branch is {hidden} wide but the base in the same file "
+                                  f"{base.hidden_size}")
+        return ControlNetConfig(base, len(indices))
+    heads = num_heads or (hidden // HEAD_SIZE if hidden % HEAD_SIZE == 0 else None)
+    sr = control[f"controlnet.{kv_layers[0]}.copied_block.attn.sr.weight"].shape[-1] if kv_layers else 1
+    base = PixArtConfig(**dict(
+        _UNKNOWN_BASE, hidden_size=hidden, num_heads=heads,
+        mlp_ratio=control["controlnet.0.copied_block.mlp.fc1.weight"].shape[0] / hidden,
+        qk_norm="controlnet.0.copied_block.attn.q_norm.weight" in control,
+        kv_compress_config={"sampling": "conv" if kv_layers else None, "scale_factor": sr,
+                            "kv_compress_layer": kv_layers}))
+    return ControlNetConfig(base, len(indices))
+
+
+def read_controlnet(source, num_heads: int | None = None) -> ControlNetWeights:
+    """A ControlNet checkpoint in any of its formats: the official .pth (`base_model.*` + `controlnet.*`, or the
+    branch alone), diffusers' research-project folder or file (`controlnet_blocks.*`), or our .ckpt (recorded)."""
+    source = Path(source)
+    state, metadata = read_weights(source)
+    if not is_controlnet(state):
+        raise NotAControlNetError(f"{source} is not a PixArt ControlNet checkpoint: no controlnet.* or "
+                                  f"controlnet_blocks.* keys (found keys like {', '.join(list(state)[:5])})")
+    base_state = {k[len(CONTROLNET_BASE_PREFIX):]: v for k, v in state.items() if k.startswith(CONTROLNET_BASE_PREFIX)}
+    control, unmapped = controlnet_diffusers_to_original(
+        {k: v for k, v in state.items() if not k.startswith(CONTROLNET_BASE_PREFIX)})
+    if base_state and is_diffusers_transformer(base_state):
+        base_state, left = diffusers_to_original(base_state)
+        unmapped += [CONTROLNET_BASE_PREFIX + k for k in left]
+    if unmapped:
+        raise CheckpointError(describe_mismatch("PixArt ControlNet", [], unmapped, []))
+    found = infer_controlnet_config(control, base_state, num_heads)  # the base's pos_embed tells its training size
+    for key in RECOMPUTED_BUFFERS:
+        base_state.pop(key, None)
+    if source.is_dir() and (source / "config.json").exists():
+        layers = read_config(source).get("num_layers")
+        if layers is not None and layers != found.copy_blocks_num:
+            raise CheckpointError(f"{source}: config.json says num_layers={layers} but the weights hold "
+                                  f"{found.copy_blocks_num} control blocks")
+    if CONTROLNET_ARCHITECTURE_KEY not in metadata:
+        return ControlNetWeights(control, found, base_state, False)
+    try:
+        record = json.loads(metadata[CONTROLNET_ARCHITECTURE_KEY])
+        cfg = ControlNetConfig(PixArtConfig(**record["base"]), int(record["copy_blocks_num"]),
+                               record.get("base_preset"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: unreadable {CONTROLNET_ARCHITECTURE_KEY} record ({e})") from None
+    wrong = [f"{f} {_field(cfg.base, f)!r} (the weights have {_field(found.base, f)!r})"
+             for f in ("hidden_size", "mlp_ratio", "qk_norm") if _field(cfg.base, f) != _field(found.base, f)]
+    if cfg.copy_blocks_num != found.copy_blocks_num:
+        wrong.append(f"copy_blocks_num {cfg.copy_blocks_num} (the weights have {found.copy_blocks_num})")
+    if wrong:
+        raise CheckpointError(f"{source}: the recorded architecture does not fit the weights: " + "; ".join(wrong))
+    return ControlNetWeights(control, cfg, base_state, True)
+
+
+def controlnet_base_name(model: str | None) -> str | None:
+    """The base preset a `--model` names: a ControlNet preset's base, or a base preset itself."""
+    if model is None or model in PRESETS:
+        return model
+    if model in CONTROLNET_PRESETS:
+        return CONTROLNET_PRESETS[model][0]
+    raise CheckpointError(f"unknown model {model!r}; choose a ControlNet preset ({', '.join(CONTROLNET_PRESETS)}) "
+                          f"or its base ({', '.join(PRESETS)})")
+
+
+def resolve_controlnet(cfg: ControlNetConfig, model: str | None = None,
+                       source="checkpoint") -> tuple[ControlNetConfig, str | None]:
+    """The base a ControlNet file was made for: what the file says, completed by the preset `model` names (a
+    ControlNet preset or a base preset). A field the file says that contradicts it is an error naming both. A file
+    with the whole base (the official .pth) settles it as a PixArt checkpoint does (`resolve_config`); a branch alone
+    says its width and layout only: the rest comes from `model` (at the preset's width all of it, for a reduced copy
+    the family fields only). Returns (config, note or None)."""
+    base_name = controlnet_base_name(model)
+    base = cfg.base
+    if base.depth is not None:  # the base's own weights were there
+        base, name, note = resolve_config(base, base_name, source, partial=True)
+        out = ControlNetConfig(base, cfg.copy_blocks_num, name or cfg.base_preset)
+    elif base_name is None:
+        out, note = cfg, (f"{source} does not say which base it was made for (only its width {base.hidden_size} and "
+                          f"{cfg.copy_blocks_num} copied blocks): pass --model with the base's preset, e.g. "
+                          "PixArt-XL-2-1024-MS; the base is checked when sampling")
+    else:
+        ref = preset_config(base_name)
+        wrong = [f"{f}={_field(base, f)!r} (preset {base_name} has {_field(ref, f)!r})"
+                 for f in ("qk_norm", "mlp_ratio") if _field(base, f) != _field(ref, f)]
+        kv, ref_kv = KVCompression.of(base.kv_compress_config), KVCompression.of(ref.kv_compress_config)
+        full = base.hidden_size == ref.hidden_size
+        if full and any(kv.ratio(i) != ref_kv.ratio(i) for i in range(cfg.copy_blocks_num)):
+            wrong.append(f"KV compression in copied blocks {list(kv.layers)} (preset {base_name}: "
+                         f"{[i for i in ref_kv.layers if i < cfg.copy_blocks_num]})")
+        if full and cfg.copy_blocks_num >= ref.depth:
+            wrong.append(f"{cfg.copy_blocks_num} copied blocks (preset {base_name} has {ref.depth} blocks)")
+        if wrong:
+            raise CheckpointError(f"{source} does not fit base {base_name}: " + "; ".join(wrong))
+        known = {f.name for f in dataclasses.fields(PixArtConfig)} if full else set(FAMILY)
+        base = dataclasses.replace(base, **{f: getattr(ref, f) for f in known if getattr(base, f, None) is None
+                                            or f == "kv_compress_config"})
+        out, note = ControlNetConfig(base, cfg.copy_blocks_num, base_name), None
+    if out.base.depth is not None and out.copy_blocks_num >= out.base.depth:
+        raise CheckpointError(f"{source} copies {out.copy_blocks_num} blocks but its base has {out.base.depth}: a "
+                              "ControlNet copies fewer blocks than its base has")
+    return out, note
+
+
+def save_controlnet(state: dict[str, np.ndarray], cfg: ControlNetConfig, path) -> None:
+    """Write a ControlNet `.ckpt`: the control branch (official names) and the base it was made for (see above)."""
+    if not str(path).endswith(".ckpt"):
+        raise CheckpointError(f"a ControlNet converts to our .ckpt only; the target must end in .ckpt, got {path}")
+    record = {"base_preset": cfg.base_preset, "copy_blocks_num": cfg.copy_blocks_num,
+              "base": dataclasses.asdict(cfg.base)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_ckpt(state, path, {CONTROLNET_ARCHITECTURE_KEY: json.dumps(record, sort_keys=True)})
+
+
+def check_controlnet_base(cfg: ControlNetConfig, base: PixArtConfig, base_preset: str | None = None,
+                          source="ControlNet") -> None:
+    """A CheckpointError naming every difference between the base a ControlNet was made for and the `base` it is
+    about to steer (fields either side leaves open are not compared; with `base.depth` None only the family's)."""
+    wrong = [f"{f} {_field(cfg.base, f)!r} (the base has {_field(base, f)!r})" for f in _CONTROLNET_BASE_FIELDS
+             if None not in (_field(cfg.base, f), _field(base, f)) and _field(cfg.base, f) != _field(base, f)]
+    if base.depth is not None:  # a whole base, not only its family: its blocks too
+        kv, base_kv = KVCompression.of(cfg.base.kv_compress_config), KVCompression.of(base.kv_compress_config)
+        copies = [i for i in range(cfg.copy_blocks_num) if kv.ratio(i) != base_kv.ratio(i)]
+        if copies:
+            wrong.append(f"KV compression of blocks {copies} differs")
+        if cfg.copy_blocks_num >= base.depth:
+            wrong.append(f"it copies {cfg.copy_blocks_num} blocks (the base has {base.depth})")
+    if wrong:
+        made = cfg.base_preset or "another base"
+        if cfg.base_preset and cfg.base_preset == base_preset:
+            made = f"a {made} of another size"
+        on = f" {base_preset}" if base_preset else ""
+        raise CheckpointError(f"{source} was made for {made}, not this base{on}: " + "; ".join(wrong))
+
+
+def convert_controlnet_file(source, target, model: str | None = None, num_heads: int | None = None,
+                            base_target=None, log=print) -> ControlNetConfig:
+    """`tools/convert.py` for a ControlNet source: read it (`read_controlnet`), settle its base
+    (`resolve_controlnet`), check every key and shape of the branch, and write our ControlNet .ckpt; the base's
+    weights, when the source holds them, to `base_target` as a PixArt .ckpt (else they are left out, with a note)."""
+    weights = read_controlnet(source, num_heads)
+    if base_target and not weights.base_state:
+        raise CheckpointError(f"--base_target: {source} holds the control branch only, no base model")
+    cfg, note = resolve_controlnet(weights.config, model, source)
+    _check_controlnet_structure(weights.state, cfg)
+    base = cfg.base
+    log(f"ControlNet: {cfg.copy_blocks_num} copied blocks, width {base.hidden_size}, for base "
+        f"{cfg.base_preset or 'unknown'}" + (f" (depth {base.depth})" if base.depth else ""))
+    if note:
+        log(f"note: {note}")
+    save_controlnet(weights.state, cfg, target)
+    log(f"wrote {len(weights.state)} tensors to {target} (ControlNet; base architecture recorded)")
+    if weights.base_state and base_target:
+        state = dict(weights.base_state)
+        fill_null_caption(state, base, base.model_max_length, log)
+        _check_structure(state, base, "the base model in the ControlNet file")
+        export_pixart(state, base, base_target, target_format(base_target, None), cfg.base_preset)
+        log(f"wrote the base model's {len(state)} tensors to {base_target}")
+    elif weights.base_state:
+        log(f"note: the source also holds its base model ({len(weights.base_state)} tensors); not written: pass "
+            "--base_target to write it too, or sample with the base's own checkpoint")
+    return cfg
+
+
+def _check_controlnet_structure(state, cfg: ControlNetConfig) -> None:
+    """Every key and shape of the control branch against the model `cfg` describes."""
+    base = cfg.base
+    probe = dataclasses.replace(base, **{k: v for k, v in dict(
+        patch_size=2, in_channels=4, pred_sigma=True, caption_channels=8, input_size=32, pe_interpolation=1.0,
+        model_max_length=1, micro_condition=False).items() if getattr(base, k) is None},
+        num_heads=base.num_heads or 1, depth=max(base.depth or 0, cfg.copy_blocks_num + 1))
+    with no_init_parameters():
+        net = ControlPixArt(PixArt(probe), cfg.copy_blocks_num)
+        shapes = {p.name: tuple(p.shape) for p in net.controlnet.get_parameters()}
+    problems = check_state(shapes, state)
+    if any(problems):
+        raise CheckpointError(describe_mismatch(f"PixArt ControlNet ({cfg.copy_blocks_num} copied blocks)", *problems))

@@ -1,6 +1,8 @@
-"""LoRA (Hu et al. 2021) for the PixArt transformer: low-rank updates W + s * (alpha / r) * B A on its linear layers.
+"""LoRA (Hu et al. 2021) for the PixArt transformer: low-rank updates W + s * (alpha / r) * B A on its linear layers
+and its patch convolution.
 
 Layers, in the order a user meets them: `LoRALinear` (a frozen Linear plus one low-rank branch per output slice),
+`LoRAConv2d` (the patch convolution `x_embedder.proj`, diffusers' `pos_embed.proj`, as peft adapts a convolution),
 `inject_lora` and `initialize_lora` (fresh LoRA for training), `save_lora` / `read_lora` / `load_lora` (files in
 diffusers' and peft's layouts, and ours), `copy_lora_weights` (a saved LoRA back into injected layers: resuming training),
 `merge_lora` / `unmerge_lora` (in a model) and `merge_lora_file` (into a `.ckpt`).
@@ -24,7 +26,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, initializer
 
-from pixart.nn import Linear
+from pixart.nn import Conv2d, Linear
 from pixart.io import (CheckpointError, describe_mismatch, diffusers_module_to_original, fused_slices,
                        original_module_to_diffusers, read_safetensors_metadata, read_state_dict, write_safetensors)
 from pixart.models.convert import fill_null_caption, read_pixart, resolve_config, save_pixart
@@ -34,6 +36,7 @@ BLOCK_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_
                  "mlp.fc1", "mlp.fc2")
 EXTRA_TARGETS = ("t_block.1", "y_embedder.y_proj.fc1", "y_embedder.y_proj.fc2")  # adaLN-single, caption projection
 DEFAULT_TARGETS = BLOCK_TARGETS
+CONV_MODULES = ("x_embedder.proj",)  # the patch embedding (diffusers' pos_embed.proj): peft's convolution LoRA
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' `save_lora_weights`
 PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"  # peft's `save_pretrained`
@@ -47,7 +50,52 @@ KEY_PREFIXES = ("unet.", PREFIX, "base_model.model.")
 # ----------------------------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------------------------
-class LoRALinear(Linear):
+class _Branches:
+    """The low-rank branches of a LoRA layer and their bookkeeping (shared by `LoRALinear` and `LoRAConv2d`): per
+    output slice i an A_i (r_i, in) and a B_i (out / slices, r_i), scaling alpha_i / r_i (/ sqrt r_i with rsLoRA)."""
+
+    def _init_branches(self, parts, ranks: dict[str, int], alphas: dict[str, float], dropout: float, rslora: bool,
+                       in_width: int, out_width: int, dtype) -> None:
+        self.parts = tuple(parts) or ("",)
+        if out_width % len(self.parts):
+            raise ValueError(f"{out_width} outputs do not split into {len(self.parts)} slices")
+        self.part_size = out_width // len(self.parts)
+        self.branch_parts = tuple(p for p in self.parts if p in ranks)  # slices with a branch, in output order
+        if not self.branch_parts:
+            raise ValueError(f"no LoRA branch for any of the slices {self.parts}")
+        self.ranks = {p: int(ranks[p]) for p in self.branch_parts}
+        self.alphas = {p: float(alphas[p]) for p in self.branch_parts}
+        self.rslora = rslora
+        self.scalings = tuple(self.alphas[p] / (math.sqrt(self.ranks[p]) if rslora else self.ranks[p])
+                              for p in self.branch_parts)
+        # output slice i -> its branch index, or -1 when that slice has none (a LoRA on to_q and to_v only)
+        self.layout = tuple(self.branch_parts.index(p) if p in self.ranks else -1 for p in self.parts)
+
+        def name(kind, part):
+            return f"lora_{kind}.{part}" if part else f"lora_{kind}"
+        # peft's initialisation: A Kaiming-uniform (a = sqrt 5, as nn.Linear), B zero, so a fresh LoRA changes nothing
+        self.lora_A = ParameterTuple([
+            Parameter(initializer(HeUniform(math.sqrt(5)), (self.ranks[p], in_width), dtype), name=name("A", p))
+            for p in self.branch_parts])
+        self.lora_B = ParameterTuple([
+            Parameter(initializer("zeros", (self.part_size, self.ranks[p]), dtype), name=name("B", p))
+            for p in self.branch_parts])
+        self.lora_scale = Parameter(Tensor(1.0, ms.float32), name="lora_scale", requires_grad=False)
+        self.scale, self.merged = 1.0, False  # host-side state for merge / unmerge
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+
+    def deltas(self, scale: float) -> list[tuple[int, np.ndarray]]:
+        """(first output row, scale * alpha/r * B @ A in float64) per branch: what merging adds to `weight` (a
+        convolution's weight seen as (out, in * kh * kw))."""
+        out = []
+        for j, part in enumerate(self.branch_parts):
+            a = self.lora_A[j].asnumpy().astype(np.float64)
+            b = self.lora_B[j].asnumpy().astype(np.float64)
+            out.append((self.parts.index(part) * self.part_size, scale * self.scalings[j] * (b @ a)))
+        return out
+
+
+class LoRALinear(_Branches, Linear):
     """y = x W^T + b + s * [B_i A_i dropout(x)]_i: a Linear whose output slices i (q, k, v of a fused layer; the
     whole output otherwise) each may carry a low-rank branch with its own rank and scaling alpha_i / r_i.
 
@@ -68,34 +116,8 @@ class LoRALinear(Linear):
         self.weight, self.bias = base.weight, base.bias
         self.activation = base.activation  # applied after the update (`epilogue`)
         self.matmul = ops.MatMul(transpose_b=True)
-        self.parts = tuple(parts) or ("",)
-        if self.out_features % len(self.parts):
-            raise ValueError(f"{self.out_features} outputs do not split into {len(self.parts)} slices")
-        self.part_size = self.out_features // len(self.parts)
-        self.branch_parts = tuple(p for p in self.parts if p in ranks)  # slices with a branch, in output order
-        if not self.branch_parts:
-            raise ValueError(f"no LoRA branch for any of the slices {self.parts}")
-        self.ranks = {p: int(ranks[p]) for p in self.branch_parts}
-        self.alphas = {p: float(alphas[p]) for p in self.branch_parts}
-        self.rslora = rslora
-        self.scalings = tuple(self.alphas[p] / (math.sqrt(self.ranks[p]) if rslora else self.ranks[p])
-                              for p in self.branch_parts)
-        # output slice i -> its branch index, or -1 when that slice has none (a LoRA on to_q and to_v only)
-        self.layout = tuple(self.branch_parts.index(p) if p in self.ranks else -1 for p in self.parts)
-        dtype = base.weight.dtype
-
-        def name(kind, part):
-            return f"lora_{kind}.{part}" if part else f"lora_{kind}"
-        # peft's initialisation: A Kaiming-uniform (a = sqrt 5, as nn.Linear), B zero, so a fresh LoRA changes nothing
-        self.lora_A = ParameterTuple([
-            Parameter(initializer(HeUniform(math.sqrt(5)), (self.ranks[p], self.in_features), dtype), name=name("A", p))
-            for p in self.branch_parts])
-        self.lora_B = ParameterTuple([
-            Parameter(initializer("zeros", (self.part_size, self.ranks[p]), dtype), name=name("B", p))
-            for p in self.branch_parts])
-        self.lora_scale = Parameter(Tensor(1.0, ms.float32), name="lora_scale", requires_grad=False)
-        self.scale, self.merged = 1.0, False  # host-side state for merge / unmerge
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        self._init_branches(parts, ranks, alphas, dropout, rslora, self.in_features, self.out_features,
+                            base.weight.dtype)
 
     def construct(self, x):
         h = x.reshape(-1, self.in_features)  # (M, in)
@@ -114,26 +136,63 @@ class LoRALinear(Linear):
         delta = ops.cat(pieces, -1) if len(pieces) > 1 else pieces[0]  # (M, out)
         return self.epilogue(y + delta, x.shape)  # + b, and the base layer's activation (fused as the base's)
 
-    def deltas(self, scale: float) -> list[tuple[int, np.ndarray]]:
-        """(first output row, scale * alpha/r * B @ A in float64) per branch: what merging adds to `weight`."""
-        out = []
-        for j, part in enumerate(self.branch_parts):
-            a = self.lora_A[j].asnumpy().astype(np.float64)
-            b = self.lora_B[j].asnumpy().astype(np.float64)
-            out.append((self.parts.index(part) * self.part_size, scale * self.scalings[j] * (b @ a)))
-        return out
+
+class LoRAConv2d(_Branches, Conv2d):
+    """y = conv(x, W) + b + s * conv1x1(conv(dropout(x), A), B), peft's LoRA of a convolution: A a convolution with
+    the base's kernel, stride and padding down to r channels, B a 1 x 1 convolution up to the outputs. Stored as
+    matrices, A (r, in * kh * kw) and B (out, r), so merging is W + s * alpha/r * B A reshaped to W's kernel. Takes
+    over the base's Parameters, as `LoRALinear` does."""
+
+    def __init__(self, base: Conv2d, ranks: dict[str, int], alphas: dict[str, float], dropout: float = 0.0,
+                 rslora: bool = False):
+        nn.Cell.__init__(self)
+        if base.groups != 1:
+            raise ValueError("a LoRA on a grouped convolution is not supported")
+        self.stride, self.padding, self.groups, self.use_mint = base.stride, base.padding, 1, base.use_mint
+        self.weight, self.bias = base.weight, base.bias
+        self.out_channels, *self.kernel = (int(d) for d in base.weight.shape)  # (out, in, kh, kw)
+        self.out_features, self.in_features = self.out_channels, int(np.prod(self.kernel))  # the matrix view
+        self._init_branches(("",), ranks, alphas, dropout, rslora, self.in_features, self.out_features,
+                            base.weight.dtype)
+
+    def construct(self, x):
+        y = Conv2d.construct(self, x)  # (N, out, h, w)
+        h = self.dropout(x) if self.dropout is not None else x
+        scale = self.lora_scale.astype(x.dtype) * self.scalings[0]
+        rank = self.lora_A[0].shape[0]
+        down_kernel = (self.lora_A[0] * scale).reshape(rank, self.kernel[0], self.kernel[1], self.kernel[2])
+        pad_mode = "pad" if self.padding else "valid"
+        down = ops.conv2d(h, down_kernel, None, self.stride, pad_mode, self.padding, 1, 1)  # (N, r, h, w)
+        up = ops.conv2d(down, self.lora_B[0].reshape(self.out_channels, rank, 1, 1), None, 1, "valid", 0, 1, 1)
+        return y + up  # (N, out, h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Injecting fresh LoRA (training), finding and exporting LoRA layers
 # ----------------------------------------------------------------------------------------------------------------
-def linear_layers(model) -> dict[str, Linear]:
-    """Every Linear of `model` (LoRA layers included) by module name, e.g. `blocks.0.attn.qkv`."""
-    return {name: cell for name, cell in model.cells_and_names() if name and isinstance(cell, Linear)}
+def linear_layers(model) -> dict[str, Linear | Conv2d]:
+    """Every layer of `model` a LoRA can target (LoRA layers included) by module name, e.g. `blocks.0.attn.qkv`:
+    its Linears and its patch convolution (CONV_MODULES)."""
+    return {name: cell for name, cell in model.cells_and_names()
+            if name and (isinstance(cell, Linear) or (isinstance(cell, Conv2d) and name in CONV_MODULES))}
 
 
-def lora_layers(model) -> dict[str, LoRALinear]:
-    return {name: cell for name, cell in linear_layers(model).items() if isinstance(cell, LoRALinear)}
+def lora_layers(model) -> dict[str, LoRALinear | LoRAConv2d]:
+    return {name: cell for name, cell in linear_layers(model).items() if isinstance(cell, _Branches)}
+
+
+def _lora_layer(module: str, base, ranks: dict[str, int], alphas: dict[str, float], dropout: float = 0.0,
+                rslora: bool = False):
+    """The LoRA layer over `base` (our module `module`): one branch per slice of a fused Linear, else one."""
+    if isinstance(base, Conv2d):
+        return LoRAConv2d(base, ranks, alphas, dropout, rslora)
+    return LoRALinear(base, fused_slices(module) or ("",), ranks, alphas, dropout, rslora)
+
+
+def layer_shapes(model) -> dict[str, tuple[int, int]]:
+    """{module: (out, in)} of the LoRA targets, a convolution as the Linear it is on flattened patches."""
+    return {n: ((c.out_features, c.in_features) if isinstance(c, (Linear, _Branches)) else
+                (int(c.weight.shape[0]), int(np.prod(c.weight.shape[1:])))) for n, c in linear_layers(model).items()}
 
 
 _HAS_LORA = ("the model already has LoRA layers; build it afresh to apply another LoRA (or merge both into a "
@@ -166,8 +225,8 @@ def inject_lora(model, rank: int = 4, alpha: float | None = None, dropout: float
     for name, layer in layers.items():
         if any(_matches(name, t) for t in targets):
             parts = fused_slices(name) or ("",)
-            _replace(model, name, LoRALinear(layer, parts, {p: rank for p in parts}, {p: alpha for p in parts},
-                                             dropout, rslora))
+            _replace(model, name, _lora_layer(name, layer, {p: rank for p in parts}, {p: alpha for p in parts},
+                                              dropout, rslora))
     if freeze_base:
         for p in model.get_parameters():
             p.requires_grad = _is_lora_param(p.name)
@@ -185,7 +244,7 @@ def initialize_lora(params, seed: int) -> None:
             value = rng.uniform(-bound, bound, shape)
         else:
             value = np.zeros(shape)
-        p.set_data(Tensor(value.astype(np.float32)).astype(p.dtype))
+        p.set_data(Tensor(value.astype(np.float32), dtype=p.dtype))
 
 
 def _is_lora_param(name: str) -> bool:
@@ -383,11 +442,6 @@ def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeig
         alpha = (alpha_pattern[key_a] if key_a is not None else alphas.get(name, config.get("lora_alpha")))
         branches.append(LoRABranch(module, part, a.astype(np.float32), b.astype(np.float32),
                                    float(a.shape[0] if alpha is None else alpha), rslora))
-    convs = sorted({m for m in (_module_of(k) for k in unexpected) if m in CONV_MODULES})
-    if convs and not (missing or mismatched) and len(convs) == len({_module_of(k) for k in unexpected}):
-        raise CheckpointError(f"LoRA {path} targets the patch convolution {', '.join(convs)} (diffusers' "
-                              "pos_embed.proj), which a loaded model cannot carry as a branch: merge the LoRA into "
-                              "the checkpoint with tools/merge_lora.py (exact), then load that")
     if unexpected or missing or mismatched:
         raise CheckpointError(f"LoRA {path}: " + describe_mismatch("PixArt transformer", missing, unexpected,
                                                                      mismatched))
@@ -400,19 +454,6 @@ def read_lora(source, shapes: dict[str, tuple[int, int]], log=print) -> LoRAWeig
     return LoRAWeights(branches, str(path), notes)
 
 
-CONV_MODULES = ("x_embedder.proj",)  # the patch embedding: a LoRA on it merges into a checkpoint (merge_lora_file)
-
-
-def _module_of(key: str) -> str | None:
-    """Our module a LoRA file key names, None when it names none."""
-    bare = key
-    for prefix in KEY_PREFIXES:
-        bare = bare[len(prefix):] if bare.startswith(prefix) else bare
-    m = _KEY.match(bare)
-    if not m:
-        return None
-    mapped = diffusers_module_to_original(m["module"])
-    return mapped[0] if mapped else m["module"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,16 +465,15 @@ def load_lora(model, source, scale: float = 1.0, log=print) -> LoRAWeights:
     if lora_layers(model):
         raise ValueError(_HAS_LORA)
     layers = linear_layers(model)
-    lora = source if isinstance(source, LoRAWeights) else \
-        read_lora(source, {n: (c.out_features, c.in_features) for n, c in layers.items()}, log)
+    lora = source if isinstance(source, LoRAWeights) else read_lora(source, layer_shapes(model), log)
     for module, branches in lora.by_module().items():
         base = layers[module]
-        layer = LoRALinear(base, fused_slices(module) or ("",), {b.part: b.rank for b in branches},
-                           {b.part: b.alpha for b in branches}, rslora=branches[0].rslora)
+        layer = _lora_layer(module, base, {b.part: b.rank for b in branches}, {b.part: b.alpha for b in branches},
+                            rslora=branches[0].rslora)
         for b in branches:
             j = layer.branch_parts.index(b.part)
-            layer.lora_A[j].set_data(Tensor(b.A).astype(base.weight.dtype))
-            layer.lora_B[j].set_data(Tensor(b.B).astype(base.weight.dtype))
+            layer.lora_A[j].set_data(Tensor(b.A, dtype=base.weight.dtype))
+            layer.lora_B[j].set_data(Tensor(b.B, dtype=base.weight.dtype))
         _replace(model, module, layer)
     set_lora_scale(model, scale)
     log(f"LoRA {Path(lora.source).name}: {len(lora.branches)} low-rank updates on "
@@ -447,7 +487,7 @@ def copy_lora_weights(model, source, log=print) -> LoRAWeights:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to copy weights into")
-    lora = read_lora(source, {n: (c.out_features, c.in_features) for n, c in linear_layers(model).items()}, log)
+    lora = read_lora(source, layer_shapes(model), log)
     ours = {(module, part) for module, layer in layers.items() for part in layer.branch_parts}
     theirs = {(b.module, b.part): b for b in lora.branches}
     if set(theirs) != ours:
@@ -463,8 +503,8 @@ def copy_lora_weights(model, source, log=print) -> LoRAWeights:
             raise CheckpointError(f"LoRA {lora.source}: {module} has rank {b.rank}, alpha {b.alpha:g}; the model's "
                                   f"has rank {layer.ranks[part]}, alpha {layer.alphas[part]:g}")
         j = layer.branch_parts.index(part)
-        layer.lora_A[j].set_data(Tensor(b.A).astype(layer.weight.dtype))
-        layer.lora_B[j].set_data(Tensor(b.B).astype(layer.weight.dtype))
+        layer.lora_A[j].set_data(Tensor(b.A, dtype=layer.weight.dtype))
+        layer.lora_B[j].set_data(Tensor(b.B, dtype=layer.weight.dtype))
     return lora
 
 
@@ -480,11 +520,12 @@ def set_lora_scale(model, scale: float) -> None:
             _merge_layer(layer, +1)
 
 
-def _merge_layer(layer: LoRALinear, sign: int) -> None:
-    w = layer.weight.asnumpy().astype(np.float64)
+def _merge_layer(layer: LoRALinear | LoRAConv2d, sign: int) -> None:
+    shape = tuple(layer.weight.shape)
+    w = layer.weight.asnumpy().astype(np.float64).reshape(shape[0], -1)  # a convolution as (out, in * kh * kw)
     for row, delta in layer.deltas(layer.scale):
         w[row:row + delta.shape[0]] += sign * delta
-    layer.weight.set_data(Tensor(w.astype(np.float32)).astype(layer.weight.dtype))
+    layer.weight.set_data(Tensor(w.reshape(shape).astype(np.float32), dtype=layer.weight.dtype))
     layer.merged = sign > 0
     layer.lora_scale.set_data(Tensor(0.0 if layer.merged else layer.scale, ms.float32))
 
@@ -543,6 +584,8 @@ def save_lora(model, path, layout: str = "diffusers") -> Path:
             raise ValueError(f"{module} has no diffusers counterpart; save with layout='original'")
         for j, part in enumerate(layer.branch_parts):
             a, b = layer.lora_A[j].asnumpy(), layer.lora_B[j].asnumpy()
+            if layout == "diffusers" and isinstance(layer, LoRAConv2d):  # peft's conv LoRA: k x k down, 1 x 1 up
+                a, b = a.reshape(a.shape[0], *layer.kernel), b.reshape(*b.shape, 1, 1)
             if layout == "diffusers":
                 name = names[layer.parts.index(part)]
                 state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"] = a, b

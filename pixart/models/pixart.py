@@ -58,7 +58,7 @@ class TimestepEmbedder(nn.Cell):
 
     def construct(self, t):
         freq = timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.astype(self.mlp[0].weight.dtype))
+        return self.mlp(freq.astype(self.mlp[0].bias.dtype))  # the activations' dtype: see `PixArt.embed`
 
 
 class SizeEmbedder(TimestepEmbedder):
@@ -238,6 +238,34 @@ class KVCompression:
         layers = value.get("kv_compress_layer", value.get("layers"))
         return cls(value.get("sampling"), int(value.get("scale_factor", 1)), tuple(int(i) for i in layers or ()))
 
+    SAMPLINGS = ("conv", "ave", "uniform")
+    DEFAULT_SCALE_FACTOR = 2  # PixArt-Σ's KV-compressed models: keys and values downsampled 2x each way
+
+    @classmethod
+    def from_options(cls, sampling: str = "conv", scale_factor: int | None = None, layers=None,
+                     depth: int | None = None) -> "KVCompression":
+        """The compression the options kv_compress_sampling / kv_compress_scale_factor / kv_compress_layer ask for,
+        checked (ValueError naming the value and what is allowed). An unset factor is 2; unset layers are the second
+        half of `depth` blocks (Σ's 14..27 of 28), left empty when the depth is not known yet."""
+        if sampling not in cls.SAMPLINGS:
+            raise ValueError(f"kv_compress_sampling {sampling!r} is not one of {', '.join(cls.SAMPLINGS)}")
+        factor = cls.DEFAULT_SCALE_FACTOR if scale_factor is None else scale_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"kv_compress_scale_factor {factor!r} is not allowed: an integer >= 1 (1: no "
+                             f"compression; {cls.DEFAULT_SCALE_FACTOR}: PixArt-Σ's KV models)")
+        layers = list(layers or ())
+        if depth is not None:
+            bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"kv_compress_layer {', '.join(map(str, bad))} out of range: the model has {depth} "
+                                 f"blocks, 0..{depth - 1}")
+            layers = layers or list(range(depth // 2, depth))
+        return cls(sampling, factor, tuple(layers))
+
+    def config(self) -> dict:
+        """As the configs write it: {"sampling", "scale_factor", "kv_compress_layer"}."""
+        return {"sampling": self.sampling, "scale_factor": self.scale_factor, "kv_compress_layer": list(self.layers)}
+
     def ratio(self, layer: int) -> int:
         """The downsampling factor of block `layer`'s keys and values (1: none)."""
         return self.scale_factor if self.sampling and layer in self.layers else 1
@@ -312,7 +340,7 @@ class PixArt(nn.Cell):
     def embed_caption(self, y, force_drop_ids=None):
         """T5 features (N, 1, L, C_text) -> caption tokens (N, L, D) by the caption MLP (null caption where dropped)."""
         n = y.shape[0]
-        y = self.y_embedder(y.astype(self.t_block[1].weight.dtype), force_drop_ids)  # (N, 1, L, D)
+        y = self.y_embedder(y.astype(self.t_block[1].bias.dtype), force_drop_ids)  # (N, 1, L, D)
         return y.reshape(n, -1, y.shape[-1])
 
     def denoise(self, x, timestep, caption_kv, mask=None, data_info=None):
@@ -333,7 +361,7 @@ class PixArt(nn.Cell):
         (N, D) for the final layer, adaLN-single input t0 (N, 6D) for the blocks)."""
         n = x.shape[0]
         h, w = self.token_grid(x)
-        dtype = self.t_block[1].weight.dtype
+        dtype = self.t_block[1].bias.dtype  # a bias: fp32 where half weights are storage only (backend.cast_parameters)
         pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
                                              self.base_size))
         x = self.x_embedder(x.astype(dtype))  # (N, T, D), T = h * w
@@ -420,7 +448,7 @@ def caption_mask(mask, n: int, length: int):
 
 
 def _set(param, value: np.ndarray) -> None:
-    param.set_data(Tensor(value.astype(np.float32)).astype(param.dtype))
+    param.set_data(Tensor(value.astype(np.float32), dtype=param.dtype))
 
 
 def _xavier(rng, shape) -> np.ndarray:

@@ -20,7 +20,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from .. import backend
 from ..nn import GELU, Embedding, Linear
-from ..io import CheckpointError, load_into, read_config, read_state_dict
+from ..io import CheckpointError, check_state, describe_mismatch, load_into, read_config, read_state_dict
 
 _ACTIVATIONS = {"relu": None, "gelu": "none", "gelu_new": "tanh"}  # HF activation name -> GELU approximation
 _FP16_SAFE = 64504.0  # HF clamps overflowed fp16 activations to finfo(fp16).max - 1000
@@ -91,7 +91,7 @@ class T5LayerNorm(nn.Cell):
 
     def construct(self, x):
         x = x.astype(ms.float32)
-        x = x * ops.rsqrt(x.pow(2).mean(-1, keep_dims=True) + self.eps)
+        x = x * ops.rsqrt((x * x).mean(-1, keep_dims=True) + self.eps)  # x * x: MindSpore CPU's Pow is far slower
         return self.weight * x.astype(self.weight.dtype)
 
 
@@ -153,7 +153,7 @@ class T5DenseActDense(nn.Cell):
             self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False, strict=True)
         else:
             self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False, strict=True)
-        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False, strict=True)  # only its weight is used, in fp32
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False, strict=True)  # takes fp32 activations (HF: wo in fp32)
         self.matmul_t = ops.MatMul(transpose_b=True)  # x @ W.T, 2-D; in PyNative on CPU far faster than mint's linear
         act = cfg.activation
         self.act = nn.ReLU() if act == "relu" else GELU(_ACTIVATIONS[act])
@@ -165,10 +165,10 @@ class T5DenseActDense(nn.Cell):
         else:
             h = self.act(_finite_fp16(self.wi(x)).astype(ms.float32))
         wo = self.wo.weight
-        if wo.dtype != ms.float32:
-            wo = wo.astype(ms.float32)
-        b, n, f = h.shape
-        return self.matmul_t(h.reshape(b * n, f), wo).reshape(b, n, -1)  # (B, N, D) fp32
+        if self.wo.use_mint and wo.dtype != ms.float32:  # on CPU half weights are storage: the Linear takes fp32
+            b, n, f = h.shape
+            return self.matmul_t(h.reshape(b * n, f), wo.astype(ms.float32)).reshape(b, n, -1)  # (B, N, D) fp32
+        return self.wo(h)
 
 
 class T5LayerFF(nn.Cell):
@@ -233,24 +233,32 @@ class T5EncoderModel(nn.Cell):
 def load_t5(folder, dtype: str = "fp32", max_positions: int = 512) -> T5EncoderModel:
     """Build the T5 encoder from an HF folder (config.json + weights); decoder/lm_head weights are ignored.
 
-    The weights are maps of the file (safetensors) converted to `dtype` one tensor at a time, and the Cell is built
-    without random weights and takes the arrays' memory, so peak memory stays near the size of the model in `dtype`.
+    The weights are maps of the file (safetensors) converted to their parameters' dtypes (`backend.parameter_dtypes`:
+    on CPU a half `dtype` is the Linear weights' and embeddings' storage, the rest fp32) one tensor at a time, and the Cell is built
+    without random weights and takes the arrays' memory where the dtypes agree, so peak memory stays near the size
+    of the model.
     """
-    target = backend.dtype(dtype)  # refuses bf16 on CPU before reading anything
+    backend.weight_dtype(dtype)  # refuses bf16 on a CPU without it before reading anything
     folder = Path(folder)
     cfg = T5Config.from_dict(read_config(folder))
     state = {k: v for k, v in read_state_dict(folder).items() if not k.startswith(("decoder.", "lm_head."))}
     tied = state.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; either may be stored
     if tied is not None and "shared.weight" not in state:
         state["shared.weight"] = tied
-    np_dtype = np.float16 if target == ms.float16 else np.float32  # numpy has no bf16: load_into casts to it
-    for name in list(state):
-        state[name] = np.ascontiguousarray(state[name].astype(np_dtype, copy=False))
     with no_init_parameters():
         model = T5EncoderModel(cfg, max_positions)
+    dtypes = backend.parameter_dtypes(model, dtype)
+    problems = check_state({p.name: tuple(p.shape) for p in model.get_parameters()}, state)
+    if any(problems):
+        raise CheckpointError(describe_mismatch(f"T5 encoder ({folder})", *problems))
     for p in model.get_parameters():
-        p.set_dtype(target)
-    load_into(model, state, what=f"T5 encoder ({folder})", share=True)
+        p.set_dtype(dtypes[p.name])
+    for name in list(state):  # one tensor at a time, its map released once loaded (numpy has no bf16: cast there)
+        arr = state.pop(name)
+        if dtypes[name] in (ms.float16, ms.float32):
+            arr = np.ascontiguousarray(arr.astype(np.float16 if dtypes[name] == ms.float16 else np.float32,
+                                                  copy=False))
+        load_into(model, {name: arr}, what=f"T5 encoder ({folder})", strict=False, share=True)
     model.set_train(False)
     return model
 

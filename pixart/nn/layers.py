@@ -73,7 +73,10 @@ class Linear(nn.Cell):
 
     def product(self, x2d):
         """x W^T for x (M, in) as (M, out)."""
-        return self.matmul(x2d, self.weight)
+        w = self.weight
+        if w.dtype != x2d.dtype:  # half weights stored for fp32 compute (backend.cast_parameters on CPU), no kernels
+            w = w.astype(x2d.dtype)
+        return self.matmul(x2d, w)
 
     def epilogue(self, y, in_shape):
         """`product`'s (M, out) -> + bias, activation, reshaped to in_shape[:-1] + (out,)."""
@@ -185,9 +188,13 @@ class Embedding(nn.Cell):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
         self.weight = Parameter(initializer(Normal(1.0), (num_embeddings, embedding_dim)), name="weight")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.use_mint = on_ascend()
 
     def construct(self, ids):
         if self.use_mint:
             return mint.nn.functional.embedding(ids, self.weight)
-        return ops.gather(self.weight, ids, 0)
+        w = self.weight
+        if w.dtype == ms.bfloat16:  # a half table stored for fp32 compute (backend.cast_parameters on CPU), no kernels
+            w = w.astype(ms.float32)
+        return ops.gather(w, ids, 0)

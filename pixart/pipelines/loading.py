@@ -10,7 +10,7 @@ from mindspore.nn.utils import no_init_parameters
 from pixart import backend, cpu
 from pixart.io import CheckpointError, load_into
 from pixart.models.convert import fill_null_caption, pipeline_presets, read_pixart, resolve_config
-from pixart.models.pixart import PixArt, preset_config
+from pixart.models.pixart import KVCompression, PixArt, preset_config
 
 
 _DTYPE_NAMES = {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16", "float32": "fp32", "float16": "fp16",
@@ -66,9 +66,9 @@ def load_transformer(checkpoint, model: str | None = None, dtype: str = "fp32", 
     cfg, preset, _ = resolve_config(weights.config, model, checkpoint)
     fill_null_caption(weights.state, cfg, cfg.model_max_length, log)  # diffusers files lack it
     if kv_compress is not None:
-        if not kv_compress.get("kv_compress_layer"):  # unset: the second half of the blocks, as in Σ's KV models
-            kv_compress = dict(kv_compress, kv_compress_layer=list(range(cfg.depth // 2, cfg.depth)))
-        cfg.kv_compress_config = kv_compress
+        cfg.kv_compress_config = KVCompression.from_options(  # unset layers: the second half of the blocks
+            kv_compress.get("sampling", "conv"), kv_compress.get("scale_factor"), kv_compress.get("kv_compress_layer"),
+            cfg.depth).config()
     ref = preset_config(preset) if preset else None
     if ref and (cfg.depth, cfg.hidden_size) != (ref.depth, ref.hidden_size):
         log(f"note: {checkpoint} is a reduced {preset} (depth {cfg.depth}, width {cfg.hidden_size})")

@@ -1,16 +1,18 @@
 """Writing generated images: PNGs that carry their settings as text metadata, a grid, and prompts.json.
 
-Every file is written to a temporary name and renamed, so an interrupted run never leaves a half-written file.
+Every file is written to a temporary name and renamed (`pixart.io.atomic`), so an interrupted run or a full disk never
+leaves a half-written file.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image, PngImagePlugin
+
+from pixart.io.atomic import atomic_path, write_text
 
 
 def save_png(image: Image.Image, path, settings: dict) -> None:
@@ -18,9 +20,8 @@ def save_png(image: Image.Image, path, settings: dict) -> None:
     for key, value in settings.items():
         info.add_text(key, str(value))
     info.add_text("parameters", json.dumps(settings))
-    tmp = Path(f"{path}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def provenance(model: str, checkpoint, lora_path=None, lora_scale: float = 1.0) -> dict:
@@ -57,9 +58,7 @@ def image_grid(images: list, ncols: int | None = None) -> Image.Image:
 
 
 def write_json(data, path) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def read_png_settings(path) -> dict:

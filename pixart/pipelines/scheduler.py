@@ -25,16 +25,19 @@ _CLASSES = {
                                             "use_beta_sigmas": False, "use_flow_sigmas": False}),
     "DDIMScheduler": ("ddim", {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
                                "clip_sample": False, "rescale_betas_zero_snr": False}),
+    "LCMScheduler": ("lcm", {"original_inference_steps": 50, "timestep_scaling": 10.0, "set_alpha_to_one": True,
+                             "clip_sample": False, "steps_offset": 0, "rescale_betas_zero_snr": False}),
     "SASolverScheduler": ("sa", {"predictor_order": 2, "corrector_order": 2, "algorithm_type": "data_prediction",
                                  "timestep_spacing": "linspace", "use_karras_sigmas": False}),
 }
 # diffusers' defaults for the settings above where they differ from what we need to see written
-_DIFFUSERS_DEFAULTS = {"DDIMScheduler": {"clip_sample": True}}
+_DIFFUSERS_DEFAULTS = {"DDIMScheduler": {"clip_sample": True},
+                       "LCMScheduler": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}}
 _SAMPLER_CLASS = {sampler: cls for cls, (sampler, _) in _CLASSES.items()}
 
 
 def sampler_from_config(config: dict, where="scheduler config") -> str:
-    """The sampler name ("dpm", "ddim", "sa") a diffusers scheduler config asks for; ValueError naming the class
+    """The sampler name ("dpm", "ddim", "sa", "lcm") a diffusers scheduler config asks for; ValueError naming the class
     or setting we cannot reproduce exactly."""
     cls = config.get("_class_name")
     if cls not in _CLASSES:

@@ -1,11 +1,14 @@
-"""Text-to-image with PixArt-α / Σ: prompts -> T5 -> denoise with classifier-free guidance -> VAE -> images.
+"""Text-to-image with PixArt-α / Σ: prompts -> T5 -> denoise with classifier-free guidance -> VAE -> images; with
+`image=` image-to-image (SDEdit) and with `mask_image=` inpainting.
 
     pipe = PixArtSigmaPipeline.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", mindspore_dtype=ms.float16)
     image = pipe("a small cactus with a happy face in the Sahara desert", generator=0)[0][0]
+    edited = pipe("the same cactus in snow", image=image, strength=0.6, generator=0)[0][0]
 """
 from __future__ import annotations
 
 import gc
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,9 @@ from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_a
 from pixart.diffusion import DEFAULT_STEPS, make_sampler
 from pixart.models.t5 import encode_prompts
 from pixart.models.convert import pipeline_class
+from pixart.pipelines.image_inputs import image_tensor, latent_mask, load_image, load_mask, pixel_mask
 from pixart.pipelines.loading import (dtype_name, load_components, load_transformer, resolve_pipeline_folder)
+from pixart.pipelines import captions
 
 
 MIN_IMAGE_SIZE = 8  # pixels: one latent pixel
@@ -43,10 +48,20 @@ def check_image_size(height: int | None, width: int | None, patch_size: int, res
 def encode_text(text_encoder, tokenizer, prompts: list[str], max_length: int):
     """T5 features (N, 1, L, C) as float32 NumPy and masks (N, L) for `prompts`, lower-cased and stripped as diffusers
     does. T5 runs eagerly, so that no compiled graph keeps its weights alive once it is released."""
+    warn_truncated(tokenizer, [p.lower().strip() for p in prompts], max_length)
     ids, mask = encode_prompts(tokenizer, [p.lower().strip() for p in prompts], max_length)
     with backend.eager():
         emb = text_encoder(Tensor(ids), Tensor(mask)).astype(ms.float32).asnumpy()
     return emb[:, None], mask
+
+
+def warn_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
+    """One warning line per prompt longer than the `max_length` tokens T5 sees (the end is cut, as diffusers warns)."""
+    for ids in tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]:
+        if len(ids) > max_length:
+            cut = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True)
+            print(f"warning: a prompt has {len(ids)} tokens, more than the {max_length} the model reads; this end is "
+                  f"cut: {cut[:80]!r}" + ("..." if len(cut) > 80 else ""), file=sys.stderr)
 
 
 OUTPUT_TYPES = ("pil", "np", "ms", "latent")
@@ -203,7 +218,8 @@ class PixArtPipeline:
                  callback_on_step_end_tensor_inputs=("latents",), clean_caption: bool = False,
                  use_resolution_binning: bool = True, max_sequence_length: int | None = None,
                  sampler: str | None = None, seed: int | list[int] | None = None, uncond: str = "negative",
-                 progress: bool = True, sampler_options: dict | None = None):
+                 progress: bool = True, sampler_options: dict | None = None, image=None, mask_image=None,
+                 strength: float = 0.8, mask_blur: float = 0.0):
         """diffusers' arguments with diffusers' meanings; beside them `sampler` (instead of the scheduler), `seed`
         (as `generator`), `uncond="y_embedding"` (the checkpoint's learned null caption as the unconditional
         branch, as the original repo samples), `sampler_options` and `progress`.
@@ -214,15 +230,28 @@ class PixArtPipeline:
         depend on the device. `callback_on_step_end(pipe, i, t, {"latents": x})` may return {"latents": ...} to
         replace them and set `pipe._interrupt = True` to stop after step i. `output_type="latent"` returns the
         denoised latents; `pipe.decode_latents(latents, "np")` then gives exactly the "np" images.
+
+        `timesteps=[...]`: a custom schedule (strictly decreasing, in 0..999) for the samplers that take one ("dpm",
+        "lcm"; e.g. PixArt-Alpha-DMD's one step: `timesteps=[400], guidance_scale=1`); `sigmas` is not taken.
+        Guidance is off at `guidance_scale <= 1` (diffusers' rule): the transformer then runs on the prompts alone.
+
+        `image` (a path, PIL image or array; height and width default to its size): image-to-image as SDEdit. The
+        image, scaled and cropped to the size generated (see `pixart.pipelines.image_inputs`), is VAE-encoded (the
+        posterior mean), noised to the level of step k = steps - round(strength * steps) of the sampler's schedule
+        with the initial noise, and denoised from there: round(strength * steps) transformer calls; strength 1 is
+        text-to-image from the same noise, 0 the VAE round trip. `mask_image` (white = repaint) makes it
+        inpainting: after every step the kept region's latents are replaced by the encoded image noised to the
+        level reached (the clean image after the last step), and the decoded output keeps the VAE round trip of the
+        input outside the mask (blended over the edge that `mask_blur`, in pixels, softens; output_type="latent"
+        returns the blended latents, before that overlay).
         """
         # 1. check inputs: every error names the argument and what is allowed
         sampler = sampler or self.sampler
         if generator is not None and seed is not None:
             raise ValueError("pass generator or seed, not both")
         generator = seed if generator is None else generator
-        if timesteps is not None or sigmas is not None:
-            raise ValueError(f"{'timesteps' if timesteps is not None else 'sigmas'}: custom schedules are not "
-                             f"supported by sampler {sampler!r}; pass num_inference_steps")
+        if sigmas is not None:
+            raise ValueError(f"sigmas: sampler {sampler!r} takes a custom schedule as timesteps=[...], not sigmas")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
         if uncond not in ("negative", "y_embedding"):
@@ -234,8 +263,7 @@ class PixArtPipeline:
         if not isinstance(callback_steps, int) or callback_steps < 1:
             raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
         if clean_caption:
-            raise ValueError("clean_caption=True (diffusers' caption cleaning, which needs beautifulsoup4 and ftfy) "
-                             "is not available here; pass clean_caption=False")
+            captions.check_available()  # one line naming beautifulsoup4 / ftfy when missing
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         max_length = int(max_sequence_length or self.max_sequence_length)
@@ -269,9 +297,17 @@ class PixArtPipeline:
         options = dict(sampler_options or {})
         if eta and sampler in ("ddim", "sa"):
             options.setdefault("eta", eta)
+        if timesteps is not None:
+            options["timesteps"] = list(np.asarray(timesteps).reshape(-1))
         sampler_impl = make_sampler(sampler, **options)
+        if timesteps is not None:
+            steps = len(options["timesteps"])
         if steps is None or int(steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
+        levels = sampler_impl.noise_levels(int(steps))  # also refuses a schedule that repeats timesteps
+        init_image, inpaint_mask = self._check_image_inputs(image, mask_image, strength, mask_blur)
+        if init_image is not None:
+            height, width = height or init_image.height, width or init_image.width
         height, width = height or self.resolution, width or self.resolution
         orig_hw = (int(height), int(width))
         check_image_size(*orig_hw, self.transformer.patch_size, use_resolution_binning)
@@ -286,11 +322,16 @@ class PixArtPipeline:
                 raise ValueError(f"latents must have shape {(n, *shape)} for {n} images of {height}x{width}, got "
                                  f"{latents.shape}")
 
+        if clean_caption:  # as diffusers: what is encoded is cleaned, prompts and negative prompts alike
+            prompts, negatives = captions.clean_captions(prompts), captions.clean_captions(negatives)
         # 2. encode prompts: [negative, positive] as diffusers orders the guidance batch
         if prompt_embeds is None:
             y, mask = self.encode_prompt(prompts, max_length)
         y, mask = (np.repeat(a, num_images_per_prompt, 0) for a in (y, mask))
-        if uncond == "y_embedding":  # the checkpoint's learned null caption, with the prompt's mask (original repo)
+        do_cfg = guidance_scale > 1.0  # diffusers' do_classifier_free_guidance: off, no unconditional branch
+        if not do_cfg:
+            y_neg = mask_neg = None
+        elif uncond == "y_embedding":  # the checkpoint's learned null caption, with the prompt's mask (original repo)
             null = self.transformer.y_embedder.y_embedding.asnumpy()
             if null.shape[0] != y.shape[2]:
                 raise ValueError(f"y_embedding has {null.shape[0]} tokens but prompts are encoded to {y.shape[2]}")
@@ -299,39 +340,62 @@ class PixArtPipeline:
             if negative_prompt_embeds is None:
                 y_neg, mask_neg = self.encode_prompt(negatives, y.shape[2])
             y_neg, mask_neg = (np.repeat(a, num_images_per_prompt, 0) for a in (y_neg, mask_neg))
-        do_cfg = guidance_scale > 1.0
         y_in = np.concatenate([y_neg, y]) if do_cfg else y
         mask_in = np.concatenate([mask_neg, mask]) if do_cfg else mask
 
         # 3. prepare latents: one NumPy generator per image, so results do not depend on the device
         if latents is None:
             latents = np.stack([g.standard_normal(shape) for g in rngs]).astype(np.float32)
+        hook = self._step_callback(callback, callback_steps, callback_on_step_end)
+        start, x_T = 0, latents
+        if init_image is not None:  # SDEdit: the encoded image noised to the level of the first step run
+            start = int(steps) - round(float(strength) * int(steps))
+            x_0 = np.repeat(self.encode_image(init_image, height, width), n, 0)
+            x_T = self._noised(x_0, latents, levels, start)
+            if inpaint_mask is not None:
+                hook = self._blend_known(hook, x_0, latents, levels,
+                                         latent_mask(inpaint_mask, height, width, mask_blur))
 
         # 4. denoise
         model_fn = self._guided_denoiser(Tensor(y_in), Tensor(mask_in.astype(np.int32)), guidance_scale, do_cfg,
                                          height, width, n)
         self._interrupt = False
-        x = sampler_impl.sample(model_fn, Tensor(latents), num_steps=int(steps), progress=progress,
+        x = sampler_impl.sample(model_fn, Tensor(x_T), num_steps=int(steps), progress=progress,
                                 generator=rngs[0] if seeds is None else np.random.default_rng(seeds[0] + 1),
-                                callback=self._step_callback(callback, callback_steps, callback_on_step_end))
+                                callback=hook, start=start)
 
         # 5. decode and 6. post-process
         x = x.asnumpy()
         settings = [dict(prompt=prompts[i // num_images_per_prompt], negative_prompt=negatives[i // num_images_per_prompt],
                          seed=None if seeds is None else seeds[i], sampler=sampler, steps=int(steps),
                          guidance_scale=guidance_scale, height=orig_hw[0], width=orig_hw[1]) for i in range(n)]
+        for record in settings:
+            if timesteps is not None:
+                record["timesteps"] = [int(t) for t in options["timesteps"]]
+            if init_image is not None:
+                record["strength"] = float(strength)
+                if inpaint_mask is not None:
+                    record["mask_blur"] = float(mask_blur)
         if output_type == "latent":
             images = x
         else:
-            images = self.decode_latents(x, output_type, orig_hw if use_resolution_binning else None)
+            overlay = None
+            if inpaint_mask is not None:  # the kept region as the VAE gives the input back, pixel for pixel
+                overlay = (self.decode(x_0[:1]), pixel_mask(inpaint_mask, height, width, mask_blur))
+            images = self.decode_latents(x, output_type, orig_hw if use_resolution_binning else None, overlay)
         out = PipelineOutput(images=images, latents=x, settings=settings)
         return out if return_dict else out.to_tuple()
 
-    def decode_latents(self, latents, output_type: str = "np", size: tuple[int, int] | None = None):
+    def decode_latents(self, latents, output_type: str = "np", size: tuple[int, int] | None = None, overlay=None):
         """Denoised latents (what output_type="latent" returns) -> images as `output_type` ("pil", "np": (N, H, W, 3)
         in [0, 1], "ms": a (N, 3, H, W) Tensor in [0, 1]), resized and cropped to `size` (height, width) when the
-        latents were generated in a bucket of another size."""
+        latents were generated in a bucket of another size. `overlay` = (kept (1, 3, H, W) in [-1, 1], repaint
+        weights (H, W)): inpainting's output is the decoded image where the mask repaints and `kept` elsewhere;
+        latent blending alone cannot give that, since every decoded pixel depends on all latents (GroupNorm)."""
         images = self.decode(np.asarray(latents, np.float32))
+        if overlay is not None:
+            kept, weight = overlay
+            images = images * weight + kept * (1.0 - weight)
         if size is not None and images.shape[-2:] != tuple(size):
             images = resize_and_crop_array(images, *size)
         images = np.clip(images / 2 + 0.5, 0, 1)
@@ -341,6 +405,14 @@ class PixArtPipeline:
         if output_type == "pil":
             return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
         return images
+
+    def encode_image(self, image, height: int, width: int) -> np.ndarray:
+        """An image (anything `load_image` reads) scaled and cropped to height x width -> its latents (1, 4, h, w)
+        in the transformer's space: the VAE posterior's mean, shifted and scaled as `decode` undoes."""
+        pixels = image_tensor(load_image(image), height, width)
+        mean, _ = self.vae.encode(Tensor(pixels))
+        shift = self.vae.config.shift_factor or 0.0
+        return ((mean.asnumpy() - shift) * self.scaling_factor).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w) in [-1, 1], one image at a time. From 2K on
@@ -357,6 +429,47 @@ class PixArtPipeline:
         return np.concatenate(out)
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_image_inputs(image, mask_image, strength, mask_blur):
+        """(the input image as PIL or None, the mask as PIL or None), refusing what cannot be used."""
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: the picture to inpaint")
+        if image is None:
+            return None, None
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError):
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}") from None
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1] (0 keeps the image, 1 repaints it all), got {strength}")
+        try:
+            mask_blur = float(mask_blur)
+        except (TypeError, ValueError):
+            mask_blur = -1.0
+        if not 0.0 <= mask_blur < float("inf"):
+            raise ValueError(f"mask_blur must be a number of pixels >= 0, got {mask_blur!r}")
+        return load_image(image), None if mask_image is None else load_mask(mask_image)
+
+    @staticmethod
+    def _noised(x_0: np.ndarray, noise: np.ndarray, levels, k: int) -> np.ndarray:
+        """x_0 at the noise level before step k: noise itself at k = 0 (text-to-image exactly), x_0 after the last."""
+        alpha, sigma = levels
+        if k == 0:
+            return noise
+        if k == len(alpha) - 1:
+            return x_0
+        return (alpha[k] * x_0 + sigma[k] * noise).astype(np.float32)
+
+    def _blend_known(self, hook, x_0: np.ndarray, noise: np.ndarray, levels, mask: np.ndarray):
+        """The per-step hook with inpainting's latent blending first: after step k the kept region (mask 0) is
+        the input image noised to the level step k leaves (the image itself after the last step)."""
+        repaint, keep = Tensor(mask), Tensor(1.0 - mask)
+
+        def blend(k, t, x):
+            x = x * repaint + Tensor(self._noised(x_0, noise, levels, k + 1)) * keep
+            return hook(k, t, x) if hook is not None else (x, self._interrupt)
+        return blend
+
     def _table_resolution(self) -> int:
         res = min(ASPECT_RATIOS, key=lambda r: abs(r - self.resolution))
         return res
@@ -402,6 +515,11 @@ class PixArtPipeline:
             return x, self._interrupt
         return hook
 
+    def denoiser_parts(self, height: int, width: int):
+        """The transformer's (encode_caption, denoise) for images of height x width (the ControlNet pipeline gives
+        denoise its condition here)."""
+        return self.transformer.sampler_parts()
+
     def _guided_denoiser(self, y, mask, guidance_scale: float, do_cfg: bool, height: int, width: int, n: int):
         """model_fn(x, t) for the samplers: the transformer on [uncond, cond], guided on all 4 noise channels;
         the learned-variance channels come from the conditional half (IDDPM uses them)."""
@@ -412,7 +530,7 @@ class PixArtPipeline:
             data_info = {"img_hw": Tensor(np.tile(np.array([[height, width]], np.float32), (batch, 1))),
                          "aspect_ratio": Tensor(np.full((batch, 1), height / width, np.float32))}
 
-        encode_caption, denoise = model.sampler_parts()
+        encode_caption, denoise = self.denoiser_parts(height, width)
         caption_kv = encode_caption(y)  # once per prompt: the caption's keys and values for every block
 
         def model_fn(x, t):

@@ -68,11 +68,15 @@ class BatchBuilder:
         h, w = entry.size
         return self.latent_channels, h // self.vae_factor, w // self.vae_factor
 
+    def draws(self, ref) -> list[Draws]:
+        """The random draws of each sample of `ref` (the same every time they are asked for)."""
+        return [sample_draws(self.seed, ref.index, slot, self.latent_shape(e), self.real_prompt_ratio,
+                             self.class_dropout_prob, self.random_flip, self.num_timesteps)
+                for slot, e in zip(ref.slots, ref.entries)]
+
     def __call__(self, ref) -> dict[str, np.ndarray]:
         entries = ref.entries
-        draws = [sample_draws(self.seed, ref.index, slot, self.latent_shape(e), self.real_prompt_ratio,
-                              self.class_dropout_prob, self.random_flip, self.num_timesteps)
-                 for slot, e in zip(ref.slots, entries)]
+        draws = self.draws(ref)
         captions = [e.prompt if (d.real_prompt or not e.sharegpt4v) else e.sharegpt4v for e, d in zip(entries, draws)]
         if self.text_cached:
             feats = [self.cache.text(c) for c in captions]

@@ -2,7 +2,8 @@
 layer (msrun's environment), gradients all-reduced as a mean over ranks inside the train step.
 
 Nothing here assumes one machine: `msrun --worker_num=N --local_worker_num=n --node_rank=k --master_addr=...`
-on several nodes gives the same init(); each rank reads its slice of every global batch (pixart.data.dataset).
+on several nodes gives the same init(); each rank reads its slice of every global batch, or its own webdataset
+shards (pixart.data.dataset).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 from dataclasses import dataclass
 
 import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
 from mindspore.communication import get_group_size, get_rank
 from mindspore.communication import init as comm_init
 
@@ -28,6 +31,15 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest `value` of all ranks (every rank calls it). MindSpore's CPU AllReduce only sums, so each
+        rank sums its value into its own slot of a vector."""
+        if not self.distributed:
+            return value
+        slots = np.zeros(self.world_size, np.float32)  # exact for counts below 2**24
+        slots[self.rank] = value
+        return int(ops.AllReduce()(Tensor(slots)).asnumpy().min())
 
 
 def launched_by_msrun() -> bool:

@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from pixart.training.batch import BATCH_KEYS
+from pixart.training.checkpoint import check_finite_step
 from pixart.training.optimizers import learning_rate_at
 from pixart.training.setup import Data, Optimisation
 
@@ -30,7 +31,8 @@ def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_st
     for step in range(start_step + 1, max_steps + 1):
         tic = time.time()
         step_lr = Tensor(learning_rate_at(getattr(args, "lr_scheduler", "constant_with_warmup"), step - 1, opt.lr,
-                                          args.warmup_steps, max_steps), ms.float32)
+                                          args.warmup_steps, max_steps, getattr(args, "lr_num_cycles", 1),
+                                          getattr(args, "lr_power", 1.0)), ms.float32)
         losses, data_time = [], 0.0
         for micro in range(args.grad_accumulation):
             t_data = time.time()
@@ -55,6 +57,7 @@ def train_loop(args, opt: Optimisation, stream, builder, start_step: int, max_st
                "bucket": ref.bucket, "images_per_s": opt.effective_batch / dt, "step_time": dt,
                "data_time": data_time}
         log.record(row)
+        check_finite_step(step, row["loss"], finite, opt.dynamic)  # stops before a checkpoint of a diverged run
         window.append(row)
         if step % args.log_every == 0 or step == start_step + 1 or step == max_steps:
             t = time.time() - last_tic

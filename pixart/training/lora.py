@@ -122,7 +122,7 @@ class LoRAMethod(Method):
         n_base = sum(int(v.size) for v in L.base_state_dict(model).values())
         settings = lora_settings(args)
         return (f"LoRA: rank {args.rank}, alpha {settings['alpha']:g}{' (rsLoRA)' if args.use_rslora else ''}, "
-                f"dropout {args.lora_dropout:g} on {len(L.lora_layers(model))} linear layers "
+                f"dropout {args.lora_dropout:g} on {len(L.lora_layers(model))} layers "
                 f"({' '.join(args.lora_targets)}): {n_lora / 1e6:.3f} M trainable parameters, "
                 f"{100 * n_lora / n_base:.2f}% of the frozen {n_base / 1e6:.2f} M")
 

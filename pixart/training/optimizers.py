@@ -132,7 +132,7 @@ class Optimizer(nn.Cell):
         for name, p in params.items():
             if tuple(state[name].shape) != tuple(p.shape):
                 raise ValueError(f"optimizer state {name} has shape {state[name].shape}, expected {tuple(p.shape)}")
-            p.set_data(Tensor(state[name]).astype(p.dtype))
+            p.set_data(Tensor(state[name], dtype=p.dtype))
 
 
 class AdamW(Optimizer):
@@ -246,20 +246,57 @@ def constant_with_warmup(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr
 
 
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler decays "polynomial" to this learning rate
 
 
-def learning_rate_at(schedule: str, step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """diffusers' schedules (num_cycles 0.5 for cosine) at optimizer step `step` (from 0) of `total_steps`: a linear
-    warm-up, then constant, a linear decay to 0, or a half cosine to 0. "constant" is given warmup_steps 0."""
-    if schedule in ("constant", "constant_with_warmup") or step < warmup_steps:
+def learning_rate_at(schedule: str, step: int, base_lr: float, warmup_steps: int, total_steps: int,
+                     num_cycles: int = 1, power: float = 1.0) -> float:
+    """diffusers' `get_scheduler` schedules at optimizer step `step` (from 0) of `total_steps`, with its formulas:
+    constant; or a linear warm-up over `warmup_steps` then constant, a linear decay to 0, a half cosine to 0
+    ("cosine", num_cycles 0.5), `num_cycles` cosines to 0 with hard restarts ("cosine_with_restarts"), or a
+    polynomial decay of power `power` to 1e-7 ("polynomial")."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if schedule == "constant":
+        return base_lr
+    if schedule == "constant_with_warmup" or step < warmup_steps:
         return constant_with_warmup(step, base_lr, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if schedule == "linear":
-        return base_lr * max(0.0, 1.0 - progress)
+        return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if schedule == "cosine":
-        return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+        return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    if schedule == "cosine_with_restarts":
+        if progress >= 1.0:
+            return 0.0
+        return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
+    if step > total_steps:  # polynomial
+        return base_lr * (POLYNOMIAL_LR_END / base_lr)
+    remaining = 1 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (((base_lr - POLYNOMIAL_LR_END) * remaining ** power + POLYNOMIAL_LR_END) / base_lr)
+
+
+def add_lr_schedule_options(group, default: str) -> None:
+    """--lr_scheduler, --lr_num_cycles, --lr_power as diffusers' training scripts name them."""
+    group.add_argument("--lr_scheduler", default=default, choices=LR_SCHEDULES,
+                       help=f"learning-rate schedule, diffusers' get_scheduler (default {default}): constant ignores "
+                            "the warm-up; the others warm up linearly, then stay constant, decay linearly to 0, "
+                            "follow a half cosine to 0, --lr_num_cycles cosines with hard restarts, or decay as a "
+                            f"polynomial of power --lr_power to {POLYNOMIAL_LR_END:g}")
+    group.add_argument("--lr_num_cycles", type=int, default=1,
+                       help="cosine_with_restarts: the number of cosine cycles (hard restarts)")
+    group.add_argument("--lr_power", type=float, default=1.0, help="polynomial: the power of the decay")
+
+
+def check_lr_schedule(args, flag) -> None:
+    """One-line ValueError for schedule settings diffusers would reject or that make no schedule."""
+    schedule = getattr(args, "lr_scheduler", "constant_with_warmup")
+    if schedule == "cosine_with_restarts" and args.lr_num_cycles < 1:
+        raise ValueError(f"{flag('lr_num_cycles')} must be >= 1, got {args.lr_num_cycles}")
+    if schedule == "polynomial" and not args.learning_rate > POLYNOMIAL_LR_END:
+        raise ValueError(f"{flag('lr_scheduler')} polynomial decays to {POLYNOMIAL_LR_END:g}, so "
+                         f"{flag('learning_rate')} must be larger; got {args.learning_rate}")
 
 
 def auto_scale_lr(lr: float, effective_batch: int, rule: str | None, base_batch: int = 256) -> tuple[float, float]:

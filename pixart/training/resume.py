@@ -15,7 +15,10 @@ from pixart.training.setup import Data, Optimisation, TrainError, default_flag
 
 
 def resume_target(args, root, ctx, layout=None, flag: Callable[[str], str] = default_flag) -> Path | None:
-    """The checkpoint folder `--resume` names (None: start from scratch); a bad path fails before anything slow."""
+    """The checkpoint folder `--resume` names (None: start from scratch); a bad path fails before anything slow.
+    What an interrupted save left under `root` is cleaned first (`checkpoint.clean_leftovers`)."""
+    if ctx.is_main:
+        ckpt.clean_leftovers(root, layout or ckpt.FULL, log=lambda line: print(line, flush=True))
     if not args.resume:
         return None
     path = ckpt.resolve(args.resume, root, layout or ckpt.FULL)
@@ -37,7 +40,7 @@ def restore_training_state(resumed, path, opt: Optimisation, args, ctx, dataset,
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     for p in opt.step_cell.state_parameters():
         if p.name in resumed["train_state"]:
-            p.set_data(Tensor(resumed["train_state"][p.name]).astype(p.dtype))
+            p.set_data(Tensor(resumed["train_state"][p.name], dtype=p.dtype))
     if state.get("global_batch") != args.batch_size * ctx.world_size:
         log.info(f"warning: the checkpoint was trained with a global batch of {state.get('global_batch')}, now "
                  f"{args.batch_size * ctx.world_size}: the data order differs from an uninterrupted run")

@@ -15,13 +15,15 @@ from pixart import backend, cpu
 from pixart.io import load_into
 from pixart.models.convert import fill_null_caption
 from pixart.cpu.blockwise import BlockwiseTrainStep, refusal
-from pixart.data.dataset import BatchStream, BucketDataset
+from pixart.data import dreambooth
+from pixart.data.dataset import BatchStream, open_dataset
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder
 from pixart.data.sources import source_from_args
 from pixart.diffusion.loss import DiffusionLoss
-from pixart.models.pixart import PixArt, preset_config
+from pixart.models.pixart import KVCompression, PixArt, preset_config
 from pixart.training import distributed
 from pixart.training.batch import BatchBuilder
+from pixart.training.dreambooth import PriorBatchBuilder, PriorPreservationLoss
 from pixart.training.ema import EMA
 from pixart.training.optimizers import auto_scale_lr, build_optimizer
 from pixart.training.step import TrainStep
@@ -59,6 +61,7 @@ class Data:
     vae_factor: int
     scaling: float
     global_batch: int
+    classes: object = None      # DreamBooth's class images (prior preservation), batched after the instance images
 
 
 def data_settings(args) -> tuple[int, bool, int]:
@@ -66,6 +69,7 @@ def data_settings(args) -> tuple[int, bool, int]:
     preset = preset_config(args.model)
     resolution = args.resolution or preset.input_size * 8
     multi_scale = args.multi_scale if args.multi_scale is not None else args.model.endswith(("-MS", "-MS-KV"))
+    multi_scale = multi_scale and not dreambooth.enabled(args)  # DreamBooth: square crops, as diffusers'
     return resolution, multi_scale, args.max_length or preset.model_max_length
 
 
@@ -76,9 +80,11 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
     if cache is not None:
         cache.check_compatible(resolution, multi_scale, max_length, args.random_flip)
     captions = ("prompt", "sharegpt4v") if args.real_prompt_ratio < 1.0 else ("prompt",)
-    dataset = BucketDataset(source_from_args(args), resolution, multi_scale=multi_scale,
-                            check_images=not (cache and cache.has_latents),
-                            available=(lambda e: cache.missing(e, captions)) if cache else None)
+    source = dreambooth.instance_source(args) if dreambooth.enabled(args) else source_from_args(args)
+    dataset = open_dataset(source, resolution, multi_scale=multi_scale,
+                           check_images=not (cache and cache.has_latents) or controlnet_condition(args),
+                           available=(lambda e: cache.missing(e, captions)) if cache else None,
+                           rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
     log.info(dataset.summary())
     global_batch = args.batch_size * ctx.world_size
     dataset.check_batch_size(global_batch, f"{flag('batch_size')} {args.batch_size} x {ctx.world_size} rank(s)")
@@ -95,7 +101,7 @@ def prepare_data(args, ctx, log, flag: Callable[[str], str] = default_flag) -> D
             raise TrainError(f"{flag('text_encoder_root')} is required: captions are not cached "
                              f"({flag('feature_dir')})")
         text_encoder = TextEncoder(args.text_encoder_root, args.tokenizer_root, max_length, args.text_encoder_dtype)
-    if not (cache and cache.has_latents):
+    if not (cache and cache.has_latents) or controlnet_condition(args):  # ControlNet: conditions encode on the fly
         if not args.vae_root:
             raise TrainError(f"{flag('vae_root')} is required: latents are not cached ({flag('feature_dir')})")
         image_encoder = ImageEncoder(args.vae_root, args.vae_dtype)
@@ -127,8 +133,8 @@ def model_config(args, caption_channels: int, weights=None):
     if args.max_length is not None:
         cfg.model_max_length = args.max_length
     if args.kv_compress:
-        cfg.kv_compress_config = {"sampling": args.kv_compress_sampling, "scale_factor": args.kv_compress_scale_factor,
-                                  "kv_compress_layer": args.kv_compress_layer or list(range(cfg.depth // 2, cfg.depth))}
+        cfg.kv_compress_config = KVCompression.from_options(args.kv_compress_sampling, args.kv_compress_scale_factor,
+                                                            args.kv_compress_layer, cfg.depth).config()
     return cfg
 
 
@@ -180,8 +186,10 @@ class Optimisation:
     dynamic: bool
 
 
-def build_optimisation(args, compute_model, params, ctx, global_batch: int, log, use_ema: bool) -> Optimisation:
-    """Optimizer over `params`, EMA, loss scaling and the train step (see pixart.training.step)."""
+def build_optimisation(args, compute_model, params, ctx, global_batch: int, log, use_ema: bool,
+                       loss_fn=None) -> Optimisation:
+    """Optimizer over `params`, EMA, loss scaling and the train step (see pixart.training.step) of `loss_fn`
+    (default: the diffusion loss of `compute_model`, DreamBooth's with prior preservation)."""
     effective = global_batch * args.grad_accumulation
     lr, ratio = auto_scale_lr(args.learning_rate, effective, args.auto_lr)
     if args.auto_lr != "none":
@@ -194,7 +202,10 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     ema = EMA(optimizer.parameters, args.ema_rate) if use_ema else None
     dynamic = args.loss_scaler == "dynamic" or (args.loss_scaler == "auto" and args.mixed_precision == "fp16")
     init_scale = args.init_loss_scale or (65536.0 if dynamic else 1.0)
-    step_cell = TrainStep(DiffusionLoss(compute_model), optimizer, ema, args.clip_grad, args.grad_accumulation,
+    if loss_fn is None:
+        loss_fn = PriorPreservationLoss(compute_model, args.prior_loss_weight) if prior_preservation(args) \
+            else DiffusionLoss(compute_model)
+    step_cell = TrainStep(loss_fn, optimizer, ema, args.clip_grad, args.grad_accumulation,
                           ctx.world_size, init_scale, dynamic, scale_factor=args.loss_scale_factor,
                           scale_window=args.loss_scale_window)
     step_cell.set_train(True)
@@ -209,18 +220,35 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
 
 def open_stream(args, data: Data, ctx, batches_done: int, flag: Callable[[str], str] = default_flag):
     """(batch stream from `batches_done` on, batch builder, optimizer steps per epoch, last step)."""
-    stream = BatchStream(data.dataset, args.batch_size, args.seed, ctx.rank, ctx.world_size, start=batches_done)
+    stream = BatchStream(data.dataset, args.batch_size, args.seed, ctx.rank, ctx.world_size, start=batches_done,
+                         agree=ctx.min_over_ranks)
     steps_per_epoch = stream.per_epoch // args.grad_accumulation
     if steps_per_epoch == 0 and args.max_steps is None:
         raise TrainError(f"one epoch has {stream.per_epoch} batches, fewer than {flag('grad_accumulation')} "
                          f"{args.grad_accumulation}; set {flag('max_steps')}")
     max_steps = args.max_steps or args.epochs * steps_per_epoch
-    builder = BatchBuilder(data.dataset, args.seed, data.max_length, data.scaling, data.latent_channels,
-                           data.vae_factor, real_prompt_ratio=args.real_prompt_ratio,
-                           class_dropout_prob=args.class_dropout_prob, random_flip=args.random_flip,
-                           sample_posterior=args.sample_posterior, cache=data.cache,
-                           text_encoder=data.text_encoder, image_encoder=data.image_encoder,
-                           workers=getattr(args, "num_parallel_workers", 1))
+    builder = batch_builder(args, data, data.dataset)
+    if data.classes is not None:
+        builder = PriorBatchBuilder(builder, batch_builder(args, data, data.classes), data.classes, args.batch_size,
+                                    args.seed, ctx.rank, ctx.world_size)
     return stream, builder, steps_per_epoch, max_steps
 
 
+def batch_builder(args, data: Data, dataset) -> BatchBuilder:
+    """The model inputs of `dataset`'s batches (the training set's, or DreamBooth's class images)."""
+    return BatchBuilder(dataset, args.seed, data.max_length, data.scaling, data.latent_channels,
+                        data.vae_factor, real_prompt_ratio=args.real_prompt_ratio,
+                        class_dropout_prob=args.class_dropout_prob, random_flip=args.random_flip,
+                        sample_posterior=args.sample_posterior, cache=data.cache,
+                        text_encoder=data.text_encoder, image_encoder=data.image_encoder,
+                        workers=getattr(args, "num_parallel_workers", 1))
+
+
+def controlnet_condition(args) -> bool:
+    """ControlNet training: condition latents ride with the batch (`pixart.training.controlnet`)."""
+    return bool(getattr(args, "controlnet", False))
+
+
+def prior_preservation(args) -> bool:
+    """DreamBooth with prior preservation: class images batched after the instance images, the weighted loss."""
+    return dreambooth.enabled(args) and bool(getattr(args, "with_prior_preservation", False))

@@ -1,10 +1,12 @@
-"""The one trainer: full fine-tuning and LoRA are the same run, configured by a `Method` that says what trains, how
-its weights are resumed and how its checkpoints are laid out.
+"""The one trainer: full fine-tuning, LoRA and ControlNet are the same run, configured by a `Method` that says what
+trains, how its weights are resumed and how its checkpoints are laid out; DreamBooth (`pixart.training.dreambooth`)
+changes the data and the loss of any of them.
 
-The order of work: resume target -> log -> device and ranks were set up by `start` -> data (labels, buckets, cache)
--> encoders (only what the cache lacks) -> model (init or pretrained weights) and the method's surgery (LoRA) ->
-loss, optimizer, EMA, train step -> resume -> the loop (lr, micro-batches, step, log, checkpoint, validation) ->
-final checkpoint -> the method's last files -> summary.
+The order of work: resume target -> log -> device and ranks were set up by `start` -> data (labels, buckets, cache;
+DreamBooth's instance images) -> encoders (only what the cache lacks) -> model (init or pretrained weights) ->
+DreamBooth's class images (sampled from that model where missing) -> the method's model (ControlNet's branch) and
+surgery (LoRA) -> loss, optimizer, EMA, train step -> resume -> the loop (lr, micro-batches, step, log, checkpoint,
+validation) -> final checkpoint -> the method's last files -> summary.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from pixart.training.log import Logger
 from pixart.training.loop import finish, train_loop
 from pixart.training.resume import param_state, restore_training_state, resume_target, run_state
 from pixart.training.setup import (build_model, build_optimisation, data_settings, default_flag, for_training,
-                                   open_stream, prepare_data, start)
+                                   open_stream, prepare_data, prior_preservation, start)
+from pixart.training.dreambooth import class_data
 from pixart.training.validation import Validation
 
 
@@ -49,9 +52,22 @@ class Method:
         """The (state, config) of the weights to start from (`convert_pixart`), or None for PixArt's init."""
         return convert_pixart(args.load_from) if args.load_from else None
 
+    def wrap(self, model, args, log):
+        """The model that trains, built around the PixArt just made (the ControlNet method puts a control branch
+        around it); full fine-tuning trains the PixArt itself."""
+        return model
+
     def trainable(self, model, args, log) -> list:
         """The parameters the optimizer updates (after any layer surgery, before compilation)."""
         return model.trainable_params()
+
+    def loss(self, compute_model):
+        """The loss Cell the train step differentiates; None: the trainer's (`build_optimisation`)."""
+        return None
+
+    def batches(self, builder, data, args):
+        """The batch builder the loop calls (the ControlNet method adds the condition latents)."""
+        return builder
 
     def report_model(self, model, params, data, args) -> str:
         n_params = sum(int(np.prod(p.shape)) for p in params)
@@ -126,10 +142,14 @@ class Trainer:
         data = prepare_data(args, ctx, log, self.flag)
 
         model = build_model(args, data, log, method.pretrained(args))
+        if prior_preservation(args):  # DreamBooth: class images from the base weights, before any LoRA surgery
+            data.classes = class_data(args, ctx, log, model, data)
+        model = method.wrap(model, args, log)
         params = method.trainable(model, args, log)  # before any compilation: a compiled graph would not see it
         compute_model = for_training(model, args)
         log.info(method.report_model(model, params, data, args))
-        opt = build_optimisation(args, compute_model, params, ctx, data.global_batch, log, method.use_ema(args))
+        opt = build_optimisation(args, compute_model, params, ctx, data.global_batch, log, method.use_ema(args),
+                                 method.loss(compute_model))
 
         start_step, batches_done, failures_before = 0, 0, []
         if resumed:
@@ -138,6 +158,7 @@ class Trainer:
                                                               log)
             failures_before = resumed["state"].get("decode_failures", [])
         stream, builder, steps_per_epoch, max_steps = open_stream(args, data, ctx, batches_done, self.flag)
+        builder = method.batches(builder, data, args)
 
         validate, validate_every = None, 0
         plan = method.validation(args, steps_per_epoch)

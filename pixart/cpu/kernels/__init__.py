@@ -1,6 +1,7 @@
 """CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM and
-attention on AVX-512 (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16 tile products
-(amx_gemm.cc); softmax.h is shared by the first two.
+attention on AVX-512 with the products of Linear layers whose weights are stored in bf16 (vdpbf16ps, on CPUs with
+AVX512_BF16) or fp16 (widened per panel) (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16
+tile products (amx_gemm.cc); softmax.h is shared by the first two.
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written
@@ -32,6 +33,9 @@ AMX_SOURCE = Path(__file__).with_name("amx_gemm.cc")
 GEMM_SOURCE = Path(__file__).with_name("gemm_cpu.cc")
 GEMMS = ("auto", "matmul", "bf16x3")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]  # fast-math: libmvec expf
+# Linking with -ffast-math adds crtfastmath.o: loading the library turns on flush-to-zero for the process. The kernels
+# rely on it (without it a training step's gradients can turn NaN on subnormal intermediates), so it stays until they
+# set and restore it around their own work.
 _STATE: dict = {}
 
 
@@ -116,6 +120,40 @@ def _avx512() -> Path | None:
     return _STATE["gemm_path"]
 
 
+def half_weights(dtype_name: str) -> bool:
+    """Whether Linear weights stored in `dtype_name` ('bf16' / 'fp16') have a product here (`half_linear_product`):
+    the AVX-512 library built, and for bf16 built with AVX512_BF16 (remembered)."""
+    if not available() or not _avx512():
+        return False
+    if dtype_name == "fp16":
+        return True
+    if "bf16_ok" not in _STATE:
+        _STATE["bf16_ok"] = ctypes.CDLL(str(_STATE["gemm_path"])).GemmBf16Available() == 1
+    return dtype_name == "bf16" and _STATE["bf16_ok"]
+
+
+def half_linear_product(bias: bool = False):
+    """Inference product of a Linear layer whose weight is stored in bf16 or fp16: x (M, K) fp32, W (N, K) bf16 /
+    fp16 [, b (N) fp32 when `bias`] -> x W^T [+ b] (M, N) fp32, accumulated in fp32 (bf16: x rounded to bf16, as
+    a bf16 model's activations are; fp16: W widened to fp32). Call only where `half_weights()` says so."""
+    half_weights("fp16")  # builds the library
+    return op("LinearXWtHalfBias" if bias else "LinearXWtHalf", out_shape=lambda x, w, *b: (x[0], w[0]),
+              out_dtype=lambda x, *rest: x, library="gemm_path")
+
+
+def gather_rows_half():
+    """Lookup in a table stored in bf16 or fp16: table (V, D), ids (...) int32/int64 -> rows (..., D) fp32 (an
+    embedding in half precision; MindSpore's CPU Gather has no bf16). Call only where `half_weights()` says so."""
+    half_weights("fp16")  # builds the library
+    return op("GatherRowsHalf", out_shape=lambda table, ids: (*ids, table[1]), out_dtype=lambda *_: _float32(),
+              library="gemm_path")
+
+
+def _float32():
+    import mindspore as ms
+    return ms.float32
+
+
 def _same(*shapes):
     return shapes[0]
 
@@ -186,6 +224,11 @@ def bias_gelu_tanh():
         dx = grad(x, b, dout)
         return dx, dx.reshape(-1, dx.shape[-1]).sum(0)
     return op("BiasGeluTanh", bprop=bprop)
+
+
+def rms_norm():
+    """T5's RMS norm, inference: x (..., D), w (D), eps (1,) -> w * x / sqrt(mean(x^2) + eps), fp32."""
+    return op("RmsNorm", out_shape=lambda x, w, e: x, out_dtype=lambda x, w, e: x)
 
 
 def layer_norm_modulate():

@@ -232,6 +232,29 @@ int Softmax(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return 0;
 }
 
+// T5's RMS norm, inference: y = w * x / sqrt(mean(x^2) + eps) over the last axis; x, y (..., D), w (D), eps (1,).
+int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t d = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / d;
+  if (shapes[1][0] != d) return 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * d;
+    float *yr = y + r * d;
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < d; ++j) sum += static_cast<double>(xr[j]) * xr[j];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(sum / d) + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) yr[j] = w[j] * (xr[j] * inv);
+  }
+  return 0;
+}
+
 // GroupNorm over x (N, C, ...) with `groups` groups, per-channel gamma and beta (C), then SiLU when `silu`.
 // settings (2,) = [groups, eps].
 static int group_norm(void **params, int *ndims, int64_t **shapes, bool silu) {

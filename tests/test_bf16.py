@@ -1,0 +1,145 @@
+"""Half precision on MindSpore's CPU backend: Linear weights (and embedding tables) stored in bf16 (vdpbf16ps, on
+CPUs with AVX512_BF16) or fp16 (widened per panel), everything else fp32. The GEMM against float64 with the bound of its inputs' rounding and
+fp32 accumulation; the transformer and T5 in bf16 against the fp32 PyTorch reference, within the error PyTorch's own
+bf16 run shows (both measured here); the refusal where the CPU lacks bf16."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+from mindspore import Tensor
+
+from pixart import backend, cpu
+from pixart.cpu import kernels
+from pixart.io import diffusers_to_original, load_into
+from pixart.models.convert import fill_null_caption
+from pixart.models.pixart import PixArt, preset_config
+from pixart.models.t5 import load_t5
+from tests.test_t5 import TINY, hf_folder, padded_batch
+from tests.utils import diffusers_model, inputs, rel_err, run_diffusers, run_ours
+
+needs_bf16 = pytest.mark.skipif(not backend.cpu_supports_bf16(),
+                                reason="this CPU lacks AVX512_BF16: bf16 is refused here (test_refused_without_bf16)")
+needs_kernels = pytest.mark.skipif(not kernels.half_weights("fp16"), reason="the AVX-512 GEMM kernels are not built")
+
+
+def bf16_round(a):
+    """float32 -> the nearest bf16 (ties to even), as float32."""
+    u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_half_weight_gemm_against_float64(name):
+    """x (M, K) fp32 times W (N, K) stored in `name` (+ b): the exact product of the rounded operands (bf16: x is
+    rounded too, as a bf16 model's activations are) within fp32 accumulation's bound K * 2^-23 * |x| |W|, and the
+    product of the unrounded fp32 operands within the inputs' rounding (2^-8 per bf16 operand, 2^-11 per fp16)."""
+    if name == "bf16" and not kernels.half_weights("bf16"):
+        pytest.skip("this CPU lacks AVX512_BF16 (or the kernel was built without it)")
+    g = np.random.default_rng(0)
+    dt = {"bf16": ms.bfloat16, "fp16": ms.float16}[name]
+    unit = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[name]  # relative rounding of one operand, with margin
+    for m, k, n in [(1, 1, 1), (3, 5, 7), (14, 32, 32), (15, 33, 33), (100, 391, 70), (337, 1152, 97)]:
+        x = g.standard_normal((m, k)).astype(np.float32)
+        w = g.standard_normal((n, k)).astype(np.float32)
+        b = g.standard_normal(n).astype(np.float32)
+        wt = Tensor(w).astype(dt)
+        wq = wt.astype(ms.float32).asnumpy().astype(np.float64)
+        xq = (bf16_round(x) if name == "bf16" else x).astype(np.float64)
+        y = kernels.half_linear_product(True)(Tensor(x), wt, Tensor(b)).asnumpy()
+        y0 = kernels.half_linear_product(False)(Tensor(x), wt).asnumpy()
+        assert y.dtype == np.float32 and y.shape == (m, n)
+        scale = np.abs(xq) @ np.abs(wq).T
+        exact = xq @ wq.T
+        assert np.all(np.abs(y - (exact + b)) <= k * 2.0 ** -23 * scale + 2.0 ** -22 * np.abs(b)), (m, k, n)
+        assert np.all(np.abs(y0 - exact) <= k * 2.0 ** -23 * scale), (m, k, n)
+        full = x.astype(np.float64) @ w.astype(np.float64).T
+        assert np.all(np.abs(y0 - full) <= (2 * unit + k * 2.0 ** -23) * np.abs(x) @ np.abs(w).T), (m, k, n)
+
+
+def _pixart(cfg, state, name):
+    model = PixArt(cfg)
+    load_into(model, state)
+    return cpu.accelerate(backend.cast_parameters(model, name))
+
+
+@needs_bf16
+@needs_kernels
+def test_transformer_bf16_within_pytorch_bf16_error(graph_mode):
+    """A 2-block PixArt (graph mode, as sampling runs it): bf16 and fp16 weights against diffusers' fp32 output,
+    each within the error of diffusers' own bf16 run; only the Linear weights are half, stored in half."""
+    heads, head_dim, caption = 4, 32, 64
+    cfg = preset_config("PixArt-XL-2-256x256", depth=2, hidden_size=heads * head_dim, num_heads=heads,
+                        caption_channels=caption)
+    ref = diffusers_model(dict(sample_size=32), heads=heads, head_dim=head_dim, caption_channels=caption)
+    state, unmapped = diffusers_to_original({k: v.numpy() for k, v in ref.state_dict().items()})
+    assert not unmapped
+    fill_null_caption(state, cfg, 120, log=lambda *_: None)
+    args = inputs((16, 16), False, caption_channels=caption)
+    want = run_diffusers(ref, *args)
+    torch_bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    x, t, y, mask, _ = args
+    with torch.no_grad():
+        got = torch_bf16(torch.from_numpy(x).bfloat16(), encoder_hidden_states=torch.from_numpy(y).bfloat16(),
+                         timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask),
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample.float().numpy()
+    torch_err = rel_err(got, want)
+    errs = {}
+    for name, dt in (("bf16", ms.bfloat16), ("fp16", ms.float16)):
+        model = _pixart(cfg, state, name)
+        linear = backend.linear_weights(model)
+        assert linear and all((p.dtype == dt) == (id(p) in linear) for p in model.get_parameters())
+        out = run_ours(model, *args)
+        assert out.dtype == np.float32
+        errs[name] = rel_err(out, want)
+    print(f"vs diffusers fp32: PyTorch bf16 {torch_err:.2e}, ours bf16 {errs['bf16']:.2e}, fp16 {errs['fp16']:.2e}")
+    assert errs["bf16"] <= torch_err and errs["fp16"] <= torch_err / 4
+
+
+@needs_bf16
+@needs_kernels
+def test_t5_bf16_within_pytorch_bf16_error(tmp_path):
+    """T5 v1.1 (gated-GELU, padded batch): bf16 and fp16 storage against transformers' fp32 output, within the
+    error of transformers' own bf16 run; Linear weights and embedding tables stored half, the rest (norms) fp32."""
+    hf = hf_folder(tmp_path, d_model=256, d_kv=32, num_heads=8, d_ff=512)
+    ids, mask = padded_batch(TINY["vocab_size"])
+    outs = {}
+    for dt, model in (("fp32", hf), ("bf16", copy.deepcopy(hf).to(torch.bfloat16))):
+        with torch.no_grad():
+            outs[dt] = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
+                             ).last_hidden_state.float().numpy()
+    torch_err = rel_err(outs["bf16"], outs["fp32"])
+    errs = {}
+    for name, dt in (("bf16", ms.bfloat16), ("fp16", ms.float16)):
+        model = cpu.accelerate(load_t5(tmp_path, name))
+        assert {str(p.dtype) for p in model.get_parameters()} == {str(dt), "Float32"}
+        assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == dt == model.shared.weight.dtype
+        errs[name] = rel_err(model(Tensor(ids), Tensor(mask)).asnumpy(), outs["fp32"])
+    plain = load_t5(tmp_path, "bf16")  # without pixart.cpu's kernels: the portable layers widen the weights per call
+    errs["portable"] = rel_err(plain(Tensor(ids), Tensor(mask)).asnumpy(), outs["fp32"])
+    print(f"vs transformers fp32: bf16 {torch_err:.2e}; ours bf16 {errs['bf16']:.2e}, fp16 {errs['fp16']:.2e}, "
+          f"bf16 portable {errs['portable']:.2e}")
+    assert errs["bf16"] <= torch_err and errs["fp16"] <= torch_err / 4 and errs["portable"] <= torch_err
+
+
+def test_refused_without_bf16(monkeypatch, tmp_path, capsys):
+    """A CPU without AVX512_BF16: bf16 refused in one line before anything loads; the defaults fall back (fp32
+    transformer, fp16-stored T5); a config's bf16 becomes fp32 with a warning naming why."""
+    from pixart.cli.options import check_execution
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"avx512f"})
+    assert not backend.cpu_supports_bf16()
+    with pytest.raises(ValueError) as err:
+        backend.weight_dtype("bf16")
+    assert "AVX512_BF16" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="AVX512_BF16"):
+        load_t5(tmp_path / "missing", "bf16")  # refused before reading
+    assert backend.default_dtype() == "fp32" and backend.default_text_encoder_dtype() == "fp16"
+    assert backend.weight_dtype("fp16") == ms.float16
+    args = type("Args", (), dict(device_target="CPU", dtype="bf16", text_encoder_dtype="fp16",
+                                 enable_flash_attention=None))()
+    check_execution(args, stream=None)
+    assert args.dtype == "fp32" and "AVX512_BF16" in capsys.readouterr().err
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert backend.weight_dtype("bf16") == ms.bfloat16 and backend.default_dtype() == "bf16"
