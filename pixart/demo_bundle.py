@@ -36,7 +36,7 @@ T5_CONFIG = dict(architectures=["T5EncoderModel"], model_type="t5", d_model=64, 
                  num_heads=2, relative_attention_num_buckets=32, relative_attention_max_distance=128,
                  layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 VAE_CONFIG = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
-                  block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4,
+                  block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=1,
                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                   act_fn="silu", scaling_factor=0.13025, sample_size=256, force_upcast=True)
 DEFAULT_PROMPT = "a red circle on the left, black background"  # README's first command and the Gradio page
@@ -47,6 +47,10 @@ PAGE_NOTE = ("The embedded demo bundle is a tiny model trained on a synthetic wo
              "square or triangle on the left or right of a white, black or yellow background (see the example "
              "prompts); T5 is untrained, so other prompts give arbitrary scenes of that world.")
 PIXART_SHRINK = dict(depth=2, hidden_size=144, num_heads=2)  # head width 72, as the real model
+# how the demo samples (configs/inference/demo.yaml says the same; tests/test_demo_world.py checks it): the
+# unconditional branch is the null caption the transformer was trained with (train.py's caption dropout), not T5 of
+# an empty prompt, which it never saw
+SAMPLING = dict(sampler="dpm", num_inference_steps=20, guidance_scale=4.5, uncond="y_embedding")
 
 
 def _random_state(cell, seed: int) -> dict[str, np.ndarray]:
@@ -123,20 +127,19 @@ def random_transformer_state(cfg) -> dict[str, np.ndarray]:
     return state
 
 
-def evaluate(root=ROOT, cases=None, steps: int = 14, guidance_scale: float = 4.5, seed: int = 0,
-             log=print) -> tuple[float, list[dict]]:
+def evaluate(root=ROOT, cases=None, seed: int = 0, log=print, **sampling) -> tuple[float, list[dict]]:
     """Sample the bundle under `root` once per (scene, ratio) of `cases` (default: demo_world.probe_scenes()),
-    seed `seed + i` for case i, and measure each image. Returns (the fraction of the named attributes present, one
-    row per case: caption, ratio, what was measured, the score out of 3 and the uint8 image)."""
+    seed `seed + i` for case i, as the demo samples (SAMPLING, updated by `sampling`), and measure each image.
+    Returns (the fraction of the named attributes present, one row per case: caption, ratio, what was measured,
+    the score out of 3 and the uint8 image)."""
     pipe = PixArtPipeline(**load_components(Path(root) / CHECKPOINT, PRESET, Path(root) / COMPONENTS / "vae",
                                             Path(root) / COMPONENTS / "text_encoder",
                                             Path(root) / COMPONENTS / "tokenizer", log=lambda *_: None))
     rows = []
     for i, (scene, ratio) in enumerate(cases or demo_world.probe_scenes()):
         h, w = demo_world.SIZES[ratio]
-        out = pipe(scene.caption, height=h, width=w, sampler="dpm", num_inference_steps=steps,
-                   guidance_scale=guidance_scale, seed=seed + i, use_resolution_binning=False, output_type="np",
-                   progress=False)
+        out = pipe(scene.caption, height=h, width=w, seed=seed + i, use_resolution_binning=False, output_type="np",
+                   progress=False, **{**SAMPLING, **sampling})
         image = np.round(np.asarray(out.images[0]) * 255).astype(np.uint8)
         rows.append(dict(caption=scene.caption, ratio=ratio, measured=demo_world.measure(image),
                          score=demo_world.score(image, scene), image=image))

@@ -1,14 +1,16 @@
 """Train the demo bundle's VAE and transformer from scratch on the synthetic demo world, and write the weights that
 ship in pixart/demo_weights/ (then `python tools/make_demo_bundle.py --force` builds the bundle from them).
 
-    flock /work/wt/heavy.lock python tools/train_demo_world.py [--work outputs/demo_world] [--out pixart/demo_weights]
+    python tools/train_demo_world.py [--work outputs/demo_world] [--out pixart/demo_weights] [--chunk_minutes M]
 
 Stages, all with this project's code, on the CPU:
   1. the world: every scene (pixart.demo_world) at both aspect ratios, `--per_scene` images each, with captions;
   2. the VAE (SDXL layout, pixart.demo_bundle.VAE_CONFIG): `--vae_steps` of reconstruction + KL on random crops;
-     its PSNR on held-out world images is printed; the latent scaling factor is 1 / the latents' std;
+     its PSNR on held-out world images is printed; the latent scaling factor is 1 / the latents' std; resumable
+     (`--chunk_minutes`: the same command continues it);
   3. the feature cache: tools/extract_features.py (the random tiny T5 encodes the captions, the VAE the images);
-  4. the transformer: train.py (aspect-ratio buckets, EMA) for `--steps` steps; its EMA weights are exported;
+  4. the transformer: train.py (aspect-ratio buckets, EMA) up to `--steps` steps, continuing its newest checkpoint
+     if there is one; its EMA weights are exported;
   5. the score: the bundle built from the new weights samples the 16 probe captions, and the attributes found in
      the pixels are counted (the figure tests/test_demo_world.py asserts).
 The timings on 2 cores are in docs/demo.md.
@@ -40,16 +42,17 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--work", default="outputs/demo_world", help="scratch folder (data, cache, runs)")
     p.add_argument("--out", default=str(demo_bundle.WEIGHTS), help="where the trained weights go")
     p.add_argument("--per_scene", type=int, default=3, help="training images per scene and aspect ratio")
-    p.add_argument("--vae_steps", type=int, default=300)
-    p.add_argument("--decoder_steps", type=int, default=600, help="decoder-only VAE steps (stage decoder)")
+    p.add_argument("--vae_steps", type=int, default=1400)
+    p.add_argument("--chunk_minutes", type=float, default=None, help="stop the VAE stage after this long; the same "
+                   "command continues it (train.py's stage continues from its newest checkpoint in the same way)")
     p.add_argument("--vae_crop", type=int, default=48, help="VAE training windows (pixels, a multiple of 8)")
-    p.add_argument("--steps", type=int, default=1500, help="transformer training steps")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=2500, help="transformer training steps")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--ema_rate", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", nargs="+", default=["vae", "transformer", "decoder", "score", "docs"],
-                   choices=["vae", "transformer", "decoder", "export", "score", "docs"], help="run only these (the later ones "
+    p.add_argument("--stages", nargs="+", default=["vae", "transformer", "score", "docs"],
+                   choices=["vae", "transformer", "export", "score", "docs"], help="run only these (the later ones "
                    "read the earlier ones' results from --work and --out); export: the newest checkpoint's EMA "
                    "weights (the transformer stage ends with it); docs: the sample grid of docs/demo.md and the "
                    "README's picture")
@@ -69,45 +72,36 @@ def _world_images(work: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(work / "world" / "images" / x["path"]).convert("RGB")) for x in labels]
 
 
-def train_vae(args, work: Path, out: Path) -> None:
+def train_vae(args, work: Path, out: Path) -> bool:
+    """The VAE from scratch; resumable: a run stopped by --chunk_minutes continues from work/vae_state.safetensors.
+    Returns whether it finished (then out/vae.safetensors is written)."""
     # PyNative: in graph mode (MindSpore 2.7.1, CPU) this training step stalls for minutes after a dozen steps
     backend.setup("CPU", "pynative")
-    ms.set_seed(args.seed)
     images = _world_images(work)
     vae = AutoencoderKL(VAEConfig.from_dict(demo_bundle.VAE_CONFIG))
-    load_into(vae, demo_bundle.random_vae_state(), "VAE")
+    state = demo_bundle.random_vae_state()
+    # the posterior starts narrow (log-variance -6): the decoder sees the encoder's signal from the first step, not
+    # unit noise that the encoder would first have to learn to shrink
+    state["quant_conv.bias"][vae.latent_channels:] = -6.0
+    load_into(vae, state, "VAE")
     t0 = time.time()
-    train_autoencoder(vae, images, args.vae_steps, batch_size=8, crop=args.vae_crop, learning_rate=3e-3,
-                      seed=args.seed, log_every=10)
+    done = train_autoencoder(vae, images, args.vae_steps, batch_size=8, crop=args.vae_crop, learning_rate=1e-3,
+                             seed=args.seed, log_every=25, state_file=work / "vae_state.safetensors",
+                             stop_after=args.chunk_minutes * 60 if args.chunk_minutes else None)
     vae.set_train(False)
     held_out = demo_world.random_images(8, seed=10_000 + args.seed)
-    print(f"VAE trained in {time.time() - t0:.0f} s; PSNR on 8 held-out world images: {psnr(vae, held_out):.2f} dB")
+    print(f"VAE at step {done}/{args.vae_steps} ({time.time() - t0:.0f} s this run); PSNR on 8 held-out world "
+          f"images: {psnr(vae, held_out):.2f} dB")
+    if done < args.vae_steps:
+        print("the VAE is not finished: run the same command again to continue")
+        return False
     stds = [vae.encode(ms.Tensor(to_model(im[None])))[0].asnumpy().ravel() for im in images[::4]]
     scale = float(1.0 / np.concatenate(stds).std())
     state = {p.name: p.asnumpy() for p in vae.get_parameters()}
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(state, out / "vae.safetensors", {"format": "pt", "scaling_factor": repr(scale)})
     print(f"wrote {out / 'vae.safetensors'} (latent scaling factor {scale:.4f})")
-
-
-def train_decoder(args, work: Path, out: Path) -> None:
-    """More training for the VAE's decoder alone: the encoder, hence the latents (and the feature cache, and what
-    the transformer learned) stay as they are, so this may run beside the transformer stage."""
-    backend.setup("CPU", "pynative")
-    ms.set_seed(args.seed + 1)
-    images = _world_images(work)
-    vae = AutoencoderKL(VAEConfig.from_dict(demo_bundle.VAE_CONFIG))
-    load_into(vae, read_safetensors(out / "vae.safetensors"), "VAE")
-    scale = read_safetensors_metadata(out / "vae.safetensors")["scaling_factor"]
-    t0 = time.time()
-    train_autoencoder(vae, images, args.decoder_steps, batch_size=8, crop=args.vae_crop, learning_rate=2e-3,
-                      seed=args.seed + 1, log_every=10, decoder_only=True)
-    vae.set_train(False)
-    held_out = demo_world.random_images(8, seed=10_000 + args.seed)
-    print(f"decoder trained in {time.time() - t0:.0f} s; PSNR on 8 held-out world images: {psnr(vae, held_out):.2f} dB")
-    state = {p.name: p.asnumpy() for p in vae.get_parameters()}
-    write_safetensors(state, out / "vae.safetensors", {"format": "pt", "scaling_factor": scale})
-    print(f"wrote {out / 'vae.safetensors'}")
+    return True
 
 
 def train_transformer(args, work: Path, out: Path) -> None:
@@ -125,13 +119,14 @@ def train_transformer(args, work: Path, out: Path) -> None:
     print(f"feature cache in {time.time() - t0:.0f} s")
     t0 = time.time()
     shrink = demo_bundle.PIXART_SHRINK
+    resume = ["--resume", "latest"] if list((run / "checkpoints").glob("step_*")) else []  # train.py resumes exactly
     _run("train.py", "--model", demo_bundle.PRESET, "--multi_scale", "true", "--depth", shrink["depth"],
          "--hidden_size", shrink["hidden_size"], "--num_heads", shrink["num_heads"],
          "--json_path", data / "labels.json", "--feature_dir", cache, "--batch_size", args.batch_size,
          "--learning_rate", args.learning_rate, "--warmup_steps", 100, "--sample_posterior", "false",
          "--sd_scale_factor", scale, "--use_ema", "true", "--ema_rate", args.ema_rate, "--seed", args.seed,
-         "--max_steps", args.steps, "--save_every", max(100, args.steps // 6), "--keep_last", 0,
-         "--log_every", 50, "--output_dir", run, "--mode", "graph")
+         "--max_steps", args.steps, "--save_every", 500, "--keep_last", 2,
+         "--log_every", 100, "--output_dir", run, "--mode", "graph", *resume)
     print(f"transformer trained in {time.time() - t0:.0f} s")
     export(args, work, out)
 
@@ -186,10 +181,10 @@ def run(args) -> None:
         demo_world.make_dataset(work / "world", args.per_scene, args.seed)
     if not (work / "bundle" / demo_bundle.CHECKPOINT).exists():
         demo_bundle.build(work / "bundle", trained=False)  # the tokenizer and the random T5
-    for stage, fn in (("vae", train_vae), ("transformer", train_transformer), ("decoder", train_decoder),
-                      ("export", export), ("score", score), ("docs", docs)):
-        if stage in args.stages:
-            fn(args, work, out)
+    for stage, fn in (("vae", train_vae), ("transformer", train_transformer), ("export", export), ("score", score),
+                      ("docs", docs)):
+        if stage in args.stages and fn(args, work, out) is False:
+            break  # an unfinished stage: the same command continues it
     print(f"done in {(time.time() - t0) / 60:.1f} min")
 
 
