@@ -109,7 +109,8 @@ def test_prompts_are_encoded_first_and_t5_is_freed(bundle, graph_mode, monkeypat
         params.extend(weakref.ref(p) for p in model.get_parameters())
         return model
     monkeypatch.setattr(sample_run, "load_t5", load_and_watch)  # the name sample.py's code calls
-    args = parse_args(sample_run.build_parser(), ["-c", str(CONFIG), *bundle.flags, "--mode", "graph", "--prompt", "x"])
+    args = parse_args(sample_run.build_parser(), ["-c", str(CONFIG), *bundle.flags, "--mode", "graph", "--prompt", "x",
+                                                  "--uncond", "negative"])  # the demo config samples with y_embedding
     embeds, negative = sample_run.encode_first(args, ["a red square", "a blue circle"], log=lambda *_: None)
     gc.collect()
     assert params and not any(p() is not None for p in params)

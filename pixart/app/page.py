@@ -9,6 +9,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
+from pixart import demo_bundle
 from pixart.app.core import CUSTOM, LORA_SCALES, DemoApp, DemoError, editor_inputs
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS
 from pixart.pipelines.controlnet import CONTROL_TYPES
@@ -25,8 +26,8 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
 
     d = app.defaults()
     a = app.args
-    untrained = " The embedded demo bundle is **untrained: its images are noise**." if \
-        Path(str(a.checkpoint)).name.endswith("-demo.ckpt") else ""
+    is_demo = Path(str(a.checkpoint)).name.endswith("-demo.ckpt")
+    untrained = f" {demo_bundle.PAGE_NOTE}" if is_demo else ""
 
     def on_generate(prompt, negative_prompt, sampler, steps, guidance_scale, seed, randomize_seed, width, height,
                     batch_size, resolution_binning, lora_scale, editor=None, strength=None,
@@ -119,6 +120,9 @@ def build_app(app: DemoApp, load_seconds: float = 0.0):
                                                   label="Control scale", info="0 = the base model, 1 = as trained",
                                                   elem_id="control-scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
+                if is_demo:
+                    gr.Examples([[p] for p in demo_bundle.EXAMPLE_PROMPTS], [prompt], label="Prompts of its world",
+                                elem_id="examples")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height=420, elem_id="gallery",
                                      object_fit="contain")
