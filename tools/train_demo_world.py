@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from pixart import backend, demo_bundle, demo_world
 from pixart.cli import main as cli_main
 from pixart.cli.options import ArgumentParser
+from pixart.cli.sample import build_parser as sample_parser
 from pixart.io import load_into, read_ckpt, read_safetensors, read_safetensors_metadata, write_safetensors
 from pixart.models.vae import AutoencoderKL, VAEConfig
 from pixart.training.autoencoder import psnr, to_model, train_autoencoder
@@ -154,13 +155,16 @@ def score(args, work: Path, out: Path) -> None:
 
 def docs(args, work: Path, out: Path, seeds: int = 4, thumb: int = 96) -> None:
     """docs/demo_grid.png (one row per example prompt, one column per seed, square images shown at `thumb` px,
-    the caption on the left) and docs/demo_readme.png (the default prompt's first image at full size)."""
+    the caption on the left) and docs/demo_readme.png (what the README's first command draws: the default prompt, seed 42)."""
     prompts = demo_bundle.EXAMPLE_PROMPTS
     cases = [(demo_world.Scene.parse(p), "1.0") for p in prompts for _ in range(seeds)]
     _, rows = demo_bundle.evaluate(_trained_bundle(work, out), cases, log=lambda *_: None)
     folder = Path(args.docs)
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rows[0]["image"]).save(folder / "demo_readme.png", optimize=True)
+    # the README's picture is what its first command draws: the default prompt at sample.py's default seed
+    _, first = demo_bundle.evaluate(_trained_bundle(work, out), [(demo_world.Scene.parse(demo_bundle.DEFAULT_PROMPT),
+                                                                  "1.0")], seed=sample_parser().get_default("seed"), log=lambda *_: None)
+    Image.fromarray(first[0]["image"]).save(folder / "demo_readme.png", optimize=True)
     label = 300
     grid = Image.new("RGB", (label + seeds * thumb, len(prompts) * thumb), (255, 255, 255))
     pen = ImageDraw.Draw(grid)
