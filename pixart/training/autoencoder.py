@@ -4,7 +4,7 @@ architecture is the full SD / SDXL one, so the trained weights load wherever a r
 
 Training is resumable in chunks: every step's crops and noise are drawn from (seed, step) alone and the learning
 rate is a function of the step, so a run stopped after `stop_after` seconds and continued from its state file (the
-weights, Adam's moments and the step reached) repeats an uninterrupted run.
+weights, Adam's moments and the step reached) continues it; not yet bit for bit (docs/demo.md).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, 
     if state_file is not None and Path(state_file).exists():
         saved = read_safetensors(state_file)
         for key, p in state.items():
-            p.set_data(Tensor(saved[key]).astype(p.dtype))
+            p.set_data(Tensor(saved[key], dtype=p.dtype))  # built in its dtype: a cast one can corrupt the heap
         start = int(saved["step"])
         log(f"vae: resumed at step {start} from {state_file}")
     step.set_train()
