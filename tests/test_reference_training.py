@@ -224,10 +224,8 @@ def test_lora_script_reference_defaults_and_names():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--snr_gamma", "5.0"], "--snr_gamma 5.0: Min-SNR loss weighting is not implemented"),
     (["--push_to_hub"], "--push_to_hub: this script does not upload"),
     (["--prediction_type", "v_prediction"], "--prediction_type v_prediction: PixArt predicts epsilon"),
-    (["--noise_offset", "0.1"], "--noise_offset 0.1: offset noise is not implemented"),
 ])
 def test_lora_reference_options_we_do_not_have_exit_1(tmp_path, capsys, extra, message):
     labels = tmp_path / "labels.json"
@@ -236,8 +234,9 @@ def test_lora_reference_options_we_do_not_have_exit_1(tmp_path, capsys, extra, m
                                  "--image_dir", str(tmp_path), *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    a = parsed(["--prediction_type", "epsilon", "--noise_offset", "0"], lora_train.build_parser)
-    lora_train.check_refused(a)  # what this trainer does anyway is accepted
+    a = parsed(["--prediction_type", "epsilon", "--noise_offset", "0.1", "--snr_gamma", "5"], lora_train.build_parser)
+    lora_train.check_refused(a)  # what this trainer does anyway, and what it implements, is accepted
+    assert (a.noise_offset, a.snr_gamma) == (0.1, 5.0)
 
 
 def test_lora_fp16_falls_back_on_cpu(capsys):
@@ -251,6 +250,10 @@ def test_lora_fp16_falls_back_on_cpu(capsys):
     (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"],
      "--lr_scheduler polynomial decays to 1e-07, so --learning_rate must be larger; got 1e-08"),
     (["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "0"], "--lr_num_cycles must be >= 1, got 0"),
+    (["--timestep_bias_strategy", "range", "--timestep_bias_begin", "600", "--timestep_bias_end", "400"],
+     "--timestep_bias_begin 600 must be below --timestep_bias_end 400"),
+    (["--timestep_bias_multiplier", "0"], "--timestep_bias_multiplier"),
+    (["--noise_offset", "-0.1"], "--noise_offset"),
 ])
 def test_lr_schedule_settings_diffusers_rejects_exit_1(tmp_path, capsys, script, extra, message):
     labels = tmp_path / "labels.json"

@@ -9,7 +9,7 @@ from mindspore import Tensor
 from pixart import demo_bundle as demo
 from pixart.data.dataset import BatchStream, BucketDataset, DataError, load_labels
 from pixart.data.features import FeatureCache, ImageEncoder, TextEncoder, extract_features
-from pixart.training.batch import BATCH_KEYS, BatchBuilder, sample_draws
+from pixart.training.batch import BATCH_KEYS, BatchBuilder, sample_draws, timestep_weights
 from tests.synthetic import make_dataset
 
 
@@ -102,6 +102,45 @@ def test_per_sample_draws_depend_only_on_seed_batch_and_slot():
     assert not np.array_equal(a.noise, c.noise)
     drops = [sample_draws(0, i, 0, (1, 1, 1), 1.0, 0.1, False, 1000).drop for i in range(2000)]
     assert 0.08 < np.mean(drops) < 0.12  # classifier-free dropout at 0.1
+
+
+def test_timestep_bias_and_offset_noise_draws():
+    """diffusers' --timestep_bias_strategy weights, drawn from; offset noise adds one constant per channel and
+    leaves every other draw as it was."""
+    assert timestep_weights("none") is None
+    w = timestep_weights("later", multiplier=5.0, portion=0.4)
+    assert w.shape == (1000,) and abs(w.sum() - 1) < 1e-12 and w[999] == w[600] == 5 * w[599] == 5 * w[0]
+    r = timestep_weights("range", multiplier=3.0, begin=200, end=300)
+    assert r[200] == r[299] == 3 * r[300] == 3 * r[199]
+    e = timestep_weights("earlier", multiplier=2.0, portion=0.25)
+    assert e[249] == 2 * e[250]
+    ts = np.array([sample_draws(0, i, 0, (1, 1, 1), 1.0, 0.0, False, 1000, w).t for i in range(3000)])
+    assert abs(np.mean(ts >= 600) - 2.0 / 2.6) < 0.03 and ts.min() >= 0 and ts.max() <= 999  # 0.4*5 / (0.6 + 2)
+    plain = sample_draws(3, 2, 1, (4, 3, 3), 0.5, 0.1, True, 1000)
+    offset = sample_draws(3, 2, 1, (4, 3, 3), 0.5, 0.1, True, 1000, noise_offset=0.1)
+    assert (plain.t, plain.drop, plain.flip) == (offset.t, offset.drop, offset.flip)
+    assert np.array_equal(plain.posterior, offset.posterior)
+    shift = offset.noise - plain.noise
+    assert np.allclose(shift, shift[:, :1, :1], atol=1e-6) and 0 < np.abs(shift).max() < 0.5
+
+
+def test_min_snr_weighting_of_the_noise_mse():
+    """--snr_gamma: each sample's noise MSE times min(SNR_t, gamma) / SNR_t (diffusers' Min-SNR for epsilon)."""
+    import mindspore as ms
+    from mindspore import nn
+    from pixart.diffusion.loss import DiffusionLoss
+    from pixart.diffusion.schedule import default_schedule
+    rng = np.random.default_rng(0)
+    x0, noise, out = (ms.Tensor(rng.standard_normal((4, 4, 2, 2)).astype(np.float32)) for _ in range(3))
+    t = np.array([5, 100, 500, 990], np.int32)
+    plain = DiffusionLoss(nn.Cell(), learn_sigma=False)
+    weighted = DiffusionLoss(nn.Cell(), learn_sigma=False, snr_gamma=5.0)
+    args = (out, x0, x0, ms.Tensor(t), noise)
+    mse, mse_w = plain.terms(*args)[1].asnumpy()[1], weighted.terms(*args)[1].asnumpy()[1]
+    ac = np.asarray(default_schedule().alphas_cumprod)[t]
+    snr = ac / (1 - ac)
+    np.testing.assert_allclose(mse_w, mse * np.minimum(snr, 5.0) / snr, rtol=1e-5)
+    assert mse_w[0] < 0.1 * mse[0] and mse_w[3] == pytest.approx(mse[3])  # low noise down-weighted, high noise not
 
 
 def test_cache_and_on_the_fly_give_the_same_inputs_and_loss(data, tmp_path):

@@ -110,8 +110,6 @@ REFUSED = {
     "--hub_token": ({}, None, "this script does not upload; copy --output_dir"),
     "--hub_model_id": ({}, None, "this script does not upload; copy --output_dir"),
     "--scale_lr": ({"action": "store_true"}, False, "not implemented; scale --learning_rate yourself"),
-    "--snr_gamma": ({"type": float}, None, "Min-SNR loss weighting is not implemented"),
-    "--noise_offset": ({"type": float}, 0.0, "offset noise is not implemented"),
     "--prediction_type": ({"choices": ["epsilon", "v_prediction"]}, None,
                           "PixArt predicts epsilon (and its variance) only"),
     "--enable_xformers_memory_efficient_attention": ({"action": "store_true"}, False,

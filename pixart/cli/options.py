@@ -300,7 +300,30 @@ def add_data_group(p):
                    help="mirror images at random (a bare --random_flip means true)")
     g.add_argument("--sample_posterior", type=str2bool, default=True, help="VAE posterior sample (else its mean)")
     g.add_argument("--max_length", type=int, default=None, help="caption tokens (default: preset, 120 α / 300 Σ)")
+    add_objective_options(p)
     add_report_group(p)
+    return g
+
+
+def add_objective_options(p):
+    """How the training noise and timesteps are drawn and the noise MSE weighted (diffusers' names and meanings;
+    all off by default, as in PixArt's own training)."""
+    g = p.add_argument_group("training objective")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR weighting: the noise MSE at step t times min(SNR_t, gamma) / SNR_t (5.0 is the "
+                   "usual value; default: off)")
+    g.add_argument("--noise_offset", type=float, default=0.0,
+                   help="offset noise: a per-image, per-channel constant of this spread added to the training noise "
+                   "(helps learn overall brightness and colour; 0: off)")
+    g.add_argument("--timestep_bias_strategy", default="none", choices=["none", "later", "earlier", "range"],
+                   help="draw some training timesteps more often: later (the noisiest --timestep_bias_portion), "
+                   "earlier (the least noisy), range ([--timestep_bias_begin, --timestep_bias_end))")
+    g.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                   help="how much more often the biased timesteps are drawn (1.0: no bias)")
+    g.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                   help="the fraction of the timesteps that later / earlier bias")
+    g.add_argument("--timestep_bias_begin", type=int, default=0, help="range: the first biased timestep")
+    g.add_argument("--timestep_bias_end", type=int, default=1000, help="range: one past the last biased timestep")
     return g
 
 
@@ -435,6 +458,8 @@ LIMITS: dict[str, Limit] = {
     "validation_every": _AT_LEAST_0, "num_validation_images": _AT_LEAST_1, "validation_epochs": _AT_LEAST_1,
     "visualize_interval": _AT_LEAST_1, "num_parallel_workers": _AT_LEAST_1, "threads": _AT_LEAST_1,
     "max_train_samples": _AT_LEAST_1, "real_prompt_ratio": _PROBABILITY, "class_dropout_prob": _PROBABILITY,
+    "snr_gamma": _POSITIVE, "noise_offset": _AT_LEAST_0, "timestep_bias_multiplier": _POSITIVE,
+    "timestep_bias_portion": _PROBABILITY, "timestep_bias_begin": Limit(0, 999), "timestep_bias_end": Limit(1, 1000),
     # data tools
     "num_shards": _AT_LEAST_1, "shard_id": _AT_LEAST_0,
 }

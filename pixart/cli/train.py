@@ -278,6 +278,9 @@ def check_common_args(args, flag: Callable[[str], str] = default_flag) -> None:
     for name in ("real_prompt_ratio", "class_dropout_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise TrainError(f"{flag(name)} must be in [0, 1], got {getattr(args, name)}")
+    if args.timestep_bias_strategy == "range" and not args.timestep_bias_begin < args.timestep_bias_end:
+        raise TrainError(f"{flag('timestep_bias_begin')} {args.timestep_bias_begin} must be below "
+                         f"{flag('timestep_bias_end')} {args.timestep_bias_end}")
     if not args.learning_rate > 0:
         raise TrainError(f"{flag('learning_rate')} must be > 0, got {args.learning_rate}")
     for name in ("warmup_steps", "clip_grad", "keep_last"):

@@ -59,7 +59,8 @@ class DiffusionLoss(nn.Cell):
     Returns the batch-mean loss and a (3, B) stack of per-sample [loss, mse, vb] for logging.
     """
 
-    def __init__(self, model: nn.Cell, schedule: NoiseSchedule | None = None, learn_sigma: bool | None = None):
+    def __init__(self, model: nn.Cell, schedule: NoiseSchedule | None = None, learn_sigma: bool | None = None,
+                 snr_gamma: float | None = None):
         super().__init__(auto_prefix=False)  # the model's parameters keep their checkpoint names
         self.model = model
         s = schedule or default_schedule()
@@ -77,6 +78,12 @@ class DiffusionLoss(nn.Cell):
         self.coef2 = table(s.posterior_mean_coef2)
         self.post_logvar = table(s.posterior_log_variance_clipped)
         self.log_betas = table(s.log_betas)
+        # Min-SNR-gamma (Hang et al. 2023, diffusers' --snr_gamma): the noise MSE at step t weighted by
+        # min(SNR_t, gamma) / SNR_t, which lowers the weight of the low-noise steps
+        self.snr_gamma = snr_gamma
+        if snr_gamma:
+            snr = np.asarray(s.alphas_cumprod, np.float64) / (1.0 - np.asarray(s.alphas_cumprod, np.float64))
+            self.mse_weight = table(np.minimum(snr, snr_gamma) / snr)
 
     def _at(self, table, t):
         return ops.gather(table, t, 0).reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
@@ -98,6 +105,8 @@ class DiffusionLoss(nn.Cell):
         c = x0.shape[1]
         eps = out[:, :c]
         mse = mean_flat((noise - eps) ** 2)  # (B,)
+        if self.snr_gamma:
+            mse = mse * ops.gather(self.mse_weight, t, 0)
         if self.learn_sigma:
             vb = self.vb_terms(ops.stop_gradient(eps), out[:, c:], x0, x_t, t)
         else:

@@ -29,14 +29,37 @@ class Draws:
 
 
 def sample_draws(seed: int, batch_index: int, slot: int, latent_shape, real_prompt_ratio: float,
-                 dropout: float, random_flip: bool, num_timesteps: int) -> Draws:
+                 dropout: float, random_flip: bool, num_timesteps: int, timestep_weights: np.ndarray | None = None,
+                 noise_offset: float = 0.0) -> Draws:
+    """One sample's draws. `timestep_weights` (num_timesteps,) summing to 1: t is drawn from them (else uniform);
+    `noise_offset` > 0: offset noise, a per-channel constant of that spread added to the diffusion noise."""
     rng = np.random.default_rng([seed, SAMPLE_STREAM, batch_index, slot])
     u_prompt, u_drop, u_flip = rng.random(3)
-    t = int(rng.integers(0, num_timesteps))
+    if timestep_weights is None:
+        t = int(rng.integers(0, num_timesteps))
+    else:
+        t = int(rng.choice(num_timesteps, p=timestep_weights))
     noise = rng.standard_normal(latent_shape, dtype=np.float32)
     posterior = rng.standard_normal(latent_shape, dtype=np.float32)
+    if noise_offset:  # drawn last, so the other draws are those of a run without it
+        noise += np.float32(noise_offset) * rng.standard_normal((latent_shape[0], 1, 1), dtype=np.float32)
     return Draws(bool(u_prompt < real_prompt_ratio), bool(u_drop < dropout), bool(random_flip and u_flip < 0.5), t,
                  noise, posterior)
+
+
+def timestep_weights(strategy: str, num_timesteps: int = 1000, multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 1000) -> np.ndarray | None:
+    """The training timesteps' sampling weights, as diffusers' `--timestep_bias_strategy`: "later" multiplies
+    the weight of the last `portion` of the timesteps (the noisiest) by `multiplier`, "earlier" the first
+    `portion`, "range" the timesteps in [begin, end); None for "none" (uniform)."""
+    if strategy == "none":
+        return None
+    weights = np.ones(num_timesteps, np.float64)
+    count = int(portion * num_timesteps)
+    biased = {"later": slice(num_timesteps - count, None), "earlier": slice(0, count),
+              "range": slice(begin, end)}[strategy]
+    weights[biased] *= multiplier
+    return weights / weights.sum()
 
 
 class BatchBuilder:
@@ -49,8 +72,10 @@ class BatchBuilder:
     def __init__(self, dataset, seed: int, max_length: int, scaling_factor: float, latent_channels: int = 4,
                  vae_factor: int = 8, num_timesteps: int = 1000, real_prompt_ratio: float = 1.0,
                  class_dropout_prob: float = 0.1, random_flip: bool = False, sample_posterior: bool = True,
-                 cache=None, text_encoder=None, image_encoder=None, workers: int = 1):
+                 cache=None, text_encoder=None, image_encoder=None, workers: int = 1,
+                 timestep_weights: np.ndarray | None = None, noise_offset: float = 0.0):
         self.dataset, self.seed, self.max_length = dataset, seed, max_length
+        self.timestep_weights, self.noise_offset = timestep_weights, noise_offset
         self.scaling_factor, self.latent_channels, self.vae_factor = scaling_factor, latent_channels, vae_factor
         self.num_timesteps, self.real_prompt_ratio = num_timesteps, real_prompt_ratio
         self.class_dropout_prob, self.random_flip = class_dropout_prob, random_flip
@@ -71,7 +96,8 @@ class BatchBuilder:
     def draws(self, ref) -> list[Draws]:
         """The random draws of each sample of `ref` (the same every time they are asked for)."""
         return [sample_draws(self.seed, ref.index, slot, self.latent_shape(e), self.real_prompt_ratio,
-                             self.class_dropout_prob, self.random_flip, self.num_timesteps)
+                             self.class_dropout_prob, self.random_flip, self.num_timesteps,
+                             self.timestep_weights, self.noise_offset)
                 for slot, e in zip(ref.slots, ref.entries)]
 
     def __call__(self, ref) -> dict[str, np.ndarray]:

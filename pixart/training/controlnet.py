@@ -48,9 +48,9 @@ def enabled(args) -> bool:
 class ControlNetLoss(DiffusionLoss):
     """DiffusionLoss of a ControlPixArt: x0 (B, 2C, H, W) holds the image latents, then the condition latents."""
 
-    def __init__(self, model):
+    def __init__(self, model, snr_gamma: float | None = None):
         base = model.base_model
-        super().__init__(model, learn_sigma=base.out_channels == 2 * base.config.in_channels)
+        super().__init__(model, learn_sigma=base.out_channels == 2 * base.config.in_channels, snr_gamma=snr_gamma)
 
     def construct(self, x0, t, noise, y, mask, img_hw, aspect_ratio, drop):
         c = noise.shape[1]
@@ -163,7 +163,7 @@ class ControlNetMethod(Method):
         return model.control_parameters()
 
     def loss(self, compute_model):
-        return ControlNetLoss(compute_model)
+        return ControlNetLoss(compute_model, args.snr_gamma)
 
     def batches(self, builder, data, args):
         cache = ConditionCache(args.feature_dir, args.control_dir, args.control_type) if args.feature_dir else None

@@ -22,7 +22,7 @@ from pixart.data.sources import source_from_args
 from pixart.diffusion.loss import DiffusionLoss
 from pixart.models.pixart import KVCompression, PixArt, preset_config
 from pixart.training import distributed
-from pixart.training.batch import BatchBuilder
+from pixart.training.batch import BatchBuilder, timestep_weights
 from pixart.training.dreambooth import PriorBatchBuilder, PriorPreservationLoss
 from pixart.training.ema import EMA
 from pixart.training.optimizers import auto_scale_lr, build_optimizer
@@ -203,8 +203,8 @@ def build_optimisation(args, compute_model, params, ctx, global_batch: int, log,
     dynamic = args.loss_scaler == "dynamic" or (args.loss_scaler == "auto" and args.mixed_precision == "fp16")
     init_scale = args.init_loss_scale or (65536.0 if dynamic else 1.0)
     if loss_fn is None:
-        loss_fn = PriorPreservationLoss(compute_model, args.prior_loss_weight) if prior_preservation(args) \
-            else DiffusionLoss(compute_model)
+        loss_fn = PriorPreservationLoss(compute_model, args.prior_loss_weight, snr_gamma=args.snr_gamma) \
+            if prior_preservation(args) else DiffusionLoss(compute_model, snr_gamma=args.snr_gamma)
     step_cell = TrainStep(loss_fn, optimizer, ema, args.clip_grad, args.grad_accumulation,
                           ctx.world_size, init_scale, dynamic, scale_factor=args.loss_scale_factor,
                           scale_window=args.loss_scale_window)
@@ -241,7 +241,11 @@ def batch_builder(args, data: Data, dataset) -> BatchBuilder:
                         class_dropout_prob=args.class_dropout_prob, random_flip=args.random_flip,
                         sample_posterior=args.sample_posterior, cache=data.cache,
                         text_encoder=data.text_encoder, image_encoder=data.image_encoder,
-                        workers=getattr(args, "num_parallel_workers", 1))
+                        workers=getattr(args, "num_parallel_workers", 1),
+                        timestep_weights=timestep_weights(args.timestep_bias_strategy, multiplier=args.timestep_bias_multiplier,
+                                                          portion=args.timestep_bias_portion,
+                                                          begin=args.timestep_bias_begin, end=args.timestep_bias_end),
+                        noise_offset=args.noise_offset)
 
 
 def controlnet_condition(args) -> bool:
