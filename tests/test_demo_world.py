@@ -61,9 +61,6 @@ def test_shipped_vae_reconstructs_held_out_world_images(bundles):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="the shipped transformer (2500 train.py steps) shows about 29% of the named "
-                   "attributes, not the 90% asked: its noise prediction barely depends on the caption yet "
-                   "(docs/demo.md, 'What is left')")
 def test_shipped_demo_draws_what_its_captions_ask(bundles):
     from pixart import backend
     backend.setup("CPU", "graph")

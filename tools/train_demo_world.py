@@ -9,8 +9,8 @@ Stages, all with this project's code, on the CPU:
      its PSNR on held-out world images is printed; the latent scaling factor is 1 / the latents' std; resumable
      (`--chunk_minutes`: the same command continues it);
   3. the feature cache: tools/extract_features.py (the random tiny T5 encodes the captions, the VAE the images);
-  4. the transformer: train.py (aspect-ratio buckets, EMA) up to `--steps` steps, continuing its newest checkpoint
-     if there is one; its EMA weights are exported;
+  4. the transformer: train.py runs in turn (PHASES: aspect-ratio buckets, EMA, then offset noise and a timestep
+     bias), each continuing its newest checkpoint if it stopped; the last run's EMA weights are exported;
   5. the score: the bundle built from the new weights samples the 16 probe captions, and the attributes found in
      the pixels are counted (the figure tests/test_demo_world.py asserts).
 The timings on 2 cores are in docs/demo.md.
@@ -47,15 +47,12 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--chunk_minutes", type=float, default=None, help="stop the VAE stage after this long; the same "
                    "command continues it (train.py's stage continues from its newest checkpoint in the same way)")
     p.add_argument("--vae_crop", type=int, default=48, help="VAE training windows (pixels, a multiple of 8)")
-    p.add_argument("--steps", type=int, default=2500, help="transformer training steps")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--ema_rate", type=float, default=0.995)
+    p.add_argument("--batch_size", type=int, default=16, help="transformer training batch (each run of PHASES)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="+", default=["vae", "transformer", "score", "docs"],
                    choices=["vae", "transformer", "export", "score", "docs"], help="run only these (the later ones "
                    "read the earlier ones' results from --work and --out); export: the newest checkpoint's EMA "
-                   "weights (the transformer stage ends with it); docs: the sample grid of docs/demo.md and the "
+                   "weights of the last run (the transformer stage ends with it); docs: the sample grid of docs/demo.md and the "
                    "README's picture")
     p.add_argument("--docs", default="docs", help="where the docs stage writes its PNGs")
     return p
@@ -105,38 +102,70 @@ def train_vae(args, work: Path, out: Path) -> bool:
     return True
 
 
+# The transformer's recipe: train.py runs in turn, each fine-tuning the EMA weights of the one before (a fresh
+# optimizer). The first learns the world. The caption decides the background and the shape's colour and side only
+# at high noise, where the noise-prediction loss weighs the clean image least, so the first run barely follows its
+# captions; the next ones train with offset noise (the overall colour is then noise until the caption says it),
+# the first of them drawing the noisiest 40% of the timesteps 5x as often. docs/demo.md gives each run's score.
+PHASES = (
+    dict(run="run", steps=2500, learning_rate=2e-3, ema_rate=0.995, warmup_steps=100, seed=0, extra=()),
+    dict(run="run_high_noise", steps=1000, learning_rate=1e-3, ema_rate=0.99, warmup_steps=50, seed=1,
+         extra=("--noise_offset", 0.1, "--timestep_bias_strategy", "later", "--timestep_bias_portion", 0.4,
+                "--timestep_bias_multiplier", 5)),
+    dict(run="run_offset", steps=1500, learning_rate=1e-3, ema_rate=0.99, warmup_steps=50, seed=1,
+         extra=("--noise_offset", 0.1)),
+    dict(run="run_offset_2", steps=2000, learning_rate=1e-3, ema_rate=0.99, warmup_steps=50, seed=2,
+         extra=("--noise_offset", 0.1)),
+)
+
+
 def train_transformer(args, work: Path, out: Path) -> None:
-    """The feature cache and train.py on it, with the new VAE and the bundle's tokenizer and T5."""
+    """The feature cache, then train.py's runs (PHASES) on it, with the new VAE and the bundle's tokenizer and T5.
+    A run that stopped continues from its newest checkpoint; a finished one is not run again."""
     comp = work / "bundle" / demo_bundle.COMPONENTS
     scale = float(read_safetensors_metadata(out / "vae.safetensors")["scaling_factor"])
     demo_bundle.write_vae(comp / "vae", read_safetensors(out / "vae.safetensors"), scale)
     encoders = ["--vae_root", comp / "vae", "--text_encoder_root", comp / "text_encoder",
                 "--tokenizer_root", comp / "tokenizer"]
     data = work / "world"
-    cache, run = work / "cache", work / "run"
+    cache = work / "cache"
     t0 = time.time()
     _run("tools/extract_features.py", "--json_path", data / "labels.json", "--image_dir", data / "images",
          "--output_dir", cache, "--resolution", 256, "--max_length", 300, "--captions", "prompt", *encoders)
     print(f"feature cache in {time.time() - t0:.0f} s")
-    t0 = time.time()
     shrink = demo_bundle.PIXART_SHRINK
-    resume = ["--resume", "latest"] if list((run / "checkpoints").glob("step_*")) else []  # train.py resumes exactly
-    _run("train.py", "--model", demo_bundle.PRESET, "--multi_scale", "true", "--depth", shrink["depth"],
-         "--hidden_size", shrink["hidden_size"], "--num_heads", shrink["num_heads"],
-         "--json_path", data / "labels.json", "--feature_dir", cache, "--batch_size", args.batch_size,
-         "--learning_rate", args.learning_rate, "--warmup_steps", 100, "--sample_posterior", "false",
-         "--sd_scale_factor", scale, "--use_ema", "true", "--ema_rate", args.ema_rate, "--seed", args.seed,
-         "--max_steps", args.steps, "--save_every", 500, "--keep_last", 2,
-         "--log_every", 100, "--output_dir", run, "--mode", "graph", *resume)
-    print(f"transformer trained in {time.time() - t0:.0f} s")
+    start = []
+    for phase in PHASES:
+        run = work / phase["run"]
+        t0 = time.time()
+        if not (run / "checkpoints" / f"step_{phase['steps']:08d}").exists():
+            resume = ["--resume", "latest"] if list((run / "checkpoints").glob("step_*")) else []  # exact resume
+            _run("train.py", "--model", demo_bundle.PRESET, "--multi_scale", "true", "--depth", shrink["depth"],
+                 "--hidden_size", shrink["hidden_size"], "--num_heads", shrink["num_heads"],
+                 "--json_path", data / "labels.json", "--feature_dir", cache, "--batch_size", args.batch_size,
+                 "--learning_rate", phase["learning_rate"], "--warmup_steps", phase["warmup_steps"],
+                 "--sample_posterior", "false", "--sd_scale_factor", scale, "--use_ema", "true",
+                 "--ema_rate", phase["ema_rate"], "--seed", args.seed + phase["seed"], "--max_steps", phase["steps"],
+                 "--save_every", 500, "--keep_last", 2, "--log_every", 100, "--output_dir", run, "--mode", "graph",
+                 *start, *phase["extra"], *resume)
+            print(f"{phase['run']}: {phase['steps']} steps in {time.time() - t0:.0f} s")
+        start = ["--load_from", export_run(run, run / "transformer.safetensors")]
     export(args, work, out)
 
 
+def export_run(run: Path, target: Path) -> Path:
+    """The EMA weights of the newest checkpoint of the train.py run in `run` -> `target` (.safetensors)."""
+    found = sorted((run / "checkpoints").glob("step_*"))
+    if not found:
+        raise SystemExit(f"error: no checkpoint in {run / 'checkpoints'}: run the transformer stage first")
+    write_safetensors(read_ckpt(found[-1] / "ema.ckpt"), target, {"format": "pt"})
+    return target
+
+
 def export(args, work: Path, out: Path) -> None:
-    """The EMA weights of the newest checkpoint of the train.py run -> out/transformer.safetensors."""
-    newest = sorted((work / "run" / "checkpoints").glob("step_*"))[-1]
-    write_safetensors(read_ckpt(newest / "ema.ckpt"), out / "transformer.safetensors", {"format": "pt"})
-    print(f"wrote {out / 'transformer.safetensors'} (the EMA weights of {newest.name})")
+    """The last run's EMA weights (its newest checkpoint) -> out/transformer.safetensors."""
+    export_run(work / PHASES[-1]["run"], out / "transformer.safetensors")
+    print(f"wrote {out / 'transformer.safetensors'} (the EMA weights of {PHASES[-1]['run']})")
 
 
 def _trained_bundle(work: Path, out: Path) -> Path:
