@@ -178,8 +178,8 @@ def test_new_paths_compile_once_per_shape(bundle, graph_mode):
 
 
 def test_sample_py_refuses_bad_image_inputs_before_loading(bundle, tmp_path, monkeypatch, capsys):
-    """sample.py: a missing / corrupt --image, a mask that cannot be single-channel, --strength outside [0, 1], bad
-    --timesteps or too many steps: exit 1 with one line, no model loaded, nothing written."""
+    """sample.py: a missing / corrupt --image, a mask that cannot be single-channel, --strength outside [0, 1] or
+    too small for LCM's steps, bad --timesteps or too many steps: exit 1 with one line, no model loaded, nothing written."""
     from pixart.cli import main, sample as sample_run
 
     def no_loading(*_a, **_k):
@@ -204,6 +204,8 @@ def test_sample_py_refuses_bad_image_inputs_before_loading(bundle, tmp_path, mon
         (["--timesteps", "400", "--sampling_method", "sa"], "sampler 'sa' cannot take custom timesteps"),
         (["--timesteps", "4x"], "--timesteps must be comma-separated whole numbers"),
         (["--sampling_steps", "1000"], r"--sampling_steps must be in \[1, 999\]"),
+        (["--image", str(good), "--sampling_method", "lcm", "--sampling_steps", "4", "--strength", "0.05"],
+         "lcm: strength 0.05 keeps 2 of the 50 distillation timesteps"),
     ]:
         assert main(sample_run.run, sample_run.build_parser, None, base + extra) == 1
         err = capsys.readouterr().err.strip().splitlines()

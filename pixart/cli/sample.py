@@ -227,9 +227,11 @@ def check_sampling(args) -> None:
     timesteps = parse_timesteps(getattr(args, "timesteps", None))
     try:
         sampler = make_sampler(args.sampling_method, timesteps=timesteps, **options)
+        if getattr(sampler, "STRENGTH_RESPACES", False) and getattr(args, "image", None) and timesteps is None:
+            sampler = make_sampler(args.sampling_method, strength=args.strength, **options)  # as image-to-image will
         sampler.noise_levels(args.sampling_steps or DEFAULT_STEPS[args.sampling_method])
     except ValueError as e:
-        raise SampleError(f"--timesteps / --sampling_steps: {e}") from None
+        raise SampleError(f"--timesteps / --sampling_steps / --strength: {e}") from None
 
 
 def check_image_inputs(args) -> None:
