@@ -182,9 +182,10 @@ def check_kv_layers(args, depth: int | None = None, flag=None) -> None:
     """Every --kv_compress_layer names a block of the model (0 .. depth-1); a layer that does not exist would be
     silently ignored. The check is `KVCompression.from_options`'s, worded with the flag the user wrote."""
     try:
-        KVCompression.from_options(layers=getattr(args, "kv_compress_layer", None), depth=depth or model_depth(args))
+        KVCompression.from_options(layers=getattr(args, "kv_compress_layer", None), depth=depth or model_depth(args),
+                                   name=flag or (lambda d: f"--{d}"))
     except ValueError as e:
-        raise ConfigError(str(e).replace("kv_compress_layer", (flag or (lambda d: f"--{d}"))("kv_compress_layer"), 1))
+        raise ConfigError(str(e)) from None
 
 
 def kv_compress_config(args, depth: int | None = None) -> dict | None:

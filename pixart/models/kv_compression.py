@@ -34,22 +34,23 @@ class KVCompression:
 
     @classmethod
     def from_options(cls, sampling: str = "conv", scale_factor: int | None = None, layers=None,
-                     depth: int | None = None) -> "KVCompression":
+                     depth: int | None = None, name=lambda option: option) -> "KVCompression":
         """The compression the options kv_compress_sampling / kv_compress_scale_factor / kv_compress_layer ask for,
-        checked (ValueError naming the value and what is allowed). An unset factor is 2; unset layers are the second
-        half of `depth` blocks (Σ's 14..27 of 28), left empty when the depth is not known yet."""
+        checked (ValueError naming the value and what is allowed; `name(option)` is how a message names an option,
+        e.g. as a command-line flag). An unset factor is 2; unset layers are the second half of `depth` blocks (Σ's
+        14..27 of 28), left empty when the depth is not known yet."""
         if sampling not in cls.SAMPLINGS:
-            raise ValueError(f"kv_compress_sampling {sampling!r} is not one of {', '.join(cls.SAMPLINGS)}")
+            raise ValueError(f"{name('kv_compress_sampling')} {sampling!r} is not one of {', '.join(cls.SAMPLINGS)}")
         factor = cls.DEFAULT_SCALE_FACTOR if scale_factor is None else scale_factor
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"kv_compress_scale_factor {factor!r} is not allowed: an integer >= 1 (1: no "
+            raise ValueError(f"{name('kv_compress_scale_factor')} {factor!r} is not allowed: an integer >= 1 (1: no "
                              f"compression; {cls.DEFAULT_SCALE_FACTOR}: PixArt-Σ's KV models)")
         layers = list(layers or ())
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (depth or math.inf)]
         if bad:
-            raise ValueError(f"kv_compress_layer {' '.join(map(str, bad))}: the model has {depth} blocks (layers 0 .. "
+            raise ValueError(f"{name('kv_compress_layer')} {' '.join(map(str, bad))}: the model has {depth} blocks (layers 0 .. "
                              f"{depth - 1})" if depth else
-                             f"kv_compress_layer {' '.join(map(str, bad))}: layers are whole numbers from 0")
+                             f"{name('kv_compress_layer')} {' '.join(map(str, bad))}: layers are whole numbers from 0")
         if depth is not None:
             layers = layers or list(range(depth // 2, depth))
         return cls(sampling, factor, tuple(layers))
