@@ -59,6 +59,43 @@ def test_shipped_vae_reconstructs_held_out_world_images(bundles):
     assert value >= 25.0
 
 
+def test_vae_training_resumed_in_chunks_repeats_an_uninterrupted_run(tmp_path):
+    """pixart.training.autoencoder: 3 steps in one go, and 2 steps stopped then continued from the state file for the
+    third, end with the same weights and Adam state, bit for bit."""
+    from pixart import backend
+    from pixart.io import load_into, read_safetensors
+    from pixart.models.vae import AutoencoderKL, VAEConfig
+    import pixart.training.autoencoder as trainer
+    backend.setup("CPU", "pynative")
+    images = world.random_images(4, seed=5)
+
+    class Clock:  # one tick per look at the clock: `stop_after` counts loop turns, not seconds
+        ticks = 0
+
+        @classmethod
+        def time(cls):
+            cls.ticks += 1
+            return float(cls.ticks)
+
+    def run(state_file, stop_after=None):
+        vae = AutoencoderKL(VAEConfig.from_dict(demo.VAE_CONFIG))
+        load_into(vae, demo.random_vae_state(), "VAE")
+        return trainer.train_autoencoder(vae, images, 3, batch_size=2, crop=16, seed=0, log=lambda *_: None,
+                                         log_every=1000, state_file=state_file, stop_after=stop_after)
+
+    real_time = trainer.time
+    trainer.time = Clock
+    try:
+        assert run(tmp_path / "whole.safetensors") == 3
+        assert run(tmp_path / "chunks.safetensors", stop_after=2.5) == 2  # two turns of the loop, then stop
+        assert run(tmp_path / "chunks.safetensors") == 3
+    finally:
+        trainer.time = real_time
+    whole, chunks = read_safetensors(tmp_path / "whole.safetensors"), read_safetensors(tmp_path / "chunks.safetensors")
+    assert whole.keys() == chunks.keys()
+    assert [k for k in whole if not np.array_equal(whole[k], chunks[k])] == []
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_shipped_demo_draws_what_its_captions_ask(bundles):

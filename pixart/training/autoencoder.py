@@ -3,8 +3,10 @@ term towards the standard normal, Adam on random crops. Small enough for the dem
 architecture is the full SD / SDXL one, so the trained weights load wherever a real VAE does.
 
 Training is resumable in chunks: every step's crops and noise are drawn from (seed, step) alone and the learning
-rate is a function of the step, so a run stopped after `stop_after` seconds and continued from its state file (the
-weights, Adam's moments and the step reached) continues it; not yet bit for bit (docs/demo.md).
+rate is constant, so a run stopped after `stop_after` seconds and continued from its state file (the weights,
+Adam's moments and step count, the step reached) repeats an uninterrupted run bit for bit. The rate stays constant
+because a PyNative `TrainOneStepCell` keeps the optimizer's rate from its first call: setting it between steps
+changes nothing in an uninterrupted run, and in a resumed one freezes a different value.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from pixart.io import read_safetensors, write_safetensors
@@ -74,14 +75,12 @@ def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, 
                       log: Callable[[str], None] = print, log_every: int = 50, decoder_only: bool = False,
                       state_file=None, stop_after: float | None = None) -> int:
     """Train `vae` in place on random `crop` x `crop` windows of `images` (uint8 (H, W, 3), each at least `crop`
-    on both sides); the learning rate decays by cosine to a tenth over `steps`. `decoder_only`: the encoder (and so
+    on both sides), Adam at the constant `learning_rate`. `decoder_only`: the encoder (and so
     every latent) stays as it is, only `post_quant_conv` and the decoder learn.
 
     `state_file` (.safetensors): where training continues from if it exists, and where it is saved when it stops;
     `stop_after`: stop after this many seconds (at a step boundary). Returns the number of steps done in all."""
     names = [p.name for p in vae.get_parameters()]  # wrapping prefixes them ("vae."): restored at the end
-    # a constant-rate optimizer whose rate is set before each step (a per-step list as `learning_rate` makes every
-    # step far slower on CPU)
     params = vae.trainable_params()
     if decoder_only:
         params = [p for p in params if not p.name.startswith(("encoder.", "quant_conv."))]
@@ -101,8 +100,6 @@ def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, 
     losses, t0, i = [], time.time(), start
     while i < steps and (stop_after is None or time.time() - t0 < stop_after):
         x, noise = _batch(images, seed, i, batch_size, crop, latent_shape)
-        rate = learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / steps)))
-        optimizer.learning_rate.set_data(Tensor(rate, ms.float32))
         losses.append(float(step(Tensor(x), Tensor(noise)).asnumpy()))
         i += 1
         if i % log_every == 0 or i == steps:
