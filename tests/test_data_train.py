@@ -32,10 +32,12 @@ def setup(tmp_path_factory):
 
 
 def tiny(setup, out, *extra):
+    """A tiny train.py run in PyNative mode: these tests are about the data layer, and a graph compile per run would
+    cost more than the run (graph-mode training is tests/test_train.py's)."""
     return ["--model", "PixArt-XL-2-256x256", "--multi_scale", "true", "--depth", 2, "--hidden_size", 72,
             *setup["encoders"], "--max_length", 120, "--batch_size", 4, "--learning_rate", 1e-3,
-            "--warmup_steps", 0, "--max_steps", 4, "--log_every", 1, "--use_ema", "false", "--output_dir", out,
-            *extra]
+            "--warmup_steps", 0, "--max_steps", 4, "--log_every", 1, "--use_ema", "false", "--mode", "pynative",
+            "--output_dir", out, *extra]
 
 
 def test_every_source_trains_to_the_same_losses_and_a_shard_run_resumes_exactly(setup):
@@ -68,7 +70,7 @@ def test_msrun_two_workers_on_webdataset_shards_read_their_own_shards(setup, tmp
     dp, logs = tmp_path / "dp", tmp_path / "logs"
     r = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
                         f"--log_dir={logs}", "--join=True", "train.py",
-                        *map(str, tiny(setup, dp, "--max_steps", 2, "--param_digest", "true", "--mode", "pynative",
+                        *map(str, tiny(setup, dp, "--max_steps", 2, "--param_digest", "true",
                                        "--batch_size", 2, "--seed", 3, "--use_parallel", "True")),
                         "--train_data_dir", shards],
                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
