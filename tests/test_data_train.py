@@ -140,14 +140,16 @@ def test_reference_readme_lora_command_trains_from_a_datasets_folder_with_tensor
     assert [i.step for i in acc.Images("validation/00")] == [2]
 
 
-@pytest.mark.parametrize("case,message", [
+BAD_INPUT = [
     ("no_column", "--caption_column 'caption' is not a column of"),
     ("empty_folder", "no images in"),
     ("orphan_caption", "a caption file without an image"),
     ("not_a_tar", "is not a tar file"),
     ("hub_offline", "not a local folder, and the Hugging Face Hub cannot be reached"),
-])
-def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path, case, message):
+]
+
+
+def bad_data_argv(setup, tmp_path, case) -> list[str]:
     if case == "no_column":
         data = [*as_argv(setup["formats"]["save_to_disk"])[:2], "--caption_column", "caption"]
     elif case == "empty_folder":
@@ -162,9 +164,29 @@ def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path
         data = ["--train_data_dir", tmp_path / "shard-000.tar"]
     else:
         data = ["--dataset_name", "svjack/pokemon-blip-captions-en-zh"]
-    out = tmp_path / "out"
-    r = run("train.py", *tiny(setup, out), *data, env={"HF_HUB_OFFLINE": "1"} if case == "hub_offline" else None)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return list(map(str, [*tiny(setup, tmp_path / "out"), *data]))
+
+
+def assert_refused(status: int, stderr: str, message: str, out: Path) -> None:
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
     assert message in lines[0], lines[0]
     assert not (out / "checkpoints").exists() and not list(out.glob("checkpoint*"))
+
+
+@pytest.mark.parametrize("case,message", [c for c in BAD_INPUT if c[0] != "hub_offline"])
+def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path, capsys, case, message):
+    """train.py's main in this process (a real process per case would cost seconds of start-up each; the hub case
+    below runs as a user does: the Hub's offline switch is read when huggingface_hub is imported)."""
+    import train as script
+    try:
+        status = script.main(bad_data_argv(setup, tmp_path, case))
+    except SystemExit as e:  # the parser's own errors
+        status = e.code
+    assert_refused(status, capsys.readouterr().err, message, tmp_path / "out")
+
+
+def test_bad_data_input_exits_1_with_one_line_and_writes_nothing_as_a_user_runs_it(setup, tmp_path):
+    case, message = BAD_INPUT[-1]
+    r = run("train.py", *bad_data_argv(setup, tmp_path, case), env={"HF_HUB_OFFLINE": "1"})
+    assert_refused(r.returncode, r.stderr, message, tmp_path / "out")
