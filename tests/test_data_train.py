@@ -15,6 +15,7 @@ import pytest
 from pixart import demo_bundle as demo
 from tests.data_formats import as_argv, write_formats
 from tests.test_train import ROOT, _free_port, compile_cache, environment, losses, read_ckpt, run
+from tests.utils import exit_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 LORA_SCRIPT = "pixart/lora-finetuning/train_pixart_lora.py"
@@ -179,10 +180,7 @@ def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path
     """train.py's main in this process (a real process per case would cost seconds of start-up each; the hub case
     below runs as a user does: the Hub's offline switch is read when huggingface_hub is imported)."""
     import train as script
-    try:
-        status = script.main(bad_data_argv(setup, tmp_path, case))
-    except SystemExit as e:  # the parser's own errors
-        status = e.code
+    status = exit_status(script.main, bad_data_argv(setup, tmp_path, case))
     assert_refused(status, capsys.readouterr().err, message, tmp_path / "out")
 
 

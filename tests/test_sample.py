@@ -10,6 +10,7 @@ from PIL import Image
 
 from pixart import demo_bundle as demo
 from pixart.pipelines.outputs import read_png_settings
+from tests.utils import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -95,10 +96,7 @@ def test_bad_input_exits_1_with_one_line(bundle, tmp_path, graph_mode, capsys, a
     """sample.py's main in this process (a real process per case would cost seconds of start-up each; the test
     below runs one as a user does). demo.yaml asks for graph mode: `graph_mode` restores PyNative afterwards."""
     import sample as script
-    try:
-        status = script.main(bad_input_argv(bundle, tmp_path, args))
-    except SystemExit as e:  # the parser's own errors
-        status = e.code
+    status = exit_status(script.main, bad_input_argv(bundle, tmp_path, args))
     assert_refused(status, capsys.readouterr().err, message, tmp_path / "out")
 
 

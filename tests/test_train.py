@@ -19,6 +19,7 @@ import pytest
 from pixart import demo_bundle as demo
 from pixart.io import read_ckpt
 from tests.synthetic import CAPTIONS, make_dataset
+from tests.utils import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "PixArt-XL-2-256x256", "--multi_scale", "true", "--depth", "2", "--hidden_size", "72",
@@ -358,10 +359,7 @@ def test_bad_input_exits_1_with_one_line(setup, tmp_path, graph_mode, capsys, ca
     """train.py's main in this process (a real process per case would cost seconds of start-up each; the test
     below runs one as a user does). train.py defaults to graph mode: `graph_mode` restores PyNative afterwards."""
     import train as script
-    try:
-        status = script.main(bad_input_argv(setup, tmp_path, case))
-    except SystemExit as e:  # the parser's own errors
-        status = e.code
+    status = exit_status(script.main, bad_input_argv(setup, tmp_path, case))
     out = capsys.readouterr()
     assert_refused(status, out.out, out.err, message)
 
