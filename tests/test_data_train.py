@@ -15,6 +15,7 @@ import pytest
 from pixart import demo_bundle as demo
 from tests.data_formats import as_argv, write_formats
 from tests.test_train import ROOT, _free_port, compile_cache, environment, losses, read_ckpt, run
+from tests.utils import exit_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 LORA_SCRIPT = "pixart/lora-finetuning/train_pixart_lora.py"
@@ -32,10 +33,12 @@ def setup(tmp_path_factory):
 
 
 def tiny(setup, out, *extra):
+    """A tiny train.py run in PyNative mode: these tests are about the data layer, and a graph compile per run would
+    cost more than the run (graph-mode training is tests/test_train.py's)."""
     return ["--model", "PixArt-XL-2-256x256", "--multi_scale", "true", "--depth", 2, "--hidden_size", 72,
             *setup["encoders"], "--max_length", 120, "--batch_size", 4, "--learning_rate", 1e-3,
-            "--warmup_steps", 0, "--max_steps", 4, "--log_every", 1, "--use_ema", "false", "--output_dir", out,
-            *extra]
+            "--warmup_steps", 0, "--max_steps", 4, "--log_every", 1, "--use_ema", "false", "--mode", "pynative",
+            "--output_dir", out, *extra]
 
 
 def test_every_source_trains_to_the_same_losses_and_a_shard_run_resumes_exactly(setup):
@@ -68,7 +71,7 @@ def test_msrun_two_workers_on_webdataset_shards_read_their_own_shards(setup, tmp
     dp, logs = tmp_path / "dp", tmp_path / "logs"
     r = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
                         f"--log_dir={logs}", "--join=True", "train.py",
-                        *map(str, tiny(setup, dp, "--max_steps", 2, "--param_digest", "true", "--mode", "pynative",
+                        *map(str, tiny(setup, dp, "--max_steps", 2, "--param_digest", "true",
                                        "--batch_size", 2, "--seed", 3, "--use_parallel", "True")),
                         "--train_data_dir", shards],
                        capture_output=True, text=True, cwd=ROOT, env=environment(), timeout=600)
@@ -138,14 +141,16 @@ def test_reference_readme_lora_command_trains_from_a_datasets_folder_with_tensor
     assert [i.step for i in acc.Images("validation/00")] == [2]
 
 
-@pytest.mark.parametrize("case,message", [
+BAD_INPUT = [
     ("no_column", "--caption_column 'caption' is not a column of"),
     ("empty_folder", "no images in"),
     ("orphan_caption", "a caption file without an image"),
     ("not_a_tar", "is not a tar file"),
     ("hub_offline", "not a local folder, and the Hugging Face Hub cannot be reached"),
-])
-def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path, case, message):
+]
+
+
+def bad_data_argv(setup, tmp_path, case) -> list[str]:
     if case == "no_column":
         data = [*as_argv(setup["formats"]["save_to_disk"])[:2], "--caption_column", "caption"]
     elif case == "empty_folder":
@@ -160,9 +165,26 @@ def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path
         data = ["--train_data_dir", tmp_path / "shard-000.tar"]
     else:
         data = ["--dataset_name", "svjack/pokemon-blip-captions-en-zh"]
-    out = tmp_path / "out"
-    r = run("train.py", *tiny(setup, out), *data, env={"HF_HUB_OFFLINE": "1"} if case == "hub_offline" else None)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return list(map(str, [*tiny(setup, tmp_path / "out"), *data]))
+
+
+def assert_refused(status: int, stderr: str, message: str, out: Path) -> None:
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
     assert message in lines[0], lines[0]
     assert not (out / "checkpoints").exists() and not list(out.glob("checkpoint*"))
+
+
+@pytest.mark.parametrize("case,message", [c for c in BAD_INPUT if c[0] != "hub_offline"])
+def test_bad_data_input_exits_1_with_one_line_and_writes_nothing(setup, tmp_path, capsys, case, message):
+    """train.py's main in this process (a real process per case would cost seconds of start-up each; the hub case
+    below runs as a user does: the Hub's offline switch is read when huggingface_hub is imported)."""
+    import train as script
+    status = exit_status(script.main, bad_data_argv(setup, tmp_path, case))
+    assert_refused(status, capsys.readouterr().err, message, tmp_path / "out")
+
+
+def test_bad_data_input_exits_1_with_one_line_and_writes_nothing_as_a_user_runs_it(setup, tmp_path):
+    case, message = BAD_INPUT[-1]
+    r = run("train.py", *bad_data_argv(setup, tmp_path, case), env={"HF_HUB_OFFLINE": "1"})
+    assert_refused(r.returncode, r.stderr, message, tmp_path / "out")

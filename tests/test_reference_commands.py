@@ -280,9 +280,11 @@ def test_msrun_sampling_splits_prompts_across_two_workers(models, tmp_path):
 # Each flag group changes what it should (demo bundle, in-process parsing where enough)
 # ----------------------------------------------------------------------------------------------------------------
 def demo_sample(bundle, out: Path, *args) -> subprocess.CompletedProcess:
+    """sample.py on the demo bundle, 2 steps at 64 px, in PyNative mode: a graph compile would cost more than the
+    sampling, and these tests are about flags (graph-mode sampling: tests/test_sample.py, tests/test_exit.py)."""
     argv = [sys.executable, str(ROOT / "sample.py"), "-c", str(ROOT / "configs/inference/demo.yaml"), *bundle.flags,
             "--progress", "false", "--sampling_steps", "2", "--image_height", "64", "--image_width", "64",
-            "--resolution_binning", "false", "--output_path", str(out), *map(str, args)]
+            "--resolution_binning", "false", "--mode", "pynative", "--output_path", str(out), *map(str, args)]
     r = subprocess.run(argv, capture_output=True, text=True, env=environment(), cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return r

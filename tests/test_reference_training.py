@@ -347,14 +347,15 @@ def test_reference_msrun_command_with_two_workers(workdir, tmp_path):
 def test_checkpoint_log_and_visualisation_flags(workdir, tmp_path):
     """--ckpt_save_interval counts epochs, --ckpt_max_keep keeps the newest N, --log_loss_interval spaces the log
     lines, --visualize writes validation images every --visualize_interval epochs and at the end (4 square images,
-    batch 2: 2 steps an epoch; 5 epochs; `--sampling_steps 2` shrinks the validation sampling)."""
+    batch 2: 2 steps an epoch; 5 epochs; `--sampling_steps 2` shrinks the validation sampling; `--mode 1`, PyNative:
+    graph compiles would cost more than these few steps)."""
     out = tmp_path / "out"
     r = run_train(workdir, "-c", "configs/train/pixart-sigma-256x256.yaml", "--json_path", "data/square.json",
                   "--image_dir", "data/images", "--batch_size", 2, "--epochs", 5, "--recompute", "False",
                   "--output_path", out, "--ckpt_save_interval", 2, "--ckpt_max_keep", 2, "--log_loss_interval", 4,
                   "--visualize", "True", "--visualize_interval", 2, "--validation_prompts", "a red square",
                   "a blue circle", "--validation_negative_prompts", "blurry", "", "--sampling_method", "ddim",
-                  "--sampling_steps", 2, "--guidance_scale", 3.0)
+                  "--sampling_steps", 2, "--guidance_scale", 3.0, "--mode", 1)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = [line.rsplit("/", 1)[1] for line in r.stdout.splitlines() if line.startswith("saved checkpoint")]
     assert saved == ["step_00000004", "step_00000008", "step_00000010"]  # epochs 2, 4 and the last
@@ -371,14 +372,14 @@ def test_checkpoint_log_and_visualisation_flags(workdir, tmp_path):
 def test_optimisation_and_precision_flags(workdir, tmp_path):
     """--gradient_accumulation_steps accumulates micro-batches into one step, --clip_grad True clips at
     --max_grad_norm, --dtype fp16 falls back to fp32 on CPU, --scale_window / --loss_scale_factor drive the dynamic
-    loss scale, --num_parallel_workers decodes with threads (4 square images, batch 1, one epoch)."""
+    loss scale, --num_parallel_workers decodes with threads (4 square images, batch 1, one epoch, `--mode 1`)."""
     out = tmp_path / "out"
     r = run_train(workdir, "-c", "configs/train/pixart-sigma-256x256.yaml", "--json_path", "data/square.json",
                   "--image_dir", "data/images", "--batch_size", 1, "--epochs", 1, "--recompute", "False",
                   "--output_path", out, "--gradient_accumulation_steps", 2, "--clip_grad", "True",
                   "--max_grad_norm", 0.5, "--dtype", "fp16", "--loss_scaler_type", "dynamic", "--scale_window", 1,
                   "--loss_scale_factor", 4, "--num_parallel_workers", 2, "--optim", "adamw",
-                  "--start_learning_rate", 1e-4, "--auto_lr", "")
+                  "--start_learning_rate", 1e-4, "--auto_lr", "", "--mode", 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training steps 1..2: batch 1 x 1 rank(s) x 2 accumulation, 4 batches per epoch" in r.stdout
     assert "adamw lr 0.0001 (warm-up 1000), clip 0.5" in r.stdout and "fp32 + dynamic loss scale" in r.stdout

@@ -10,6 +10,7 @@ from PIL import Image
 
 from pixart import demo_bundle as demo
 from pixart.pipelines.outputs import read_png_settings
+from tests.utils import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference" / "demo.yaml"
@@ -52,14 +53,15 @@ def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     for i, method in enumerate(["ddim", "ddim", "iddpm", "sa"]):
         out = tmp_path / f"o{i}"
         r = sample(*bundle.flags, "--prompt", "a cat", "--sampling_method", method, "--sampling_steps", 2,
-                   "--image_height", 64, "--image_width", 64, "--resolution_binning", "false", "--output_path", out)
+                   "--image_height", 64, "--image_width", 64, "--resolution_binning", "false", "--output_path", out,
+                   "--mode", "pynative")  # a graph compile per run would cost more than 2 steps; graph: test above
         assert r.returncode == 0, r.stderr[-3000:]
         outs.append(np.asarray(Image.open(next(out.glob("0000*.png")))))
     assert np.array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     ([], "no prompt"),
     (["--prompt_path", "EMPTY"], "has no prompts"),
     (["--prompt", "x", "--sampling_method", "euler"], "invalid choice: 'euler'"),
@@ -70,20 +72,41 @@ def test_same_seed_same_image_and_samplers_run(bundle, tmp_path):
     (["--prompt", "x", "y", "z", "--negative_prompt", "n1", "n2"], "--negative_prompt: got 2 for 3 prompts"),
     (["--prompt", "x", "--sample_size", "128"], "--sample_size 128 does not match --model"),
     (["--prompt", "x", "--model", "PixArt-XL-2-1024-MS"], "does not fit model PixArt-XL-2-1024-MS"),
-])
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_bad_input_exits_1_with_one_line(bundle, tmp_path, args, message):
+]
+
+
+def bad_input_argv(bundle, tmp_path, args) -> list[str]:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    out = tmp_path / "out"
-    args = [str(empty) if a == "EMPTY" else a for a in args]
-    r = sample(*bundle.flags, *args, "--output_path", out, "--sampling_steps", 1)
-    assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
-    assert message in last, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    return ["-c", str(CONFIG), "--progress", "false", *bundle.flags, *[str(empty) if a == "EMPTY" else str(a)
+                                                                      for a in args],
+            "--output_path", str(tmp_path / "out"), "--sampling_steps", "1"]
+
+
+def assert_refused(status: int, stderr: str, message: str, out: Path) -> None:
+    assert status == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert message in last, stderr[-2000:]
+    assert "Traceback" not in stderr
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_exits_1_with_one_line(bundle, tmp_path, graph_mode, capsys, args, message):
+    """sample.py's main in this process (a real process per case would cost seconds of start-up each; the test
+    below runs one as a user does). demo.yaml asks for graph mode: `graph_mode` restores PyNative afterwards."""
+    import sample as script
+    status = exit_status(script.main, bad_input_argv(bundle, tmp_path, args))
+    assert_refused(status, capsys.readouterr().err, message, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_bad_input_exits_1_with_one_line_as_a_user_runs_it(bundle, tmp_path):
+    args, message = BAD_INPUT[5]
+    r = subprocess.run([sys.executable, "sample.py", *bad_input_argv(bundle, tmp_path, args)], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert_refused(r.returncode, r.stderr, message, tmp_path / "out")
 
 
 @pytest.mark.e2e

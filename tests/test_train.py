@@ -19,6 +19,7 @@ import pytest
 from pixart import demo_bundle as demo
 from pixart.io import read_ckpt
 from tests.synthetic import CAPTIONS, make_dataset
+from tests.utils import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "PixArt-XL-2-256x256", "--multi_scale", "true", "--depth", "2", "--hidden_size", "72",
@@ -310,7 +311,7 @@ def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup,
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: exit 1 with one line
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case,message", [
+BAD_INPUT = [
     ("missing_field", "entry 0 (sub/a.png) is missing field 'prompt'"),
     ("no_image_dir", "--image_dir not found: "),
     ("batch_too_large", "--batch_size 7 x 1 rank(s) = 7 is larger than every aspect-ratio bucket"),
@@ -318,10 +319,10 @@ def test_msrun_data_parallel_equals_one_process_on_the_concatenated_batch(setup,
     ("unknown_yaml_key", "unknown key(s) learning_rat"),
     ("bf16_on_cpu", "bf16 is not supported on MindSpore's CPU backend"),
     ("parallel_without_msrun", "--use_parallel True needs the msrun launcher"),
-])
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_bad_input_exits_1_with_one_line(setup, tmp_path, case, message):
+]
+
+
+def bad_input_argv(setup, tmp_path, case) -> list[str]:
     args = [*TINY, "--json_path", setup["labels"], "--feature_dir", setup["cache"], "--batch_size", 2,
             "--max_steps", 1, "--output_dir", tmp_path / "out"]
     if case == "missing_field":
@@ -342,11 +343,33 @@ def test_bad_input_exits_1_with_one_line(setup, tmp_path, case, message):
         args += ["--mixed_precision", "bf16"]
     elif case == "parallel_without_msrun":
         args += ["--use_parallel", "true"]
-    r = run("train.py", *args)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return list(map(str, args))
+
+
+def assert_refused(status: int, stdout: str, stderr: str, message: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
     assert message in lines[0], lines[0]
-    assert "Traceback" not in r.stdout + r.stderr
+    assert "Traceback" not in stdout + stderr
+
+
+@pytest.mark.parametrize("case,message", BAD_INPUT)
+@pytest.mark.slow  # the module's set-up (feature extraction) is
+def test_bad_input_exits_1_with_one_line(setup, tmp_path, graph_mode, capsys, case, message):
+    """train.py's main in this process (a real process per case would cost seconds of start-up each; the test
+    below runs one as a user does). train.py defaults to graph mode: `graph_mode` restores PyNative afterwards."""
+    import train as script
+    status = exit_status(script.main, bad_input_argv(setup, tmp_path, case))
+    out = capsys.readouterr()
+    assert_refused(status, out.out, out.err, message)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_bad_input_exits_1_with_one_line_as_a_user_runs_it(setup, tmp_path):
+    case, message = BAD_INPUT[0]
+    r = run("train.py", *bad_input_argv(setup, tmp_path, case))
+    assert_refused(r.returncode, r.stdout, r.stderr, message)
 
 
 def test_train_configs_parse_with_the_published_settings():

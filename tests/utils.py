@@ -123,6 +123,14 @@ class DemoBundle:
                 "--text_encoder_root", str(comp / "text_encoder"), "--tokenizer_root", str(comp / "tokenizer")]
 
 
+def exit_status(main, argv) -> int:
+    """The exit status of an entry point's `main(argv)` run in this process (the parser's own errors exit)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def stop(proc, timeout: float = 20) -> None:
     """End a server started by a test: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     import subprocess
