@@ -2,7 +2,8 @@
 rounded to bf16, W (N, K) stored in bf16, fp32 accumulation; pixart/cpu/kernels/gemm_cpu.cc) against PyTorch's
 `F.linear` on bf16 tensors (oneDNN), on T5 v1.1 XXL's shapes at a 120- and a 300-token prompt. Each side runs in
 its own child process (two libraries' thread pools in one process spin against each other), sides alternate,
-`--runs` times; GFLOP/s from the median call.
+`--runs` times; GFLOP/s from the median call's wall time and, as a figure that a loaded machine moves less, GFLOP
+per second of the process's CPU time (median call; for PyTorch this counts its threads' spinning too).
 
     python bench/bench_gemm_bf16.py                  # 3 runs per side, 15 calls per shape
     python bench/bench_gemm_bf16.py --rows 120 --runs 5
@@ -40,7 +41,7 @@ def child(side: str, a) -> dict:
         if not kernels.half_weights("bf16"):
             sys.exit("this CPU lacks AVX512_BF16 (or the kernels did not build): no bf16 product to measure")
         product = kernels.half_linear_product(False)
-    medians = {}
+    medians, cpu = {}, {}
     for m in a.rows:
         for (k, n), _ in SHAPES:
             x = rng.standard_normal((m, k)).astype(np.float32)
@@ -52,13 +53,14 @@ def child(side: str, a) -> dict:
                 xm, wm = ms.Tensor(x), ms.Tensor(w).astype(ms.bfloat16)
                 fn = lambda: product(xm, wm).asnumpy()  # noqa: E731
             fn(), fn()  # warm caches (and PyNative's shape inference)
-            times = []
+            times, cpus = [], []
             for _ in range(a.calls):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times.append(time.perf_counter() - t0)
-            medians[f"{m}x{k}x{n}"] = statistics.median(times)
-    return dict(side=side, medians=medians, times=[sum(medians.values())])
+                cpus.append(time.process_time() - c0)
+            medians[f"{m}x{k}x{n}"], cpu[f"{m}x{k}x{n}"] = statistics.median(times), statistics.median(cpus)
+    return dict(side=side, medians=medians, cpu=cpu, times=[sum(medians.values())])
 
 
 def main():
@@ -75,15 +77,17 @@ def main():
                            ["--calls", str(a.calls), "--rows", ",".join(map(str, a.rows))])
     print(f"\n**bf16 x bf16 -> fp32 products, {os.cpu_count()} threads: GFLOP/s of the median call over {a.runs} "
           f"runs x {a.calls} calls per side, sides alternating**\n")
-    print("| M x K by N (layers) | " + " | ".join(f"{s} GFLOP/s" for s in sides) + " | ours / torch time |")
-    print("|---|" + "---|" * (len(sides) + 1))
+    print("| M x K by N (layers) | " + " | ".join(f"{s} GFLOP/s" for s in sides) + " | ours / torch time | "
+          + " | ".join(f"{s} GFLOP per CPU-s" for s in sides) + " |")
+    print("|---|" + "---|" * (2 * len(sides) + 1))
     for m in a.rows:
         for (k, n), names in SHAPES:
             key, gflop = f"{m}x{k}x{n}", 2 * m * k * n / 1e9
             med = {s: statistics.median(r["medians"][key] for r in results[s]) for s in sides}
+            cpu = {s: statistics.median(r["cpu"][key] for r in results[s]) for s in sides}
             ratio = med["ours"] / med["torch"] if {"ours", "torch"} <= set(sides) else float("nan")
             print(f"| {m} x {k} by {n} ({names}) | " + " | ".join(f"{gflop / med[s]:.0f}" for s in sides)
-                  + f" | {ratio:.2f}x |")
+                  + f" | {ratio:.2f}x | " + " | ".join(f"{gflop / cpu[s]:.0f}" for s in sides) + " |")
     load = max(r["load_before"] for rs in results.values() for r in rs)
     print(f"\nmax 1-minute load before a run: {load:.1f} on {os.cpu_count()} cores")
     print(f"machine: {machine()}")
