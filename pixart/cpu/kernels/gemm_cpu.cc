@@ -495,7 +495,8 @@ bool gemm_bf16_few_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t 
   auto *xp = reinterpret_cast<uint32_t *>(keep.get(blocks * tiles * kp * 32));
   if (xp == nullptr) return false;
   bool ok = true;
-#pragma omp parallel for collapse(2) schedule(static)
+  // dynamic: on shared cores a descheduled thread would otherwise hold the other at the barrier for its share
+#pragma omp parallel for collapse(2) schedule(dynamic, 2)
   for (int64_t s = 0; s < blocks; ++s)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t k0 = s * kp * 2;
