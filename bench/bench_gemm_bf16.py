@@ -34,8 +34,8 @@ def child(side: str, a) -> dict:
         import torch
         torch.set_num_threads(threads)
     else:
+        from pixart import backend  # before mindspore: sets the OpenMP wait policy
         import mindspore as ms
-        from pixart import backend
         from pixart.cpu import kernels
         backend.setup("CPU", "pynative")
         if not kernels.half_weights("bf16"):
