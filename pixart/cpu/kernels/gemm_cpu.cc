@@ -469,10 +469,11 @@ void pack_x_pairs(const float *x, int64_t ldx, int64_t m, int64_t m0, int64_t k0
   }
 }
 
-// y (m, n) = x (m, k) fp32 rounded to bf16 . W (n, k) bf16 ^T (+ bias), for m <= kFewRowsMax and even k (a W row
-// is then whole pairs). Returns false when out of memory.
+// y (m, n) = x (m, k) fp32 rounded to bf16 . W (n, k) bf16 ^T (+ bias), for m <= kFewRowsMax and even k > 0 (a W
+// row is then whole pairs). Returns false when out of memory.
 bool gemm_bf16_few_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias, float *c,
                         int64_t m, int64_t n, int64_t k) {
+  if (m == 0 || n == 0) return true;
   const int64_t tiles = (m + 31) / 32;
   const int64_t pairs_k = k / 2, blocks = (pairs_k + kPairsK - 1) / kPairsK;
   const int64_t kp = ((pairs_k + blocks - 1) / blocks + 15) / 16 * 16;  // pairs per K block (16: one transpose)
@@ -759,7 +760,7 @@ int LinearXWtHalf(int nparam, void **params, int *ndims, int64_t **shapes, const
     return gemm(Operand{x, k, false}, HalfOperand{w, k}, b, y, m, n, k) ? 0 : 1;
 #if defined(__AVX512BF16__)
   if (std::strcmp(dtypes[1], "bfloat16") == 0) {
-    if (m <= kFewRowsMax && k % 2 == 0) return gemm_bf16_few_rows(x, k, w, k, b, y, m, n, k) ? 0 : 1;
+    if (m <= kFewRowsMax && k > 0 && k % 2 == 0) return gemm_bf16_few_rows(x, k, w, k, b, y, m, n, k) ? 0 : 1;
     return gemm_kind(Bf16Kind{x, k, w, k}, b, y, m, n, k) ? 0 : 1;
   }
 #endif
