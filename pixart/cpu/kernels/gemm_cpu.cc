@@ -372,7 +372,7 @@ struct Bf16Kind {
 // already a sequence of the (k, k + 1) pairs vdpbf16ps multiplies, so W is never transposed, only x is packed (once
 // per call, as bf16 pairs: xp[block][tile][pair][32 rows]); transposing W panels costs as much as the products when
 // few rows share each panel (measurements: docs/benchmarks.md, 'bf16 on CPU'). A W block (kRowsW rows of one K
-// block) is copied as it is into a contiguous buffer (W's rows are multiples of 4 KB apart: read in place, the
+// block) is copied as it is into a contiguous buffer (W's rows are a multiple of 4 KB apart whenever K is of 2048: read in place, the
 // kRowsW rows fall on the same L1 sets and evict each other) and reused from L1 across the row tiles. A work item
 // is a group of kGroup W blocks (columns of C), run through all K blocks by one thread: each K block's x tiles
 // (<= 64 KB at 128 rows) are reused kGroup times from L2, and the next K block's W rows are prefetched into L2
