@@ -372,12 +372,12 @@ struct Bf16Kind {
 // already a sequence of the (k, k + 1) pairs vdpbf16ps multiplies, so W is never transposed, only x is packed (once
 // per call, as bf16 pairs: xp[block][tile][pair][32 rows]); transposing W panels costs as much as the products when
 // few rows share each panel (measurements: docs/benchmarks.md, 'bf16 on CPU'). A W block (kRowsW rows of one K
-// block) is copied as it is into a contiguous buffer (W's rows are a multiple of 4 KB apart whenever K is of 2048: read in place, the
-// kRowsW rows fall on the same L1 sets and evict each other) and reused from L1 across the row tiles. A work item
-// is a group of kGroup W blocks (columns of C), run through all K blocks by one thread: each K block's x tiles
-// (<= 64 KB at 128 rows) are reused kGroup times from L2, and the next K block's W rows are prefetched into L2
-// while this one computes. Its C^T partial sums stay in a per-thread buffer across K blocks and are transposed
-// into C (+ bias) once at the end.
+// block) is copied as it is into a contiguous buffer (with K a multiple of 2048, W's rows lie a multiple of 4 KB
+// apart: read in place, the kRowsW rows fall on the same L1 sets and evict each other) and reused from L1 across the
+// row tiles. A work item is a group of kGroup W blocks (columns of C), run through all K blocks by one thread: each
+// K block's x tiles (<= 64 KB at 128 rows) are reused kGroup times from L2, and the next K block's W rows are
+// prefetched into L2 while this one computes. Its C^T partial sums stay in a per-thread buffer across K blocks and
+// are transposed into C (+ bias) once at the end.
 constexpr int kRowsW = 14;       // W rows per micro-tile: 14 x 2 accumulators + 2 x vectors = 30 zmm
 constexpr int kGroup = 4;        // W blocks per work item
 constexpr int kPairsK = 128;     // largest K block, in pairs: an x tile <= 128 x 32 x 4 B = 16 KB
@@ -409,7 +409,8 @@ void rows_tile(const uint32_t *__restrict xp, const uint16_t *__restrict w, int6
       __m512bh v1z{};
       __m256bh v1y{};
       if constexpr (wide1) v1z = reinterpret_cast<__m512bh>(_mm512_load_si512(xr + 16));
-      else if constexpr (has1) v1y = reinterpret_cast<__m256bh>(_mm256_load_si256(reinterpret_cast<const __m256i *>(xr + 16)));
+      else if constexpr (has1)
+        v1y = reinterpret_cast<__m256bh>(_mm256_load_si256(reinterpret_cast<const __m256i *>(xr + 16)));
 #pragma GCC unroll 14
       for (int j = 0; j < NB; ++j) {
         const __m512i b = _mm512_set1_epi32(w32[j * ldw32 + p]);
@@ -522,7 +523,8 @@ bool gemm_bf16_few_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t 
         // the W rows this item reads next (next K block, else the next item this thread likely takes), into L2
         const int64_t next_n0 = s + 1 < blocks ? n0 : (item + threads) * span, next_p0 = s + 1 < blocks ? p0 + kp : 0;
         const int64_t next_rows = next_n0 < n ? (n - next_n0 < span ? n - next_n0 : span) : 0;
-        const int64_t next_pairs = pairs_k - next_p0 < kp ? pairs_k - next_p0 : kp, lines = (next_pairs * 4 + 63) / 64 + 1;
+        const int64_t next_pairs = pairs_k - next_p0 < kp ? pairs_k - next_p0 : kp;
+        const int64_t lines = (next_pairs * 4 + 63) / 64 + 1;
         const int64_t total = next_rows * lines, calls = kGroup * tiles;
         int64_t call = 0;
         for (int g = 0; g < kGroup; ++g) {
