@@ -54,8 +54,8 @@ def child(side: str, a) -> dict:
             os.environ["PIXART_CPU_GEMM"] = {"ours_amx": "bf16x3", "ours_matmul": "matmul"}[side]
         if side == "ours_whole":  # the whole denoiser as one graph instead of graphs shared by runs of blocks
             os.environ["PIXART_BLOCKS_PER_GRAPH"] = "0"
+        from pixart import backend, cpu  # before mindspore: sets the OpenMP wait policy
         import mindspore as ms
-        from pixart import backend, cpu
         from pixart.models.pixart import PixArt, preset_config
         backend.setup("CPU", a.mode, threads=a.threads or None)
         if side == "ours_bmm":

@@ -45,8 +45,8 @@ def child(side: str, a) -> dict:
         import torch
         torch.set_num_threads(threads)
     else:
+        from pixart import backend, cpu, nn  # before mindspore: sets the OpenMP wait policy
         import mindspore as ms
-        from pixart import backend, cpu, nn
         from pixart.cpu import kernels
         backend.setup("CPU", "graph")
 

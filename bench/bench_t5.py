@@ -116,8 +116,8 @@ def child(side: str, a) -> dict:
             out[n] = reference(folder, prompt(n))
         encode = None
     elif side.startswith("ours"):
+        from pixart import backend, cpu  # before mindspore: sets the OpenMP wait policy
         import mindspore as ms
-        from pixart import backend, cpu
         from pixart.models.t5 import load_t5
         backend.setup("CPU", "pynative", threads=a.threads or None)
         dtype = {"ours": "bf16", "ours_fp16": "fp16", "ours_fp32": "fp32"}[side]

@@ -60,9 +60,9 @@ def child(side: str, a) -> dict:
     if side.startswith("ours"):
         if side == "ours_matmul":  # MindSpore's MatMul for Linear layers instead of the AVX-512 GEMM kernel
             os.environ["PIXART_CPU_GEMM"] = "matmul"
+        from pixart import backend, cpu  # before mindspore: sets the OpenMP wait policy
         import mindspore as ms
         from mindspore import Tensor
-        from pixart import backend, cpu
         from pixart.diffusion.loss import DiffusionLoss
         from pixart.models.pixart import PixArt, preset_config
         from pixart.training.optimizers import build_optimizer

@@ -21,6 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# The OpenMP wait policy of the user's environment, read before this process imports `pixart` (which sets
+# OMP_WAIT_POLICY=PASSIVE in os.environ, hence in every child started after it): each child gets the user's back,
+# so that PyTorch's side runs as its users run it; ours sets its own as `sample.py` does, by importing pixart
+# before mindspore (whose libgomp reads the policy once, when it loads).
+USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+
+
+def child_env() -> dict:
+    """The environment of a child process: this one's, with the user's OpenMP wait policy."""
+    env = dict(os.environ)
+    if USER_WAIT_POLICY is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = USER_WAIT_POLICY
+    return env
 
 
 def peak_rss_gb() -> float:
@@ -78,7 +93,7 @@ def run_children(script: str, sides: tuple[str, ...], runs: int, args: list[str]
             load = load_average()
             cmd = [sys.executable, script, "--child", side, *args]
             t0 = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=child_env())
             wall = time.perf_counter() - t0
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not lines:

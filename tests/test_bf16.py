@@ -41,7 +41,10 @@ def test_half_weight_gemm_against_float64(name):
     g = np.random.default_rng(0)
     dt = {"bf16": ms.bfloat16, "fp16": ms.float16}[name]
     unit = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[name]  # relative rounding of one operand, with margin
-    for m, k, n in [(1, 1, 1), (3, 5, 7), (14, 32, 32), (15, 33, 33), (100, 391, 70), (337, 1152, 97)]:
+    # odd K and M > 512 take the packed-panel kernel, the rest the few-rows one (row tails of 8, 16, 24 and 32;
+    # several K blocks with a short last one; W row groups cut short)
+    for m, k, n in [(1, 1, 1), (3, 5, 7), (14, 32, 32), (15, 33, 33), (100, 391, 70), (337, 1152, 97), (2, 6, 5),
+                    (9, 34, 15), (120, 600, 130), (520, 64, 40)]:
         x = g.standard_normal((m, k)).astype(np.float32)
         w = g.standard_normal((n, k)).astype(np.float32)
         b = g.standard_normal(n).astype(np.float32)

@@ -162,36 +162,39 @@ class CPUT5LayerNorm(T5LayerNorm):
         return T5LayerNorm.construct(self, x)
 
 
+def _fp32_outputs(*linears) -> bool:
+    """Whether these Linear layers map fp32 inputs to fp32 outputs: weights in fp32, or stored in bf16 / fp16 for
+    fp32 compute (`backend.cast_parameters` on CPU; the half-weight product or the portable widening). Checked once,
+    in `attach` (the weights' dtypes are final by then: models are cast as they load, before `accelerate`), so that
+    a kernel taking the projections' outputs never finds them in another dtype and recomputes them."""
+    return all(lin.weight.dtype in (ms.float32, ms.bfloat16, ms.float16) for lin in linears)
+
+
 class CPUT5Attention(T5Attention):
     """T5's attention with the position bias as one kernel (`kernels.t5_attention`, inference, fp32 activations):
     on the Linear layers' token-major outputs, so without the head transposes, the broadcast bias add and the
     (B, H, N, N) scores, each a slow MindSpore CPU op at T5-XXL's 64 heads."""
 
     def attach(self):
-        self.fused = kernels.t5_attention()
+        self.fused = kernels.t5_attention() if _fp32_outputs(self.q, self.k, self.v) else None
 
     def construct(self, x, bias):
         if self.fused is None or self.training or x.dtype != ms.float32:
             return T5Attention.construct(self, x, bias)
-        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, N, H*d) fp32
-        if q.dtype != ms.float32:
-            return T5Attention.construct(self, x, bias)
-        return self.o(self.fused(q, k, v, bias))
+        return self.o(self.fused(self.q(x), self.k(x), self.v(x), bias))  # q, k, v: (B, N, H*d) fp32
 
 
 class CPUT5DenseActDense(T5DenseActDense):
     """T5 v1.1's gated feed-forward with gelu_tanh(wi_0 x) * wi_1 x as one kernel (inference, fp32 activations)."""
 
     def attach(self):
-        self.fused = kernels.gelu_tanh_mul() if self.gated and getattr(self.act, "approximate", None) == "tanh" else None
+        tanh_gated = self.gated and getattr(self.act, "approximate", None) == "tanh"
+        self.fused = kernels.gelu_tanh_mul() if tanh_gated and _fp32_outputs(self.wi_0, self.wi_1) else None
 
     def construct(self, x):
-        if self.fused is None or self.training:
+        if self.fused is None or self.training or x.dtype != ms.float32:
             return T5DenseActDense.construct(self, x)
-        gate, up = self.wi_0(x), self.wi_1(x)
-        if gate.dtype != ms.float32:
-            return T5DenseActDense.construct(self, x)
-        return self.wo(self.fused(gate, up))
+        return self.wo(self.fused(self.wi_0(x), self.wi_1(x)))
 
 
 class CPUEmbedding(nn.Embedding):

@@ -366,6 +366,207 @@ struct Bf16Kind {
     store_tile(acc, c, ldc);
   }
 };
+
+// The bf16 product for few rows (a text encoder's prompt, a short sequence): C^T's tiles in registers instead of
+// C's. A vector holds 32 rows of x (two zmm) and each W value is broadcast from W's (N, K) layout: a W row is
+// already a sequence of the (k, k + 1) pairs vdpbf16ps multiplies, so W is never transposed, only x is packed (once
+// per call, as bf16 pairs: xp[block][tile][pair][32 rows]); transposing W panels costs as much as the products when
+// few rows share each panel (measurements: docs/benchmarks.md, 'bf16 on CPU'). A W block (kRowsW rows of one K
+// block) is copied as it is into a contiguous buffer (with K a multiple of 2048, W's rows lie a multiple of 4 KB
+// apart: read in place, the kRowsW rows fall on the same L1 sets and evict each other) and reused from L1 across the
+// row tiles. A work item is a group of kGroup W blocks (columns of C), run through all K blocks by one thread: each
+// K block's x tiles (<= 64 KB at 128 rows) are reused kGroup times from L2, and the next K block's W rows are
+// prefetched into L2 while this one computes. Its C^T partial sums stay in a per-thread buffer across K blocks and
+// are transposed into C (+ bias) once at the end.
+constexpr int kRowsW = 14;       // W rows per micro-tile: 14 x 2 accumulators + 2 x vectors = 30 zmm
+constexpr int kGroup = 4;        // W blocks per work item
+constexpr int kPairsK = 128;     // largest K block, in pairs: an x tile <= 128 x 32 x 4 B = 16 KB
+constexpr int64_t kFewRowsMax = 512;  // up to this many rows of x, this kernel; more: Bf16Kind's (W packed per panel)
+
+// acc (NB x 32, column j of C^T = row n0 + j of W) [+]= xp (pairs x 32 rows) . W[n0 .. n0 + NB)[pairs]^T, on the
+// first R rows of the tile only (R = 32: two zmm; 24: a zmm and a ymm; 16: a zmm; 8: a ymm): the last row tile of
+// x computes only the rows it has (a ymm's vdpbf16ps does half a zmm's work in as much time or less).
+template <int NB, int R>
+void rows_tile(const uint32_t *__restrict xp, const uint16_t *__restrict w, int64_t ldw, int pairs,
+               float *__restrict acc_io, bool accumulate) {
+  constexpr bool wide0 = R >= 16, has1 = R == 24 || R == 32, wide1 = R == 32;
+  // rows 0-15 (or 0-7) in z0 (y0), rows 16-31 (16-23) in z1 (y1); the unused arrays compile away
+  __m512 z0[NB], z1[NB];
+  __m256 y0[NB], y1[NB];
+  for (int j = 0; j < NB; ++j) {
+    const float *a = acc_io + j * 32;
+    if constexpr (wide0) z0[j] = accumulate ? _mm512_load_ps(a) : _mm512_setzero_ps();
+    else y0[j] = accumulate ? _mm256_load_ps(a) : _mm256_setzero_ps();
+    if constexpr (wide1) z1[j] = accumulate ? _mm512_load_ps(a + 16) : _mm512_setzero_ps();
+    else if constexpr (has1) y1[j] = accumulate ? _mm256_load_ps(a + 16) : _mm256_setzero_ps();
+  }
+  const auto *w32 = reinterpret_cast<const int32_t *>(w);  // (k, k + 1) pairs; W rows are ldw / 2 words apart
+  const int64_t ldw32 = ldw / 2;
+  for (int p = 0; p < pairs; ++p) {
+    const uint32_t *xr = xp + p * 32;
+    if constexpr (wide0) {
+      const __m512bh v0 = reinterpret_cast<__m512bh>(_mm512_load_si512(xr));
+      __m512bh v1z{};
+      __m256bh v1y{};
+      if constexpr (wide1) v1z = reinterpret_cast<__m512bh>(_mm512_load_si512(xr + 16));
+      else if constexpr (has1)
+        v1y = reinterpret_cast<__m256bh>(_mm256_load_si256(reinterpret_cast<const __m256i *>(xr + 16)));
+#pragma GCC unroll 14
+      for (int j = 0; j < NB; ++j) {
+        const __m512i b = _mm512_set1_epi32(w32[j * ldw32 + p]);
+        z0[j] = _mm512_dpbf16_ps(z0[j], reinterpret_cast<__m512bh>(b), v0);
+        if constexpr (wide1) z1[j] = _mm512_dpbf16_ps(z1[j], reinterpret_cast<__m512bh>(b), v1z);
+        else if constexpr (has1)
+          y1[j] = _mm256_dpbf16_ps(y1[j], reinterpret_cast<__m256bh>(_mm512_castsi512_si256(b)), v1y);
+      }
+    } else {
+      const __m256bh v0 = reinterpret_cast<__m256bh>(_mm256_load_si256(reinterpret_cast<const __m256i *>(xr)));
+#pragma GCC unroll 14
+      for (int j = 0; j < NB; ++j)
+        y0[j] = _mm256_dpbf16_ps(y0[j], reinterpret_cast<__m256bh>(_mm256_set1_epi32(w32[j * ldw32 + p])), v0);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    float *a = acc_io + j * 32;
+    if constexpr (wide0) _mm512_store_ps(a, z0[j]); else _mm256_store_ps(a, y0[j]);
+    if constexpr (wide1) _mm512_store_ps(a + 16, z1[j]);
+    else if constexpr (has1) _mm256_store_ps(a + 16, y1[j]);
+  }
+}
+
+template <int NB>
+void rows_tile_upto(int nb, int rows, const uint32_t *xp, const uint16_t *w, int64_t ldw, int pairs, float *acc,
+                    bool accumulate) {
+  if constexpr (NB > 1) {
+    if (nb < NB) return rows_tile_upto<NB - 1>(nb, rows, xp, w, ldw, pairs, acc, accumulate);
+  }
+  if (rows > 24) return rows_tile<NB, 32>(xp, w, ldw, pairs, acc, accumulate);
+  if (rows > 16) return rows_tile<NB, 24>(xp, w, ldw, pairs, acc, accumulate);
+  if (rows > 8) return rows_tile<NB, 16>(xp, w, ldw, pairs, acc, accumulate);
+  rows_tile<NB, 8>(xp, w, ldw, pairs, acc, accumulate);
+}
+
+// x (m, k) fp32 rows [m0, m0 + 32) (zeros past m), K values [k0, k0 + kc) -> xp[p * 32 + i] = bf16 pair p of row i.
+void pack_x_pairs(const float *x, int64_t ldx, int64_t m, int64_t m0, int64_t k0, int kc, uint32_t *xp) {
+  for (int kk = 0; kk < kc; kk += 32) {
+    const int left = kc - kk;
+    const __mmask16 lo = Bf16Kind::mask16(left), hi = Bf16Kind::mask16(left - 16);
+    const int pairs = left >= 32 ? 16 : (left + 1) / 2;
+    for (int h = 0; h < 2; ++h) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = m0 + h * 16 + i;
+        if (row < m) {
+          const float *src = x + row * ldx + k0 + kk;
+          r[i] = reinterpret_cast<__m512>(
+              _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + 16), _mm512_maskz_loadu_ps(lo, src)));
+        } else {
+          r[i] = _mm512_setzero_ps();
+        }
+      }
+      transpose16(r);
+      for (int q = 0; q < pairs; ++q) _mm512_store_ps(reinterpret_cast<float *>(xp + (kk / 2 + q) * 32 + h * 16), r[q]);
+    }
+  }
+}
+
+// y (m, n) = x (m, k) fp32 rounded to bf16 . W (n, k) bf16 ^T (+ bias), for m <= kFewRowsMax and even k > 0 (a W
+// row is then whole pairs). Returns false when out of memory.
+bool gemm_bf16_few_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t ldw, const float *bias, float *c,
+                        int64_t m, int64_t n, int64_t k) {
+  if (m == 0 || n == 0) return true;
+  const int64_t tiles = (m + 31) / 32;
+  const int64_t pairs_k = k / 2, blocks = (pairs_k + kPairsK - 1) / kPairsK;
+  const int64_t kp = ((pairs_k + blocks - 1) / blocks + 15) / 16 * 16;  // pairs per K block (16: one transpose)
+  const int64_t span = kRowsW * kGroup, items = (n + span - 1) / span;
+  // x's packing, kept by the calling thread for its next call (a fresh block of megabytes would be page-faulted in
+  // on every call)
+  static thread_local struct Keep {
+    float *data = nullptr;
+    int64_t size = 0;
+    float *get(int64_t count) {
+      if (count > size) {
+        std::free(data);
+        data = aligned_floats(count);
+        size = data == nullptr ? 0 : count;
+      }
+      return data;
+    }
+    ~Keep() { std::free(data); }
+  } keep;
+  auto *xp = reinterpret_cast<uint32_t *>(keep.get(blocks * tiles * kp * 32));
+  if (xp == nullptr) return false;
+  bool ok = true;
+  // dynamic: on shared cores a descheduled thread would otherwise hold the other at the barrier for its share
+#pragma omp parallel for collapse(2) schedule(dynamic, 2)
+  for (int64_t s = 0; s < blocks; ++s)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t k0 = s * kp * 2;
+      const int kc = static_cast<int>(k - k0 < kp * 2 ? k - k0 : kp * 2);
+      pack_x_pairs(x, ldx, m, t * 32, k0, kc, xp + (s * tiles + t) * kp * 32);
+    }
+#pragma omp parallel
+  {
+    float *acc = aligned_floats(kGroup * tiles * kRowsW * 32);
+    auto *wbuf = reinterpret_cast<uint16_t *>(aligned_floats(kRowsW * kp));
+    if (acc == nullptr || wbuf == nullptr) {
+#pragma omp atomic write
+      ok = false;
+    }
+    const int64_t threads = omp_get_num_threads();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      if (acc == nullptr || wbuf == nullptr) continue;
+      const int64_t n0 = item * span, rows_w = n - n0 < span ? n - n0 : span;
+      for (int64_t s = 0; s < blocks; ++s) {
+        const int64_t p0 = s * kp, pairs = pairs_k - p0 < kp ? pairs_k - p0 : kp;
+        // the W rows this item reads next (next K block, else the next item this thread likely takes), into L2
+        const int64_t next_n0 = s + 1 < blocks ? n0 : (item + threads) * span, next_p0 = s + 1 < blocks ? p0 + kp : 0;
+        const int64_t next_rows = next_n0 < n ? (n - next_n0 < span ? n - next_n0 : span) : 0;
+        const int64_t next_pairs = pairs_k - next_p0 < kp ? pairs_k - next_p0 : kp;
+        const int64_t lines = (next_pairs * 4 + 63) / 64 + 1;
+        const int64_t total = next_rows * lines, calls = kGroup * tiles;
+        int64_t call = 0;
+        for (int g = 0; g < kGroup; ++g) {
+          const int64_t nb0 = g * kRowsW;
+          if (nb0 >= rows_w) break;
+          const int nb = static_cast<int>(rows_w - nb0 < kRowsW ? rows_w - nb0 : kRowsW);
+          for (int j = 0; j < nb; ++j) std::memcpy(wbuf + j * kp * 2, w + (n0 + nb0 + j) * ldw + p0 * 2, pairs * 4);
+          for (int64_t t = 0; t < tiles; ++t, ++call) {
+            const int64_t idx_end = total * (call + 1) / calls;
+            for (int64_t idx = total * call / calls; idx < idx_end; ++idx)
+              _mm_prefetch(reinterpret_cast<const char *>(w + (next_n0 + idx / lines) * ldw + next_p0 * 2) +
+                               (idx % lines) * 64, _MM_HINT_T1);
+            rows_tile_upto<kRowsW>(nb, static_cast<int>(m - t * 32), xp + (s * tiles + t) * kp * 32, wbuf, kp * 2,
+                                   static_cast<int>(pairs), acc + (g * tiles + t) * kRowsW * 32, s > 0);
+          }
+        }
+      }
+      // C^T partial sums -> C rows, 16 x 16 at a time
+      for (int g = 0; g < kGroup; ++g) {
+        const int64_t nb0 = g * kRowsW;
+        if (nb0 >= rows_w) break;
+        const int nb = static_cast<int>(rows_w - nb0 < kRowsW ? rows_w - nb0 : kRowsW);
+        const __mmask16 cols = Bf16Kind::mask16(nb);
+        const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(cols, bias + n0 + nb0) : _mm512_setzero_ps();
+        for (int64_t t = 0; t < tiles; ++t)
+          for (int h = 0; h < 2; ++h) {
+            const float *a = acc + (g * tiles + t) * kRowsW * 32 + h * 16;
+            __m512 r[16];
+            for (int j = 0; j < 16; ++j) r[j] = j < nb ? _mm512_load_ps(a + j * 32) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int i = 0; i < 16; ++i) {
+              const int64_t row = t * 32 + h * 16 + i;
+              if (row < m) _mm512_mask_storeu_ps(c + row * n + n0 + nb0, cols, _mm512_add_ps(r[i], b));
+            }
+          }
+      }
+    }
+    std::free(acc);
+    std::free(wbuf);
+  }
+  return ok;
+}
 constexpr bool kHasBf16 = true;
 #else
 constexpr bool kHasBf16 = false;
@@ -560,7 +761,10 @@ int LinearXWtHalf(int nparam, void **params, int *ndims, int64_t **shapes, const
   if (std::strcmp(dtypes[1], "float16") == 0)
     return gemm(Operand{x, k, false}, HalfOperand{w, k}, b, y, m, n, k) ? 0 : 1;
 #if defined(__AVX512BF16__)
-  if (std::strcmp(dtypes[1], "bfloat16") == 0) return gemm_kind(Bf16Kind{x, k, w, k}, b, y, m, n, k) ? 0 : 1;
+  if (std::strcmp(dtypes[1], "bfloat16") == 0) {
+    if (m <= kFewRowsMax && k > 0 && k % 2 == 0) return gemm_bf16_few_rows(x, k, w, k, b, y, m, n, k) ? 0 : 1;
+    return gemm_kind(Bf16Kind{x, k, w, k}, b, y, m, n, k) ? 0 : 1;
+  }
 #endif
   return 1;
 }
