@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine, parse_or_run_child, run_children  # noqa: E402
+from common import machine, parse_or_run_child, run_children, start_side  # noqa: E402
 
 # (K, N) of T5-XXL's Linear layers: q / k / v / o, wi_0 / wi_1, wo
 SHAPES = [((4096, 4096), "q, k, v, o"), ((4096, 10240), "wi_0, wi_1"), ((10240, 4096), "wo")]
@@ -29,15 +29,12 @@ SHAPES = [((4096, 4096), "q, k, v, o"), ((4096, 10240), "wi_0, wi_1"), ((10240, 
 def child(side: str, a) -> dict:
     """Median seconds per (rows, shape) for one side."""
     rng = np.random.default_rng(0)
-    threads = os.cpu_count() or 1
+    start_side(side, "pynative")
     if side == "torch":
         import torch
-        torch.set_num_threads(threads)
     else:
-        from pixart import backend  # before mindspore: sets the OpenMP wait policy
         import mindspore as ms
         from pixart.cpu import kernels
-        backend.setup("CPU", "pynative")
         if not kernels.half_weights("bf16"):
             sys.exit("this CPU lacks AVX512_BF16 (or the kernels did not build): no bf16 product to measure")
         product = kernels.half_linear_product(False)

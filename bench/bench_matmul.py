@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine, parse_or_run_child, run_children  # noqa: E402
+from common import machine, parse_or_run_child, run_children, start_side  # noqa: E402
 
 # (M, K, N) of one block's Linear layers at 256 px, with how often each runs per block
 SHAPES = [((512, 1152, 3456), 1, "attn.qkv"), ((512, 1152, 1152), 3, "attn.proj, cross_attn.q_linear / proj"),
@@ -40,15 +40,13 @@ def fma_peak(threads: int) -> float:
 def child(side: str, a) -> dict:
     """Median seconds per shape for one side."""
     rng = np.random.default_rng(0)
-    threads = os.cpu_count() or 1
+    start_side(side, "graph")
     if side == "torch":
         import torch
-        torch.set_num_threads(threads)
     else:
-        from pixart import backend, cpu, nn  # before mindspore: sets the OpenMP wait policy
+        from pixart import cpu, nn
         import mindspore as ms
         from pixart.cpu import kernels
-        backend.setup("CPU", "graph")
 
         class Plain(ms.nn.Cell):
             def __init__(self, w):

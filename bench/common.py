@@ -38,6 +38,20 @@ def child_env() -> dict:
     return env
 
 
+def start_side(side: str, mode: str) -> int:
+    """A child's set-up for its side: PyTorch on every core; ours imports pixart before mindspore (pixart sets the
+    OpenMP wait policy, as the entry points do) and sets up MindSpore's CPU backend in `mode`. Returns the thread
+    count."""
+    threads = os.cpu_count() or 1
+    if side == "torch":
+        import torch
+        torch.set_num_threads(threads)
+    else:
+        from pixart import backend
+        backend.setup("CPU", mode)
+    return threads
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident set size in GiB since it started or since `reset_peak_rss()` (Linux: VmHWM;
     elsewhere ru_maxrss, never reset)."""
