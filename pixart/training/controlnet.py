@@ -162,7 +162,7 @@ class ControlNetMethod(Method):
     def trainable(self, model, args, log) -> list:
         return model.control_parameters()
 
-    def loss(self, compute_model):
+    def loss(self, compute_model, args):
         return ControlNetLoss(compute_model, args.snr_gamma)
 
     def batches(self, builder, data, args):

@@ -61,7 +61,7 @@ class Method:
         """The parameters the optimizer updates (after any layer surgery, before compilation)."""
         return model.trainable_params()
 
-    def loss(self, compute_model):
+    def loss(self, compute_model, args):
         """The loss Cell the train step differentiates; None: the trainer's (`build_optimisation`)."""
         return None
 
@@ -149,7 +149,7 @@ class Trainer:
         compute_model = for_training(model, args)
         log.info(method.report_model(model, params, data, args))
         opt = build_optimisation(args, compute_model, params, ctx, data.global_batch, log, method.use_ema(args),
-                                 method.loss(compute_model))
+                                 method.loss(compute_model, args))
 
         start_step, batches_done, failures_before = 0, 0, []
         if resumed:
