@@ -239,7 +239,7 @@ def train_args(dtype: str, recompute: bool) -> types.SimpleNamespace:
         recompute=recompute, mixed_precision=dtype, learning_rate=o["lr"], auto_lr="none", optimizer="adamw",
         betas=list(o["betas"]), eps=[o["eps"]], weight_decay=o["weight_decay"], ema_rate=0.9999,
         loss_scaler="auto", init_loss_scale=1024.0 if dtype != "fp32" else None, clip_grad=0.0,
-        grad_accumulation=1, loss_scale_factor=2.0, loss_scale_window=1000)
+        grad_accumulation=1, loss_scale_factor=2.0, loss_scale_window=1000, snr_gamma=None)
 
 
 class _QuietLog:
