@@ -52,8 +52,8 @@ def build_parser(description: str | None = None) -> ArgumentParser:
     p.add_argument("--stages", nargs="+", default=["vae", "transformer", "score", "docs"],
                    choices=["vae", "transformer", "export", "score", "docs"], help="run only these (the later ones "
                    "read the earlier ones' results from --work and --out); export: the newest checkpoint's EMA "
-                   "weights of the last run (the transformer stage ends with it); docs: the sample grid of docs/demo.md and the "
-                   "README's picture")
+                   "weights of the last run (the transformer stage ends with it); docs: the sample grid of "
+                   "docs/demo.md and the README's picture")
     p.add_argument("--docs", default="docs", help="where the docs stage writes its PNGs")
     return p
 
@@ -149,7 +149,8 @@ def train_transformer(args, work: Path, out: Path) -> None:
                  "--save_every", 500, "--keep_last", 2, "--log_every", 100, "--output_dir", run, "--mode", "graph",
                  *start, *phase["extra"], *resume)
             print(f"{phase['run']}: {phase['steps']} steps in {time.time() - t0:.0f} s")
-        start = ["--load_from", export_run(run, run / "transformer.safetensors")]
+        if phase is not PHASES[-1]:  # the next run starts from these weights; the last run's go to `out`
+            start = ["--load_from", export_run(run, run / "transformer.safetensors")]
     export(args, work, out)
 
 

@@ -242,9 +242,10 @@ def batch_builder(args, data: Data, dataset) -> BatchBuilder:
                         sample_posterior=args.sample_posterior, cache=data.cache,
                         text_encoder=data.text_encoder, image_encoder=data.image_encoder,
                         workers=getattr(args, "num_parallel_workers", 1),
-                        timestep_weights=timestep_weights(args.timestep_bias_strategy, multiplier=args.timestep_bias_multiplier,
-                                                          portion=args.timestep_bias_portion,
-                                                          begin=args.timestep_bias_begin, end=args.timestep_bias_end),
+                        timestep_weights=timestep_weights(
+                            args.timestep_bias_strategy, multiplier=args.timestep_bias_multiplier,
+                            portion=args.timestep_bias_portion, begin=args.timestep_bias_begin,
+                            end=args.timestep_bias_end),
                         noise_offset=args.noise_offset)
 
 
