@@ -47,7 +47,7 @@ def prepare(folder: Path, t5_layers: int) -> None:
     import torch
     import diffusers
     import transformers
-    from pixart.models.t5 import make_tiny_tokenizer
+    from pixart.models.t5_tokenizer import make_tiny_tokenizer
     print(f"writing the benchmark pipeline to {folder} (once)", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     make_tiny_tokenizer(folder / "tokenizer")

@@ -19,7 +19,8 @@ from pixart import backend, demo_world
 from pixart.io import read_safetensors, read_safetensors_metadata, write_safetensors
 from pixart.models.convert import save_pixart
 from pixart.models.pixart import PixArt, preset_config
-from pixart.models.t5 import T5Config, T5EncoderModel, make_tiny_tokenizer
+from pixart.models.t5 import T5Config, T5EncoderModel
+from pixart.models.t5_tokenizer import make_tiny_tokenizer
 from pixart.models.vae import AutoencoderKL, VAEConfig
 from pixart.pipelines.loading import load_components
 from pixart.pipelines.text_to_image import PixArtPipeline

@@ -20,7 +20,7 @@ from pixart.models.convert import convert_pixart_file
 from pixart.pipelines.loading import load_transformer
 from pixart.pipelines.scheduler import sampler_from_config
 from pixart.pipelines.text_to_image import PixArtPipeline
-from pixart.models.t5 import make_tiny_tokenizer
+from pixart.models.t5_tokenizer import make_tiny_tokenizer
 
 pytestmark = pytest.mark.parity
 

@@ -1,6 +1,8 @@
 """T5 encoder parity with transformers' T5EncoderModel, loading (plain, sharded, full T5, errors), fp16, tokenizer."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from pixart import backend
 from pixart.io import CheckpointError, read_safetensors, write_safetensors
-from pixart.models.t5 import encode_prompts, load_t5, load_tokenizer, make_tiny_tokenizer, relative_position_buckets
+from pixart.models.t5 import load_t5, relative_position_buckets
+from pixart.models.t5_tokenizer import encode_prompts, load_tokenizer, make_tiny_tokenizer
 from tests.utils import rel_err
 
 TINY = dict(vocab_size=200, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4,
@@ -203,3 +206,56 @@ def test_tokenizer(tmp_path):
     assert list(ids[0, :lengths[0]]) == sp.encode(prompts[0]) + [1]
     with pytest.raises(CheckpointError, match="tokenizer"):
         load_tokenizer(tmp_path / "nothing")
+
+
+# prompts where a tokenizer could differ from transformers': spaces, case, unicode, digits, punctuation, special
+# tokens written in the text, an empty prompt, one that ends with </s>, and ones longer than max_length
+_ODD_PROMPTS = ["a small cat riding a horse on the moon", "  two   spaces\tand a tab \n newline  ", "", "x",
+                "Café, naïve ÅNGSTRÖM – “quotes” 3.14 km/h #1!", "日本の猫", "a </s> b", "a cat</s>", "<pad><unk>z",
+                "a very " * 40 + "long prompt", "a, b; c: d? e! (f) [g] {h} 'i' \"j\"", "emoji 🐱 here"]
+
+
+@pytest.mark.parametrize("layout", ["spiece.model", "tokenizer.json", "sentinels"])
+def test_tokenizer_ids_equal_transformers(tmp_path, layout):
+    """Our T5 tokenizer (no transformers import) gives transformers' ids, masks and decoded text, from a
+    SentencePiece model, from a tokenizer.json that transformers saved, and with <extra_id_N> sentinels."""
+    make_tiny_tokenizer(tmp_path / "spm")
+    folder = tmp_path / "spm"
+    if layout == "sentinels":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "extra_ids": 5}))
+    if layout == "tokenizer.json":
+        used = AutoTokenizer.from_pretrained(str(folder))
+        used(["a cat"], padding="max_length", max_length=40, truncation=True)  # its tokenizer.json then keeps these
+        used.save_pretrained(str(tmp_path / "fast"))
+        (tmp_path / "fast" / "spiece.model").unlink(missing_ok=True)
+        folder = tmp_path / "fast"
+        assert (folder / "tokenizer.json").exists()
+    ref, ours = AutoTokenizer.from_pretrained(str(folder)), load_tokenizer(folder)
+    prompts = _ODD_PROMPTS + (["<extra_id_0> a <extra_id_4>b"] if layout == "sentinels" else [])
+    assert (ours.pad_token_id, ours.eos_token_id, ours.unk_token_id) == (
+        ref.pad_token_id, ref.eos_token_id, ref.unk_token_id)
+    for max_length in (8, 120):
+        ids, mask = encode_prompts(ours, prompts, max_length)
+        want_ids, want_mask = encode_prompts(ref, prompts, max_length)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(mask, want_mask)
+    full = ours(prompts, add_special_tokens=True, truncation=False)["input_ids"]
+    assert full == ref(prompts, add_special_tokens=True, truncation=False)["input_ids"]
+    assert len(full[9]) > 120  # the long prompt is cut above
+    for row in full:
+        for skip in (True, False):
+            assert ours.decode(row, skip_special_tokens=skip) == ref.decode(row, skip_special_tokens=skip)
+    ours.save_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(encode_prompts(AutoTokenizer.from_pretrained(str(tmp_path / "saved")), prompts, 120)[0],
+                                  encode_prompts(ref, prompts, 120)[0])
+
+
+def test_tokenizer_does_not_import_torch_or_transformers(tmp_path):
+    """The runtime path never imports PyTorch; transformers would (about 3 s per process)."""
+    make_tiny_tokenizer(tmp_path)
+    code = ("import sys, pixart.cli.sample; from pixart.models.t5_tokenizer import load_tokenizer, encode_prompts; "
+            f"encode_prompts(load_tokenizer({str(tmp_path)!r}), ['a cat'], 8); "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -18,7 +18,8 @@ from pixart.cli.options import (DTYPES, ArgumentParser, add_encoder_options, add
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, make_sampler, timesteps_list
 from pixart.models.convert import read_pixart, resolve_config
 from pixart.models.pixart import PRESETS, preset_config
-from pixart.models.t5 import load_t5, load_tokenizer
+from pixart.models.t5 import load_t5
+from pixart.models.t5_tokenizer import load_tokenizer
 from pixart.pipelines.image_inputs import load_image, load_mask
 from pixart.pipelines.outputs import image_grid, provenance, save_images, save_png, write_json
 from pixart.pipelines.text_to_image import PixArtPipeline, check_image_size, encode_text

@@ -92,7 +92,8 @@ class TextEncoder:
 
     def __init__(self, text_encoder_root, tokenizer_root=None, max_length: int = 120, dtype: str = "fp32"):
         from pixart import cpu
-        from pixart.models.t5 import load_t5, load_tokenizer
+        from pixart.models.t5 import load_t5
+        from pixart.models.t5_tokenizer import load_tokenizer
         self.model = cpu.accelerate(load_t5(text_encoder_root, dtype))
         self.tokenizer = load_tokenizer(tokenizer_root or text_encoder_root)
         self.max_length = max_length
@@ -101,7 +102,7 @@ class TextEncoder:
     def __call__(self, captions: list[str]) -> list[np.ndarray]:
         import mindspore as ms
         from mindspore import Tensor
-        from pixart.models.t5 import encode_prompts
+        from pixart.models.t5_tokenizer import encode_prompts
         ids, mask = encode_prompts(self.tokenizer, list(captions), self.max_length)
         out = self.model(Tensor(ids), Tensor(mask)).astype(ms.float32).asnumpy()  # (B, L, C)
         lengths = mask.sum(1)

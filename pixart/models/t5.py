@@ -1,4 +1,4 @@
-"""T5 v1.1 text encoder (encoder stack only), loadable from HuggingFace folders by parameter name, plus its tokenizer.
+"""T5 v1.1 text encoder (encoder stack only), loadable from HuggingFace folders by parameter name.
 
 Parameter names equal HF's (`shared.weight`, `encoder.block.N.layer.0.SelfAttention.q.weight`, ...). Precision
 follows HF's fp16 recipe for T5 (`_keep_in_fp32_modules = ["wo"]`): weights may be fp16, but the residual stream,
@@ -6,7 +6,6 @@ RMS norms, softmax, the gated activation and the `wo` projection run in fp32, so
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass, fields
@@ -261,63 +260,3 @@ def load_t5(folder, dtype: str = "fp32", max_positions: int = 512) -> T5EncoderM
         load_into(model, {name: arr}, what=f"T5 encoder ({folder})", strict=False, share=True)
     model.set_train(False)
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------------------
-def load_tokenizer(folder):
-    """The T5 tokenizer of an HF folder (spiece.model and/or tokenizer.json), through transformers."""
-    folder = Path(folder)
-    if not ((folder / "spiece.model").exists() or (folder / "tokenizer.json").exists()):
-        raise CheckpointError(f"{folder}: no T5 tokenizer here (expected spiece.model or tokenizer.json)")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-def encode_prompts(tokenizer, prompts, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """PixArt's tokenization: (input_ids, attention_mask), int32 (B, max_length), eos appended, padded/truncated."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    add_special_tokens=True, return_tensors="np")
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-
-
-_CORPUS = """
-a photo of an astronaut riding a horse on the moon. a small white cat sitting on a red chair in a sunny garden.
-an oil painting of a quiet city street at night with bright lights and rain. a cozy wooden cabin in snowy mountains.
-a bowl of fresh fruit on a kitchen table, soft morning light. a portrait of an old man with a grey beard and a hat.
-a futuristic car driving through a neon city, digital art. a golden retriever puppy playing with a blue ball on grass.
-a watercolor landscape of green hills, a river and tall trees under a cloudy sky. a cup of hot coffee next to a book.
-the quick brown fox jumps over the lazy dog. a lighthouse on a rocky coast during a storm with huge waves.
-a beautiful woman wearing a long dress walking on the beach at sunset. a robot reading a newspaper in a cafe.
-an ancient castle on a hill surrounded by fog, fantasy concept art, highly detailed. a plate of pasta with tomatoes.
-a children's drawing of a house, a tree and the sun. a close up of a yellow flower with water drops, macro photo.
-a group of friends laughing around a campfire in the forest. a black and white photograph of a train station.
-a colorful bird sitting on a branch, spring, cherry blossoms. a sailing boat on a calm lake, reflection, evening.
-a dragon flying over a medieval village, epic, cinematic lighting. a minimalist poster with a big orange circle.
-a teddy bear wearing sunglasses, studio photo, high resolution. two kids riding bicycles down a country road.
-an elephant walking in the desert under a blue sky. a pixel art scene of a tiny farm with cows and chickens.
-"""
-
-
-def make_tiny_tokenizer(folder, vocab_size: int = 200):
-    """Train a small SentencePiece unigram model on a built-in corpus and save it in HF's T5 tokenizer layout.
-
-    Ids follow T5: <pad> 0, </s> 1, <unk> 2; no sentinel (<extra_id_*>) tokens. Offline, well under a second.
-    """
-    import sentencepiece as spm
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [s.strip() + "." for s in _CORPUS.replace("\n", " ").split(".") if s.strip()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
-    (folder / "spiece.model").write_bytes(model.getvalue())
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512, **special}, indent=2))
-    return folder

@@ -87,7 +87,8 @@ def load_components(checkpoint, model: str, vae_root, text_encoder_root, tokeniz
                     text_encoder: bool = True, log=print) -> dict:
     """Everything `PixArtPipeline(...)` takes. T5 may be loaded in half precision (`text_encoder_dtype`), or not at
     all (`text_encoder=False`: prompts were encoded beforehand; no tokenizer either)."""
-    from pixart.models.t5 import load_t5, load_tokenizer
+    from pixart.models.t5 import load_t5
+    from pixart.models.t5_tokenizer import load_tokenizer
     from pixart.models.vae import load_vae
     log(f"loading transformer {checkpoint}")
     transformer = load_transformer(checkpoint, model, dtype, kv_compress, log, lora_path, lora_scale)

@@ -20,7 +20,7 @@ from PIL import Image
 from pixart import backend, cpu
 from pixart.data.buckets import ASPECT_RATIOS, closest_bucket, resize_and_crop_array
 from pixart.diffusion import DEFAULT_STEPS, SAMPLERS, make_sampler
-from pixart.models.t5 import encode_prompts
+from pixart.models.t5_tokenizer import encode_prompts
 from pixart.models.convert import pipeline_class
 from pixart.pipelines.image_inputs import image_tensor, latent_mask, load_image, load_mask, pixel_mask
 from pixart.pipelines.loading import (dtype_name, load_components, load_transformer, resolve_pipeline_folder)
@@ -157,7 +157,8 @@ class PixArtPipeline:
             return cls(**load_components(**kwargs, **named, log=log))
         if kwargs:
             raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(sorted(kwargs))}")
-        from pixart.models.t5 import load_t5, load_tokenizer
+        from pixart.models.t5 import load_t5
+        from pixart.models.t5_tokenizer import load_tokenizer
         from pixart.models.vae import load_vae
         from pixart.pipelines.scheduler import read_scheduler
         from pixart.pipelines.transformer import PixArtTransformer2DModel
