@@ -3,6 +3,8 @@ CPUs with AVX512_BF16) or fp16 (widened per panel), everything else fp32. The GE
 fp32 accumulation; the transformer and T5 in bf16 against the fp32 PyTorch reference, within the error PyTorch's own
 bf16 run shows (both measured here); the refusal where the CPU lacks bf16."""
 import copy
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +30,36 @@ def bf16_round(a):
     """float32 -> the nearest bf16 (ties to even), as float32."""
     u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
     return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
+@needs_kernels
+def test_threaded_bf16_conversion_equals_mindspores_cast():
+    """The loader's fp16 / fp32 -> bf16 converter (all threads) gives MindSpore's cast bit for bit: every finite
+    fp16 value, and fp32 values with rounding ties, carries into the exponent, subnormals and odd lengths (masked
+    tails); a bf16 parameter loaded from fp16 weights holds the same bits either way."""
+    g = np.random.default_rng(0)
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    every_half = every_half[np.isfinite(every_half)]
+    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x7F7FFFFF, 0x7F7F8000, 1, 0x807FFFFF, 0x00008000],
+                    np.uint32).view(np.float32)
+    wide = (g.standard_normal(100_003) * 10.0 ** g.integers(-44, 38, 100_003)).astype(np.float32)
+    floats = np.concatenate([ties, wide[np.isfinite(wide)]])
+    assert floats.dtype == np.float32 and (np.abs(floats) < np.finfo(np.float32).tiny).sum() > 1000
+    for arr in (every_half, floats, floats[:13], every_half[:1], every_half[:4096].reshape(64, 64)):
+        fast = kernels.to_bf16(arr)
+        assert fast is not None and fast.shape == arr.shape
+        got = ms.from_numpy(fast).astype(ms.float32).asnumpy()
+        want = Tensor(arr, dtype=ms.bfloat16).astype(ms.float32).asnumpy()
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    # its library is built without fast-math: loading it leaves the calling thread's subnormals alone (a fresh
+    # process: this one has loaded the GEMM library, which turns flush-to-zero on)
+    code = ("import numpy as np; from pixart.cpu import kernels; tiny = np.float32(1e-39); "
+            "assert kernels.to_bf16(np.ones(3, np.float16)) is not None; assert tiny * np.float32(1) > 0")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    net = ms.nn.Dense(64, 64, has_bias=False)
+    net.weight.set_dtype(ms.bfloat16)
+    load_into(net, {"weight": every_half[:4096].reshape(64, 64)}, share=True)
+    np.testing.assert_array_equal(net.weight.astype(ms.float32).asnumpy(), bf16_round(every_half[:4096].reshape(64, 64)))
 
 
 @needs_kernels

@@ -161,3 +161,20 @@ def test_random_bytes_are_refused_by_every_weight_reader(tmp_path, size):
     path.write_bytes(data)
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         read_safetensors(path)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_weights_are_found_by_their_bits(dtype):
+    """The loaders' NaN / inf check reads each float's exponent bits (integer max, chunked): every NaN and infinity
+    of each width is found wherever it sits (in a later chunk, in a strided view), and no finite value is flagged
+    (the largest, -0, subnormals)."""
+    from pixart.io.base import first_non_finite
+    info = np.finfo(dtype)
+    finite = np.array([info.max, -info.max, -0.0, 0.0, info.tiny, info.tiny / 4, -info.tiny / 4, 1.0], dtype)
+    assert first_non_finite({"a": finite, "b": np.ones((3, 4), dtype)}, chunk=3) is None
+    for bad in (np.nan, np.inf, -np.inf, -np.nan):
+        for where in (0, 5, 999):
+            x = np.zeros(1000, dtype)
+            x[where] = bad
+            assert first_non_finite({"ok": finite, "x": x}, chunk=7) == "x", (bad, where)
+            assert first_non_finite({"t": x.reshape(10, 100).T}) == "t"

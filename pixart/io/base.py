@@ -13,13 +13,31 @@ def widen_bf16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def first_non_finite(state: dict[str, np.ndarray]) -> str | None:
-    """The name of the first float tensor of `state` holding a NaN or an infinity (None: all finite). Two passes of
-    min / max per tensor (NaN propagates through both), no temporary the size of the tensor."""
+# by byte width: the exponent bits all ones, and every bit but the sign
+_EXPONENT = {2: np.uint16(0x7C00), 4: np.uint32(0x7F800000), 8: np.uint64(0x7FF0000000000000)}
+_MAGNITUDE = {2: np.uint16(0x7FFF), 4: np.uint32(0x7FFFFFFF), 8: np.uint64(0x7FFFFFFFFFFFFFFF)}
+
+
+def first_non_finite(state: dict[str, np.ndarray], chunk: int = 1 << 24) -> str | None:
+    """The name of the first float tensor of `state` holding a NaN or an infinity (None: all finite).
+
+    Read as integers: a float is NaN or infinite exactly when its exponent bits are all ones, i.e. when its bits
+    without the sign reach the exponent mask. Integer max is vectorised for every width (numpy reduces fp16
+    element by element: a 24-layer T5-XXL took ~95 s to check that way), in chunks so that no temporary grows with
+    the tensor."""
     for name, arr in state.items():
         arr = np.asarray(arr)
-        if arr.dtype.kind == "f" and arr.size and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
-            return name
+        if arr.dtype.kind != "f" or not arr.size:
+            continue
+        if arr.dtype.itemsize not in _EXPONENT:  # float128 and the like: the plain check
+            if not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+                return name
+            continue
+        exponent, magnitude = _EXPONENT[arr.dtype.itemsize], _MAGNITUDE[arr.dtype.itemsize]
+        bits = np.ascontiguousarray(arr).reshape(-1).view(exponent.dtype)
+        for i in range(0, bits.size, chunk):
+            if (bits[i:i + chunk] & magnitude).max() >= exponent:
+                return name
     return None
 
 

@@ -25,8 +25,21 @@ def load_into(cell, state: dict[str, np.ndarray], what: str = "model", strict: b
     for k, p in params.items():
         if k in state and tuple(state[k].shape) == tuple(p.shape):
             arr = state[k]
+            if p.dtype == ms.bfloat16:
+                arr = _as_bf16(arr)
             shared = ms.from_numpy(arr) if share and arr.flags.c_contiguous else None
             p.set_data(shared if shared is not None and shared.dtype == p.dtype else ms.Tensor(arr, dtype=p.dtype))
+
+
+def _as_bf16(arr: np.ndarray) -> np.ndarray:
+    """fp16 / fp32 weights for a bf16 parameter, converted by the CPU kernels' threaded converter where it is built
+    on CPU (the bf16 array is then taken without a copy); else `arr` as is, for MindSpore's own cast."""
+    from pixart import backend
+    if backend.device_target() != "CPU" or arr.dtype not in (np.float16, np.float32):
+        return arr
+    from pixart.cpu import kernels
+    fast = kernels.to_bf16(arr)
+    return arr if fast is None else fast
 
 
 def check_state(shapes: dict[str, tuple], state: dict, ignore: tuple[str, ...] = ()) -> tuple[list, list, list]:

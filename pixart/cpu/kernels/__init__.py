@@ -1,7 +1,8 @@
 """CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM and
 attention on AVX-512 with the products of Linear layers whose weights are stored in bf16 (vdpbf16ps, on CPUs with
 AVX512_BF16) or fp16 (widened per panel) (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16
-tile products (amx_gemm.cc); softmax.h is shared by the first two.
+tile products (amx_gemm.cc); softmax.h is shared by the first two. convert.cc (called through ctypes, not an
+operator) converts fp16 / fp32 weights to bf16 as they load.
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written
@@ -31,6 +32,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("fused_cpu.cc")
 AMX_SOURCE = Path(__file__).with_name("amx_gemm.cc")
 GEMM_SOURCE = Path(__file__).with_name("gemm_cpu.cc")
+CONVERT_SOURCE = Path(__file__).with_name("convert.cc")
 GEMMS = ("auto", "matmul", "bf16x3")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]  # fast-math: libmvec expf
 # Linking with -ffast-math adds crtfastmath.o: loading the library turns on flush-to-zero for the process. The kernels
@@ -53,12 +55,14 @@ def cache_dir() -> Path:
 
 
 def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
-    """Compile `source` (or reuse the cached build); returns the shared library's path. Raises on failure."""
+    """Compile `source` (or reuse the cached build); returns the shared library's path. Raises on failure.
+    convert.cc is built without -ffast-math (its header comment says why)."""
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (g++ / c++ / $CXX)")
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h)
-    parts = [source.read_text(), *headers, compiler, *FLAGS, _cpu_id()]
+    flags = [f for f in FLAGS if not (source == CONVERT_SOURCE and f == "-ffast-math")]
+    parts = [source.read_text(), *headers, compiler, *flags, _cpu_id()]
     key = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
@@ -66,7 +70,7 @@ def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: concurrent processes each build, the last rename wins, all equal
@@ -87,13 +91,14 @@ def available() -> bool:
     return _STATE["ok"]
 
 
-def _library(source: Path, probe: str) -> Path | None:
-    """The built library of `source` when its `probe()` returns 1 (the CPU has what it needs), else None."""
+def _library(source: Path, probe: str, instead: str = "MindSpore's fp32 MatMul") -> Path | None:
+    """The built library of `source` when its `probe()` returns 1 (the CPU has what it needs), else None (with a
+    warning that names what is used `instead` where the build fails)."""
     try:
         path = build(source=source)
         return path if getattr(ctypes.CDLL(str(path)), probe)() == 1 else None
     except (OSError, RuntimeError) as err:
-        warnings.warn(f"{source.name} unavailable, using MindSpore's fp32 MatMul: {err}", stacklevel=3)
+        warnings.warn(f"{source.name} unavailable, using {instead}: {err}", stacklevel=3)
         return None
 
 
@@ -130,6 +135,28 @@ def half_weights(dtype_name: str) -> bool:
     if "bf16_ok" not in _STATE:
         _STATE["bf16_ok"] = ctypes.CDLL(str(_STATE["gemm_path"])).GemmBf16Available() == 1
     return dtype_name == "bf16" and _STATE["bf16_ok"]
+
+
+def to_bf16(arr):
+    """`arr` (fp16 / fp32 numpy) as a new array of MindSpore's numpy bfloat16, rounded to nearest even, by
+    convert.cc (all threads, at memory speed; MindSpore's own cast of T5-XXL's weights takes ~16 s on one thread);
+    None where the CPU lacks AVX-512 or the library does not build (the caller then casts with MindSpore)."""
+    import numpy as np
+    from mindspore.common.np_dtype import bfloat16
+    if arr.dtype not in (np.float16, np.float32) or os.environ.get("PIXART_FUSED_KERNELS", "1") == "0":
+        return None
+    if "convert" not in _STATE:
+        path = _library(CONVERT_SOURCE, "ConvertAvailable", "MindSpore's cast") if "avx512f" in _cpu_id() else None
+        _STATE["convert"] = ctypes.CDLL(str(path)).ToBf16 if path else None
+        if _STATE["convert"] is not None:
+            _STATE["convert"].argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+    if _STATE["convert"] is None:
+        return None
+    src = np.ascontiguousarray(arr)
+    out = np.empty(src.shape, np.uint16)
+    if _STATE["convert"](src.ctypes.data, 8 * src.dtype.itemsize, out.ctypes.data, src.size):
+        return None
+    return out.view(bfloat16)
 
 
 def half_linear_product(bias: bool = False):
