@@ -115,7 +115,9 @@ def run_children(script: str, sides: tuple[str, ...], runs: int, args: list[str]
             res = json.loads(lines[-1][len("RESULT "):])
             res.update(load_before=load, process_wall_s=wall)
             results[side].append(res)
-            times = res.get("times") or [res.get("total_s", 0.0)]
+            # the first timed series (bench_t5.py names them per prompt length: times_120, ...)
+            times = res.get("times") or next((v for k, v in sorted(res.items()) if k.startswith("times_") and v),
+                                             None) or [res.get("total_s", 0.0)]
             log(f"run {r} {side:6s}: median {statistics.median(times):.3f}s  first {res.get('first_s', 0):.1f}s  "
                 f"peak RSS {res['peak_rss_gb']:.2f} GiB  load {load:.1f}", flush=True)
     return results

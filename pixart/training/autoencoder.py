@@ -92,7 +92,7 @@ def train_autoencoder(vae: AutoencoderKL, images: list[np.ndarray], steps: int, 
         saved = read_safetensors(state_file)
         for key, p in state.items():
             p.set_data(Tensor(saved[key], dtype=p.dtype))  # built in its dtype: a cast one can corrupt the heap
-        start = int(saved["step"])
+        start = int(np.asarray(saved["step"]).reshape(-1)[0])  # stored as a one-element array
         log(f"vae: resumed at step {start} from {state_file}")
     step.set_train()
     f = vae.downsample_factor
