@@ -21,10 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# The OpenMP wait policy of the user's environment, read before this process imports `pixart` (which sets
-# OMP_WAIT_POLICY=PASSIVE in os.environ, hence in every child started after it): each child gets the user's back,
-# so that PyTorch's side runs as its users run it; ours sets its own as `sample.py` does, by importing pixart
-# before mindspore (whose libgomp reads the policy once, when it loads).
+# The OpenMP wait policy of the user's environment, read before anything this process imports could set it: each
+# child gets it back, so that both sides run as their users run them (libgomp reads the policy once, when it loads).
 USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 

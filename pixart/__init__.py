@@ -11,11 +11,10 @@ import os
 import sys
 import warnings
 
-# The CPU kernels' OpenMP threads sleep between parallel regions instead of spinning (libgomp reads this once, when
-# mindspore loads it, hence here): where the cores are shared (a VM, other processes), a spinning thread waits out a
-# descheduled partner's time slice and a GEMM of milliseconds takes tens (measurements: docs/benchmarks.md, 'bf16 on
-# CPU'). A value set by the user is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is the user's (libgomp's default, as PyTorch users have it: threads spin briefly between
+# parallel regions, then sleep): on a quiet host spinning made a bf16 denoiser step ~5-20% and a T5-XXL encode ~4%
+# faster than OMP_WAIT_POLICY=PASSIVE, which wins only where other busy processes share the cores (a GEMM of
+# milliseconds then takes tens). Measurements: docs/benchmarks.md, 'Why these numbers (design)'.
 
 VERBOSE_ENV = "PIXART_VERBOSE"
 _GLOG_QUIET, _GLOG_VERBOSE = "3", "2"  # MindSpore's levels: 0 debug, 1 info, 2 warning, 3 error

@@ -24,6 +24,10 @@ import numpy as np
 import pytest
 
 _USER_GLOG = os.environ.get("GLOG_v")  # read before importing pixart, which sets its quiet default
+# The suite runs on shared 2-core hosts, the pytest process and its children side by side: their OpenMP threads
+# sleep between parallel regions rather than spin out each other's time slices (set before mindspore loads libgomp,
+# which reads it once; children inherit it). A value set by the user is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pixart import backend  # noqa: E402
 from pixart import demo_bundle as demo  # noqa: E402
 from pixart.cli.options import device_available  # noqa: E402
