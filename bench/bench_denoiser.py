@@ -11,7 +11,7 @@ picks with `torch_dtype=torch.bfloat16`). Both build fp32 random weights and cas
 the steps' (reset after loading), the loading's apart.
 
 Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's cross-attention keys/values once per
-prompt, timed apart, then the compiled denoiser: on CPU graph mode embedders, graphs shared by runs of 4 blocks,
+prompt, timed apart, then the compiled denoiser: on CPU graph mode embedders, one graph shared by the blocks,
 final layer); `--entry call` times the whole forward pass (caption work included in every call) instead, `--mode
 pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
 `ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0), `ours_matmul` (MindSpore's MatMul for

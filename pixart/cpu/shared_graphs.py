@@ -27,13 +27,13 @@ from pixart.nn import Method
 
 def blocks_per_graph(depth: int) -> int | None:
     """How many PixArt blocks sampling compiles into one graph, or None: the whole denoiser as one graph. On
-    MindSpore's CPU backend in graph mode, 4 (`PIXART_BLOCKS_PER_GRAPH` overrides, 0 = all): its runtime keeps a
-    graph's intermediates until the graph ends and compiles each block of a graph anew, so runs of 4 blocks lower the
-    peak memory and the compile time at the same step time, where runs of 1 block are slower (measurements:
-    docs/benchmarks.md, 'Design measurements'). Elsewhere (PyNative, other devices) None."""
+    MindSpore's CPU backend in graph mode, 1 (`PIXART_BLOCKS_PER_GRAPH` overrides, 0 = all): its runtime keeps a
+    graph's intermediates until the graph ends and compiles each block of a graph anew, so one block per graph holds
+    the least memory and compiles fastest, at the same step time as longer runs (measurements: docs/benchmarks.md,
+    'Graph grouping of blocks'). Elsewhere (PyNative, other devices) None."""
     if backend.device_target() != "CPU" or ms.get_context("mode") != ms.GRAPH_MODE:
         return None
-    value = os.environ.get("PIXART_BLOCKS_PER_GRAPH", "4")
+    value = os.environ.get("PIXART_BLOCKS_PER_GRAPH", "1")
     if not value.isdigit():
         raise ValueError(f"PIXART_BLOCKS_PER_GRAPH must be a whole number of blocks (0: all), got {value!r}")
     size = int(value)
