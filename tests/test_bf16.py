@@ -135,6 +135,35 @@ def test_transformer_bf16_within_pytorch_bf16_error(graph_mode):
 
 @needs_bf16
 @needs_kernels
+def test_caption_keys_values_cached_in_bf16(graph_mode):
+    """With bf16 weights, sampling keeps every block's per-prompt cross-attention keys/values in bf16 (half that
+    cache): the fp32 projection rounded to nearest even, bit for bit, and the blocks read them as the fp32 path reads
+    the same values widened; in training they stay fp32 (they carry gradients)."""
+    heads, caption = 2, 16
+    cfg = preset_config("PixArt-XL-2-256x256", depth=2, hidden_size=heads * 32, num_heads=heads,
+                        caption_channels=caption)
+    model = cpu.accelerate(backend.cast_parameters(PixArt(cfg), "bf16"))
+    model.set_train(False)
+    x, t, y, mask, _ = inputs((8, 8), False, caption_channels=caption)
+    x, t, y, mask = Tensor(x), Tensor(t), Tensor(y[:, None]), Tensor(mask.astype(np.int32))
+    encode, denoise = model.sampler_parts()
+    cached = encode(y)
+    caption_tokens = model.embed_caption(y).asnumpy()
+    for block, kv in zip(model.blocks, cached):
+        assert kv.dtype == ms.bfloat16
+        wide = block.cross_attn.kv_linear(Tensor(caption_tokens)).asnumpy()  # the fp32 projection
+        assert wide.dtype == np.float32
+        np.testing.assert_array_equal(kv.astype(ms.float32).asnumpy().view(np.uint32), bf16_round(wide).view(np.uint32))
+    got = denoise(x, t, cached, mask).asnumpy()
+    widened = ms.mutable(tuple(kv.astype(ms.float32) for kv in cached))
+    want = denoise(x, t, widened, mask).asnumpy()  # the fp32 keys/values path (chunk, head layouts)
+    assert np.isfinite(got).all() and rel_err(got, want) < 1e-5
+    model.set_train(True)
+    assert all(kv.dtype == ms.float32 for kv in model.encode_caption(y))
+
+
+@needs_bf16
+@needs_kernels
 def test_t5_bf16_within_pytorch_bf16_error(tmp_path):
     """T5 v1.1 (gated-GELU, padded batch): bf16 and fp16 storage against transformers' fp32 output, within the
     error of transformers' own bf16 run; Linear weights and embedding tables stored half, the rest (norms) fp32; the

@@ -14,6 +14,7 @@ from mindspore import Tensor
 
 from pixart import nn
 from pixart.cpu import kernels
+from pixart.models.pixart import MultiHeadCrossAttention
 from pixart.models.t5 import T5Attention, T5DenseActDense, T5LayerNorm
 
 
@@ -131,8 +132,11 @@ class CPUAttention(nn.Attention):
     def construct(self, q, k, v, mask=None):
         if self.flash or q.dtype != ms.float32:
             return nn.Attention.construct(self, q, k, v, mask)
+        return self.with_heads(q, self.heads_kernel(k, self.scales[1]), self.heads_kernel(v, self.scales[1]), mask)
+
+    def with_heads(self, q, k, v, mask=None):
+        """Attention of token-major q (B, Nq, H*d) over keys and values already heads-first, (B, H, Nk, d) fp32."""
         q = self.heads_kernel(q, self.scales[0])  # (B, H, Nq, d), times 1/sqrt(d)
-        k, v = self.heads_kernel(k, self.scales[1]), self.heads_kernel(v, self.scales[1])
         keep = None if mask is None else mask.astype(ms.float32)  # (B, Nk)
         if self.attend_kernel is not None:
             out = self.attend_kernel(q, k, v) if keep is None else self.attend_masked_kernel(q, k, v, keep)
@@ -146,6 +150,28 @@ class CPUAttention(nn.Attention):
         scores = self.bmm_qk(q, k)  # (B, h, Nq, Nk)
         probs = self.plain_softmax(scores) if keep is None else self.masked_softmax(scores, keep)
         return self.bmm_pv(probs, v)
+
+
+class CPUCrossAttention(MultiHeadCrossAttention):
+    """Cross-attention whose caption keys/values, computed once per prompt and kept for every block through all of
+    sampling's steps, are stored in bf16 where the layer's weights are (inference): half that cache's memory, as a
+    bf16 PyTorch model's are bf16. The head-layout kernel widens them back to fp32 as it reads them."""
+
+    def attach(self):
+        self.narrow = kernels.narrow_bf16() if self.kv_linear.weight.dtype == ms.bfloat16 else None
+        self.kv_heads = kernels.kv_heads_bf16(self.attention.num_heads)
+
+    def caption_kv(self, cond):
+        kv = self.kv_linear(cond)  # (N, L, 2C)
+        if self.narrow is not None and not self.training and kv.dtype == ms.float32:
+            return self.narrow(kv)
+        return kv
+
+    def construct(self, x, kv, mask=None):
+        if kv.dtype != ms.bfloat16 or x.dtype != ms.float32:
+            return MultiHeadCrossAttention.construct(self, x, kv, mask)
+        k, v = self.kv_heads(kv)  # (N, H, L, C/H) fp32 each
+        return self.proj(self.attention.with_heads(self.q_linear(x), k, v, mask))
 
 
 class CPUT5LayerNorm(T5LayerNorm):
@@ -213,4 +239,5 @@ class CPUEmbedding(nn.Embedding):
 # portable class -> its CPU-kernel subclass
 CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, T5LayerNorm: CPUT5LayerNorm, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
                T5Attention: CPUT5Attention, T5DenseActDense: CPUT5DenseActDense,
-               nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention}
+               nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention,
+               MultiHeadCrossAttention: CPUCrossAttention}

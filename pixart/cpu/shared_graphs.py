@@ -126,15 +126,15 @@ class _Run(nn.Cell):
         return x
 
 
-class _Apply(nn.Cell):
-    """One layer as a graph."""
+class _CaptionKV(nn.Cell):
+    """A block's cross-attention keys/values projection of the caption as a graph."""
 
     def __init__(self, layers):
         super().__init__(auto_prefix=False)
-        self.layer = layers[0]
+        self.cross_attn = layers[0]
 
-    def construct(self, x):
-        return self.layer(x)
+    def construct(self, caption):
+        return self.cross_attn.caption_kv(caption)
 
 
 class _Graphs:
@@ -153,9 +153,9 @@ class GroupedCaptionEncoder(_Graphs):
     def __init__(self, model):
         self.model = model
         self.embed = Method(model, "embed_caption")
-        layers = [block.cross_attn.kv_linear for block in model.blocks]
-        keys = [structure(layer, f"blocks.{i}.cross_attn.kv_linear.") for i, layer in enumerate(layers)]
-        self.kv = SharedGraphs([[layer] for layer in layers], keys, _Apply, model.training)
+        layers = [block.cross_attn for block in model.blocks]
+        keys = [structure(layer, f"blocks.{i}.cross_attn.") for i, layer in enumerate(layers)]
+        self.kv = SharedGraphs([[layer] for layer in layers], keys, _CaptionKV, model.training)
         self.graphs = [self.embed, *self.kv.graphs]
 
     def __call__(self, y, force_drop_ids=None):

@@ -318,6 +318,23 @@ def to_heads(num_heads: int):
               num_heads=num_heads)
 
 
+def narrow_bf16():
+    """fp32 (any shape) -> bf16, rounded to nearest even; inference only (no gradient)."""
+    import mindspore as ms
+    return op("NarrowBf16", out_dtype=lambda x: ms.bfloat16)
+
+
+def kv_heads_bf16(num_heads: int):
+    """Keys and values side by side in bf16, kv (B, S, 2C) -> keys, values heads-first in fp32, (B, H, S, C/H)
+    each; inference only (no gradient)."""
+    import mindspore as ms
+
+    def shape(kv):
+        heads = (kv[0], num_heads, kv[1], kv[2] // 2 // num_heads)
+        return heads, heads
+    return op("KVHeadsBf16", out_shape=shape, out_dtype=lambda kv: (ms.float32, ms.float32), num_heads=num_heads)
+
+
 def from_heads():
     """(B, H, S, d) -> (B, S, H*d); its gradient is ToHeadsAs (heads first, shaped as the input)."""
     import numpy as np
