@@ -153,7 +153,8 @@ def test_caption_keys_values_cached_in_bf16(graph_mode):
         assert kv.dtype == ms.bfloat16
         wide = block.cross_attn.kv_linear(Tensor(caption_tokens)).asnumpy()  # the fp32 projection
         assert wide.dtype == np.float32
-        np.testing.assert_array_equal(kv.astype(ms.float32).asnumpy().view(np.uint32), bf16_round(wide).view(np.uint32))
+        np.testing.assert_array_equal(kv.astype(ms.float32).asnumpy().view(np.uint32),
+                                      bf16_round(wide).view(np.uint32))
     got = denoise(x, t, cached, mask).asnumpy()
     widened = ms.mutable(tuple(kv.astype(ms.float32) for kv in cached))
     want = denoise(x, t, widened, mask).asnumpy()  # the fp32 keys/values path (chunk, head layouts)

@@ -158,7 +158,7 @@ class CPUCrossAttention(MultiHeadCrossAttention):
     bf16 PyTorch model's are bf16. The head-layout kernel widens them back to fp32 as it reads them."""
 
     def attach(self):
-        self.narrow = kernels.narrow_bf16() if self.kv_linear.weight.dtype == ms.bfloat16 else None
+        self.narrow = kernels.narrow_bf16() if self.kv_linear.weight.dtype == ms.bfloat16 else None  # None: fp32
         self.kv_heads = kernels.kv_heads_bf16(self.attention.num_heads)
 
     def caption_kv(self, cond):

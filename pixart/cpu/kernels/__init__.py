@@ -137,6 +137,14 @@ def half_weights(dtype_name: str) -> bool:
     return dtype_name == "bf16" and _STATE["bf16_ok"]
 
 
+def _convert_path() -> Path | None:
+    """convert.cc's library where the CPU has AVX-512 and it builds (built once, remembered), else None."""
+    if "convert_path" not in _STATE:
+        _STATE["convert_path"] = (_library(CONVERT_SOURCE, "ConvertAvailable", "MindSpore's cast")
+                                  if "avx512f" in _cpu_id() else None)
+    return _STATE["convert_path"]
+
+
 def to_bf16(arr):
     """`arr` (fp16 / fp32 numpy) as a new array of MindSpore's numpy bfloat16, rounded to nearest even, by
     convert.cc (all threads, at memory speed; MindSpore's own cast of T5-XXL's weights takes ~16 s on one thread);
@@ -146,7 +154,7 @@ def to_bf16(arr):
     if arr.dtype not in (np.float16, np.float32) or os.environ.get("PIXART_FUSED_KERNELS", "1") == "0":
         return None
     if "convert" not in _STATE:
-        path = _library(CONVERT_SOURCE, "ConvertAvailable", "MindSpore's cast") if "avx512f" in _cpu_id() else None
+        path = _convert_path()
         _STATE["convert"] = ctypes.CDLL(str(path)).ToBf16 if path else None
         if _STATE["convert"] is not None:
             _STATE["convert"].argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
@@ -319,9 +327,12 @@ def to_heads(num_heads: int):
 
 
 def narrow_bf16():
-    """fp32 (any shape) -> bf16, rounded to nearest even; inference only (no gradient)."""
+    """fp32 (any shape) -> bf16, rounded to nearest even by convert.cc (the loader's converter); inference only (no
+    gradient). None where that library is not built (no AVX-512)."""
     import mindspore as ms
-    return op("NarrowBf16", out_dtype=lambda x: ms.bfloat16)
+    if _convert_path() is None:
+        return None
+    return op("NarrowBf16", out_dtype=lambda x: ms.bfloat16, library="convert_path")
 
 
 def kv_heads_bf16(num_heads: int):

@@ -211,33 +211,13 @@ int ToHeadsAs(int nparam, void **params, int *, int64_t **shapes, const char **,
   return 0;
 }
 
-// bf16 storage of the caption's cross-attention keys/values, which sampling keeps for every block through all steps:
-// fp32 -> bf16 rounded to nearest even (integer arithmetic, so -ffast-math can not change it; a NaN stays a NaN),
-// and back by a shift as the head layout reads them.
-static inline uint16_t round_to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
+// The caption's cross-attention keys/values stored in bf16 (convert.cc's NarrowBf16), widened by a shift as the
+// head layout reads them.
 static inline float widen_bf16(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float x;
   std::memcpy(&x, &u, sizeof x);
   return x;
-}
-
-// x (any shape) fp32 -> the same shape in bf16.
-int NarrowBf16(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 2) return 1;
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
-  const float *x = static_cast<const float *>(params[0]);
-  uint16_t *out = static_cast<uint16_t *>(params[1]);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) out[i] = round_to_bf16(x[i]);
-  return 0;
 }
 
 // kv (B, S, 2C) bf16, keys then values along the last axis -> keys, values (B, H, S, d) fp32 each, C = H*d.
