@@ -141,6 +141,40 @@ def test_fused_kernels_equal_plain_ops(mode, rng, monkeypatch):
         backend.setup("CPU", "pynative")
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_block_layer_kernels_equal_plain_ops(mode, rng):
+    """The PixArt layers' CPU kernels (inference): patch embedding plus position embedding in one kernel, self- and
+    cross-attention reading their heads in place from the fused projections (masked, unmasked, a caption with no
+    token kept) equal the portable layers; KV compression and training keep the portable path."""
+    from pixart.models.pixart import AttentionKVCompress, MultiHeadCrossAttention, PatchEmbed
+    backend.setup("CPU", mode)
+    try:
+        t = lambda *shape: ms.Tensor(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+        fused, plain = _pair(lambda: PatchEmbed(2, 4, 48))
+        fused.set_train(False), plain.set_train(False)
+        latents, pos = t(2, 4, 6, 10), t(1, 15, 48)  # a 3 x 5 grid of patches
+        got, want = fused.with_position(latents, pos).asnumpy(), plain.with_position(latents, pos).asnumpy()
+        assert got.shape == (2, 15, 48) and rel_err(got, want) <= 1e-6
+        if "avx512f" not in kernels._cpu_id():
+            return
+        x, caption = t(2, 24, 48), t(2, 9, 48)
+        mask = ms.Tensor(np.array([[1] * 4 + [0] * 5, [0] * 9], np.int32))  # sample 2: no caption token kept
+        for sampling, ratio in ((None, 1), ("ave", 2)):
+            fused, plain = _pair(lambda: AttentionKVCompress(48, 4, sampling, ratio))
+            fused.set_train(False), plain.set_train(False)
+            assert (fused.token_attention is not None) and type(plain) is AttentionKVCompress
+            got, want = fused(x, (4, 6)).asnumpy(), plain(x, (4, 6)).asnumpy()
+            assert rel_err(got, want) <= 1e-5, sampling
+        fused, plain = _pair(lambda: MultiHeadCrossAttention(48, 3))
+        fused.set_train(False), plain.set_train(False)
+        kv = plain.caption_kv(caption)
+        assert fused.caption_kv(caption).shape == kv.shape  # fp32 weights: keys/values kept, not recomputed
+        for m in (mask, None):
+            assert rel_err(fused(x, kv, m).asnumpy(), plain(x, kv, m).asnumpy()) <= 1e-5, m is None
+    finally:
+        backend.setup("CPU", "pynative")
+
+
 class _Weighted(ms.nn.Cell):
     """sum(layer.<method>(*inputs) * dy), in training mode: a scalar whose input gradients are the layer's vjp."""
 

@@ -135,10 +135,10 @@ def test_transformer_bf16_within_pytorch_bf16_error(graph_mode):
 
 @needs_bf16
 @needs_kernels
-def test_caption_keys_values_cached_in_bf16(graph_mode):
-    """With bf16 weights, sampling keeps every block's per-prompt cross-attention keys/values in bf16 (half that
-    cache): the fp32 projection rounded to nearest even, bit for bit, and the blocks read them as the fp32 path reads
-    the same values widened; in training they stay fp32 (they carry gradients)."""
+def test_caption_keys_values_recomputed_each_step_in_bf16(graph_mode):
+    """With bf16 weights, sampling keeps only the caption tokens (one tensor for every block) and each block projects
+    its cross-attention keys/values in the step, as a bf16 PyTorch model does: the same output as the denoiser given
+    the projections precomputed; in training each block's keys/values are computed once (they carry gradients)."""
     heads, caption = 2, 16
     cfg = preset_config("PixArt-XL-2-256x256", depth=2, hidden_size=heads * 32, num_heads=heads,
                         caption_channels=caption)
@@ -147,20 +147,43 @@ def test_caption_keys_values_cached_in_bf16(graph_mode):
     x, t, y, mask, _ = inputs((8, 8), False, caption_channels=caption)
     x, t, y, mask = Tensor(x), Tensor(t), Tensor(y[:, None]), Tensor(mask.astype(np.int32))
     encode, denoise = model.sampler_parts()
-    cached = encode(y)
+    kept = encode(y)
     caption_tokens = model.embed_caption(y).asnumpy()
-    for block, kv in zip(model.blocks, cached):
-        assert kv.dtype == ms.bfloat16
-        wide = block.cross_attn.kv_linear(Tensor(caption_tokens)).asnumpy()  # the fp32 projection
-        assert wide.dtype == np.float32
-        np.testing.assert_array_equal(kv.astype(ms.float32).asnumpy().view(np.uint32),
-                                      bf16_round(wide).view(np.uint32))
-    got = denoise(x, t, cached, mask).asnumpy()
-    widened = ms.mutable(tuple(kv.astype(ms.float32) for kv in cached))
-    want = denoise(x, t, widened, mask).asnumpy()  # the fp32 keys/values path (chunk, head layouts)
-    assert np.isfinite(got).all() and rel_err(got, want) < 1e-5
+    assert len(kept) == len(model.blocks) and all(kv is kept[0] for kv in kept)
+    np.testing.assert_array_equal(kept[0].asnumpy(), caption_tokens)
+    got = denoise(x, t, kept, mask).asnumpy()
+    projected = ms.mutable(tuple(block.cross_attn.kv_linear(Tensor(caption_tokens)) for block in model.blocks))
+    assert all(kv.shape[-1] == 2 * heads * 32 for kv in projected)
+    want = denoise(x, t, projected, mask).asnumpy()
+    assert np.isfinite(got).all() and rel_err(got, want) < 1e-6
     model.set_train(True)
-    assert all(kv.dtype == ms.float32 for kv in model.encode_caption(y))
+    assert all(kv.shape[-1] == 2 * heads * 32 for kv in model.encode_caption(y))
+
+
+@needs_bf16
+@needs_kernels
+def test_mlp_kernel_equals_the_two_linear_layers():
+    """The block MLP with bf16 weights as one kernel (the hidden layer a block of rows at a time) computes what fc1
+    (+ GELU) and fc2 compute: bit for bit where the rows fit one block, to rounding where they span several (the
+    blocks take the few-rows product); in training the two layers run."""
+    from pixart.models.pixart import Mlp
+    backend.setup("CPU", "pynative")
+    mlp = cpu.accelerate(backend.cast_parameters(Mlp(64, 256, 64), "bf16"))
+    mlp.set_train(False)
+    assert mlp.fused is not None
+    g = np.random.default_rng(0)
+    for rows, exact in ((37, True), (600, False)):
+        x = Tensor(g.standard_normal((2, rows, 64)).astype(np.float32))
+        got = mlp(x).asnumpy()
+        want = mlp.fc2(mlp.fc1(x)).asnumpy()  # the Linear layers' own kernels
+        assert got.shape == (2, rows, 64) and np.isfinite(got).all()
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert rel_err(got, want) < 1e-5
+    mlp.set_train(True)
+    x = Tensor(g.standard_normal((2, 5, 64)).astype(np.float32))
+    np.testing.assert_array_equal(mlp(x).asnumpy(), mlp.fc2(mlp.fc1(x)).asnumpy())
 
 
 @needs_bf16

@@ -14,7 +14,7 @@ from mindspore import Tensor
 
 from pixart import nn
 from pixart.cpu import kernels
-from pixart.models.pixart import MultiHeadCrossAttention
+from pixart.models.pixart import AttentionKVCompress, Mlp, MultiHeadCrossAttention, PatchEmbed
 from pixart.models.t5 import T5Attention, T5DenseActDense, T5LayerNorm
 
 
@@ -152,26 +152,96 @@ class CPUAttention(nn.Attention):
         return self.bmm_pv(probs, v)
 
 
-class CPUCrossAttention(MultiHeadCrossAttention):
-    """Cross-attention whose caption keys/values, computed once per prompt and kept for every block through all of
-    sampling's steps, are stored in bf16 where the layer's weights are (inference): half that cache's memory, as a
-    bf16 PyTorch model's are bf16. The head-layout kernel widens them back to fp32 as it reads them."""
+def _token_attention(attention: nn.Attention):
+    """`kernels.token_attention()`'s primitives and [scale, heads] for `attention`, or (None, None) where they do not
+    apply (no AVX-512 library, flash attention)."""
+    prims = None if attention.flash else kernels.token_attention()
+    return prims, Tensor([attention.scale, attention.num_heads], ms.float32)
+
+
+class CPUSelfAttention(AttentionKVCompress):
+    """Self-attention whose heads read queries, keys and values in place from the fused qkv projection (inference,
+    fp32 activations; `kernels.token_attention`): without the split into q, k, v and the head-layout copies, each a
+    tokens-sized temporary that MindSpore CPU's graph keeps to its end (7 of the 11 such in the layer; measurements:
+    docs/benchmarks.md, 'Where a bf16 step's memory goes'). KV compression and qk-norm keep the portable path."""
 
     def attach(self):
-        self.narrow = kernels.narrow_bf16() if self.kv_linear.weight.dtype == ms.bfloat16 else None  # None: fp32
-        self.kv_heads = kernels.kv_heads_bf16(self.attention.num_heads)
+        self.token_attention, self.scale_heads = _token_attention(self.attention)
+
+    def construct(self, x, hw):
+        if (self.token_attention is None or self.training or x.dtype != ms.float32 or self.qk_norm
+                or self.sampling is not None):
+            return AttentionKVCompress.construct(self, x, hw)
+        return self.proj(self.token_attention[0](self.qkv(x), self.scale_heads))
+
+
+class CPUCrossAttention(MultiHeadCrossAttention):
+    """Cross-attention on the token-major projections (inference, fp32 activations; `kernels.token_attention`): the
+    heads read queries and keys/values in place, without the split and head-layout copies. With bf16 weights it also
+    projects the caption's keys/values in each step from the caption tokens, as a bf16 PyTorch model does, instead
+    of keeping them for every block through all of sampling's steps: that cache (depth x (N, L, 2D) fp32, 0.06 GiB
+    at 120 tokens) outweighs a step's working memory at 256 px (docs/benchmarks.md, 'Where a bf16 step's memory
+    goes'). `caption_kv` then returns the caption tokens, which `construct` tells apart by their width."""
+
+    def attach(self):
+        self.recompute_kv = self.kv_linear.weight.dtype == ms.bfloat16
+        self.token_attention, self.scale_heads = _token_attention(self.attention)
+
+    def defers_kv(self) -> bool:
+        """Whether `caption_kv` returns the caption tokens themselves (then one tensor serves every block)."""
+        return self.recompute_kv and not self.training
 
     def caption_kv(self, cond):
-        kv = self.kv_linear(cond)  # (N, L, 2C)
-        if self.narrow is not None and not self.training and kv.dtype == ms.float32:
-            return self.narrow(kv)
-        return kv
+        if self.recompute_kv and not self.training:
+            return cond  # (N, L, C): projected in `construct`
+        return MultiHeadCrossAttention.caption_kv(self, cond)
 
     def construct(self, x, kv, mask=None):
-        if kv.dtype != ms.bfloat16 or x.dtype != ms.float32:
+        if kv.shape[-1] == self.q_linear.out_features:  # the caption tokens (see `caption_kv`)
+            kv = self.kv_linear(kv)
+        if self.token_attention is None or self.training or x.dtype != ms.float32 or kv.dtype != ms.float32:
             return MultiHeadCrossAttention.construct(self, x, kv, mask)
-        k, v = self.kv_heads(kv)  # (N, H, L, C/H) fp32 each
-        return self.proj(self.attention.with_heads(self.q_linear(x), k, v, mask))
+        q = self.q_linear(x)
+        if mask is None:
+            return self.proj(self.token_attention[1](q, kv, self.scale_heads))
+        return self.proj(self.token_attention[2](q, kv, mask.astype(ms.float32), self.scale_heads))
+
+
+class CPUPatchEmbed(PatchEmbed):
+    """Patch tokens plus position embedding as one kernel (inference, fp32): MindSpore CPU's convolution, the
+    transpose to tokens and the broadcast add each keep an output of the tokens' size for as long as the graph holds
+    them (measurements: docs/benchmarks.md, 'Where a bf16 step's memory goes'). A LoRA on the convolution keeps the
+    portable path."""
+
+    def attach(self):
+        self.fused = kernels.patch_embed()
+
+    def with_position(self, x, pos):
+        if (self.training or x.dtype != ms.float32 or self.proj.weight.dtype != ms.float32 or self.proj.bias is None
+                or hasattr(self.proj, "lora_A")):
+            return PatchEmbed.with_position(self, x, pos)
+        return self.fused(x, self.proj.weight, self.proj.bias, pos.reshape(-1, pos.shape[-1]).astype(ms.float32))
+
+
+class CPUMlp(Mlp):
+    """The block's MLP with bf16 weights as one kernel (inference, fp32 activations; `kernels.mlp_half`): the hidden
+    layer, 4x the tokens' width, exists a block of rows at a time instead of as fc1's and GELU's whole outputs, the
+    largest temporaries of a block's graph (docs/benchmarks.md, 'Where a bf16 step's memory goes'). A LoRA on
+    either layer keeps the two Linear layers."""
+
+    def attach(self):
+        fc1, fc2 = self.fc1, self.fc2
+        fits = (fc1.weight.dtype == ms.bfloat16 and fc2.weight.dtype == ms.bfloat16 and fc1.bias is not None
+                and fc2.bias is not None and getattr(fc1.activation, "approximate", None) == "tanh"
+                and fc2.activation is None)
+        self.fused = kernels.mlp_half() if fits and kernels.half_weights("bf16") else None
+
+    def construct(self, x):
+        if (self.fused is None or self.training or x.dtype != ms.float32 or hasattr(self.fc1, "lora_A")
+                or hasattr(self.fc2, "lora_A")):
+            return Mlp.construct(self, x)
+        y = self.fused(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
 class CPUT5LayerNorm(T5LayerNorm):
@@ -240,4 +310,5 @@ class CPUEmbedding(nn.Embedding):
 CPU_CLASSES = {nn.Linear: CPULinear, nn.Embedding: CPUEmbedding, T5LayerNorm: CPUT5LayerNorm, nn.LayerNorm: CPULayerNorm, nn.GatedResidual: CPUGatedResidual,
                T5Attention: CPUT5Attention, T5DenseActDense: CPUT5DenseActDense,
                nn.GroupNorm: CPUGroupNorm, nn.Attention: CPUAttention,
-               MultiHeadCrossAttention: CPUCrossAttention}
+               MultiHeadCrossAttention: CPUCrossAttention, AttentionKVCompress: CPUSelfAttention,
+               PatchEmbed: CPUPatchEmbed, Mlp: CPUMlp}

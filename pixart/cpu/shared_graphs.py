@@ -14,6 +14,7 @@ compiles once and serves them all; pointing it at other blocks before a launch c
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 
 import numpy as np
@@ -47,6 +48,22 @@ def grouped_sampler_parts(model) -> dict | None:
     if size is None:
         return None
     return {"encode_caption": GroupedCaptionEncoder(model), "denoise": GroupedDenoiser(model, size)}
+
+
+def trim_after_compile(before: int, graphs) -> None:
+    """After a call that compiled a graph (`graphs.compile_cache` grew past `before`), hand the pages of the heap
+    memory that compilation freed back to the OS (glibc's `malloc_trim`): glibc keeps freed memory inside its heap
+    for reuse, and the next graph's compilation and the steps allocate elsewhere as often as not, so that memory
+    would stay in the process's RSS through all of sampling. Only at compilation: a step allocates as it freed."""
+    if len(graphs.compile_cache) > before:
+        _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def aliasing_copy(cell: nn.Cell, train: bool) -> nn.Cell:
@@ -159,8 +176,13 @@ class GroupedCaptionEncoder(_Graphs):
         self.graphs = [self.embed, *self.kv.graphs]
 
     def __call__(self, y, force_drop_ids=None):
+        compiled = len(self.compile_cache)
         caption = self.embed(y, force_drop_ids)  # (N, L, D)
-        return tuple(self.kv.pointed(i, self.model.training)(caption) for i in range(len(self.model.blocks)))
+        trim_after_compile(compiled, self)
+        layers = [block.cross_attn for block in self.model.blocks]
+        if all(getattr(layer, "defers_kv", lambda: False)() for layer in layers):  # the blocks project it each step
+            return (caption,) * len(layers)
+        return tuple(self.kv.pointed(i, self.model.training)(caption) for i in range(len(layers)))
 
 
 class GroupedDenoiser(_Graphs):
@@ -181,8 +203,15 @@ class GroupedDenoiser(_Graphs):
     def __call__(self, x, timestep, caption_kv, mask=None, data_info=None):
         hw = self.model.token_grid(x)
         mask = caption_mask(mask, x.shape[0], caption_kv[0].shape[1])
+        compiled = len(self.compile_cache)
         x, t, t0 = self.embed(x, timestep, data_info)
+        trim_after_compile(compiled, self)
         for k, run in enumerate(self.runs):
+            compiled = len(self.compile_cache)
             x = self.blocks.pointed(k, self.model.training)(x, ms.mutable(tuple(caption_kv[i] for i in run)), t0,
                                                             mask, hw)
-        return self.final(x, t, hw)
+            trim_after_compile(compiled, self)
+        compiled = len(self.compile_cache)
+        out = self.final(x, t, hw)
+        trim_after_compile(compiled, self)
+        return out

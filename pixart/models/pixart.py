@@ -34,6 +34,11 @@ class PatchEmbed(nn.Cell):
         x = self.proj(x)  # (N, D, h, w)
         return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)  # (N, h*w, D)
 
+    def with_position(self, x, pos):
+        """Patch tokens plus the position embedding pos (1, T, D): (N, C, H, W) -> (N, T, D)."""
+        x = self.construct(x)
+        return x + expand_as(pos.astype(x.dtype), x)
+
 
 @lru_cache(maxsize=None)
 def _frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
@@ -309,8 +314,7 @@ class PixArt(nn.Cell):
         dtype = self.t_block[1].bias.dtype  # a bias: fp32 where half weights are storage only (backend.cast_parameters)
         pos = Tensor(get_2d_sincos_pos_embed(self.config.hidden_size, h, w, self.config.pe_interpolation,
                                              self.base_size))
-        x = self.x_embedder(x.astype(dtype))  # (N, T, D), T = h * w
-        x = x + expand_as(pos.astype(dtype), x)
+        x = self.x_embedder.with_position(x.astype(dtype), pos)  # (N, T, D), T = h * w
         t = self.t_embedder(timestep.reshape(-1).broadcast_to((n,)))  # (N, D)
         if self.micro_condition:
             csize = self.csize_embedder(data_info["img_hw"].astype(ms.float32).reshape(-1, 2))  # (N, 2D/3)

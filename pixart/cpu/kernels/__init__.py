@@ -1,8 +1,8 @@
 """CPU kernels as MindSpore `ops.Custom` AOT operators: fused fp32 kernels (fused_cpu.cc), a strict fp32 GEMM and
 attention on AVX-512 with the products of Linear layers whose weights are stored in bf16 (vdpbf16ps, on CPUs with
 AVX512_BF16) or fp16 (widened per panel) (gemm_cpu.cc) and, on CPUs with Intel AMX, the fp32 matmul as three bf16
-tile products (amx_gemm.cc); softmax.h is shared by the first two. convert.cc (called through ctypes, not an
-operator) converts fp16 / fp32 weights to bf16 as they load.
+tile products (amx_gemm.cc); softmax.h and gelu.h are shared by the first two. convert.cc (called through ctypes,
+not an operator) converts fp16 / fp32 weights to bf16 as they load.
 
 Each library is built once per machine with the system C++ compiler into a cache folder (`$PIXART_KERNEL_CACHE`,
 default ~/.cache/pixart-mindspore), keyed by the source, the headers beside it, the flags and the CPU, written
@@ -60,7 +60,7 @@ def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (g++ / c++ / $CXX)")
-    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h)
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h, gelu.h)
     flags = [f for f in FLAGS if not (source == CONVERT_SOURCE and f == "-ffast-math")]
     parts = [source.read_text(), *headers, compiler, *flags, _cpu_id()]
     key = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
@@ -176,6 +176,14 @@ def half_linear_product(bias: bool = False):
               out_dtype=lambda x, *rest: x, library="gemm_path")
 
 
+def mlp_half():
+    """Inference Mlp with bf16 weights: x (M, C) fp32, W1 (H, C) bf16, b1 (H) fp32, W2 (O, H) bf16, b2 (O) fp32 ->
+    gelu_tanh(x W1^T + b1) W2^T + b2 (M, O) fp32, the hidden layer a block of rows at a time. Call only where
+    `half_weights("bf16")` says so."""
+    return op("MlpHalf", out_shape=lambda x, w1, b1, w2, b2: (x[0], w2[0]), out_dtype=lambda x, *rest: x,
+              library="gemm_path")
+
+
 def gather_rows_half():
     """Lookup in a table stored in bf16 or fp16: table (V, D), ids (...) int32/int64 -> rows (..., D) fp32 (an
     embedding in half precision; MindSpore's CPU Gather has no bf16). Call only where `half_weights()` says so."""
@@ -249,6 +257,18 @@ def attention(masked: bool):
         def bprop(q, k, v, out, dout):
             return grad(q, k, v, out, dout)
     return op("AttendMasked" if masked else "Attend", out_shape=shape, library="gemm_path", bprop=bprop)
+
+
+def token_attention():
+    """(self-attention, cross-attention, masked cross-attention) primitives from the AVX-512 library on token-major
+    operands, inference only (no gradient), or None where it is not built: qkv (B, N, 3C), scale_heads [scale, H]
+    -> (B, N, C); q (B, Nq, C), kv (B, Nk, 2C) [, keep (B, Nk)], scale_heads -> (B, Nq, C). Each head's softmax(scale
+    q k^T) v read from the projections in place, a block of queries at a time."""
+    if not available() or not _avx512():
+        return None
+    return (op("AttendQKV", out_shape=lambda qkv, sh: (qkv[0], qkv[1], qkv[2] // 3), library="gemm_path"),
+            op("AttendKV", out_shape=lambda q, kv, sh: q, library="gemm_path"),
+            op("AttendKVMasked", out_shape=lambda q, kv, keep, sh: q, library="gemm_path"))
 
 
 def t5_attention():
@@ -326,24 +346,10 @@ def to_heads(num_heads: int):
               num_heads=num_heads)
 
 
-def narrow_bf16():
-    """fp32 (any shape) -> bf16, rounded to nearest even by convert.cc (the loader's converter); inference only (no
-    gradient). None where that library is not built (no AVX-512)."""
-    import mindspore as ms
-    if _convert_path() is None:
-        return None
-    return op("NarrowBf16", out_dtype=lambda x: ms.bfloat16, library="convert_path")
-
-
-def kv_heads_bf16(num_heads: int):
-    """Keys and values side by side in bf16, kv (B, S, 2C) -> keys, values heads-first in fp32, (B, H, S, C/H)
-    each; inference only (no gradient)."""
-    import mindspore as ms
-
-    def shape(kv):
-        heads = (kv[0], num_heads, kv[1], kv[2] // 2 // num_heads)
-        return heads, heads
-    return op("KVHeadsBf16", out_shape=shape, out_dtype=lambda kv: (ms.float32, ms.float32), num_heads=num_heads)
+def patch_embed():
+    """Inference: latents (N, C, H, W), the patch convolution's weight (D, C, p, p) and bias (D), position embedding
+    (T, D) fp32 -> tokens (N, T, D) = conv(x) + bias + pos (no gradient)."""
+    return op("PatchEmbed", out_shape=lambda x, w, b, pos: (x[0], pos[0], w[0]), out_dtype=lambda x, *rest: x)
 
 
 def from_heads():

@@ -41,14 +41,6 @@ int ToBf16(const void *src, int src_bits, uint16_t *dst, int64_t n) {
   return 0;
 }
 
-// The same as a MindSpore Custom operator (aot): x (any shape) fp32 -> bf16 of its shape.
-int NarrowBf16(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 2) return 1;
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
-  return ToBf16(params[0], 32, static_cast<uint16_t *>(params[1]), n);
-}
-
 }  // extern "C"
 
 #else  // no AVX-512: the Python side leaves the conversion to MindSpore's cast
@@ -56,7 +48,6 @@ int NarrowBf16(int nparam, void **params, int *ndims, int64_t **shapes, const ch
 extern "C" {
 int ConvertAvailable() { return 0; }
 int ToBf16(const void *, int, uint16_t *, int64_t) { return 1; }
-int NarrowBf16(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
 
 #endif

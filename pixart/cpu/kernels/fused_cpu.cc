@@ -13,6 +13,7 @@
 #include <cstring>
 #include <new>
 
+#include "gelu.h"
 #include "softmax.h"
 
 namespace {
@@ -50,24 +51,15 @@ inline float clamped_exp(float x) { return std::exp(std::fmax(std::fmin(x, 80.0f
 
 extern "C" {
 
-// y = gelu_tanh(x + b); x (..., C), b (C). gelu_tanh(v) = v * sigmoid(2 z), z = sqrt(2/pi) (v + 0.044715 v^3).
+// y = gelu_tanh(x + b); x (..., C), b (C) (gelu.h).
 int BiasGeluTanh(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam != 3) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *b = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
   const int64_t c = shapes[1][0], rows = numel(ndims[0], shapes[0]) / c;
-  const float c1 = 1.5957691216057308f, c3 = c1 * 0.044715f;  // 2 sqrt(2/pi), its product with 0.044715
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * c;
-    float *yr = y + r * c;
-#pragma omp simd
-    for (int64_t j = 0; j < c; ++j) {
-      const float v = xr[j] + b[j];
-      yr[j] = v / (1.0f + clamped_exp(-v * (c1 + c3 * v * v)));
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) bias_gelu_tanh_row(x + r * c, b, y + r * c, c);
   return 0;
 }
 
@@ -148,6 +140,45 @@ int LayerNormModulate(int nparam, void **params, int *ndims, int64_t **shapes, c
   return 0;
 }
 
+// Patch embedding plus position embedding, inference: latents x (N, C, H, W), the stride-p convolution's weight
+// (D, C, p, p) and bias (D), pos (T, D), T = (H/p)(W/p) -> tokens (N, T, D) = conv(x) + bias + pos, token-major
+// straight away: no (N, D, h, w) output to transpose, no broadcast position add (on MindSpore's CPU backend these
+// took a graph ~8 outputs' worth of memory for one (N, T, D) result).
+int PatchEmbed(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || !all_float32(5, dtypes) || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 2) return 1;
+  const int64_t n = shapes[0][0], c = shapes[0][1], hh = shapes[0][2], ww = shapes[0][3];
+  const int64_t d = shapes[1][0], p = shapes[1][2];
+  if (shapes[1][1] != c || shapes[1][3] != p || p <= 0 || hh % p != 0 || ww % p != 0) return 1;
+  const int64_t h = hh / p, w = ww / p, t = h * w, k = c * p * p;
+  if (shapes[2][0] != d || shapes[3][0] != t || shapes[3][1] != d) return 1;
+  const float *x = static_cast<const float *>(params[0]), *weight = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]), *pos = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+  float *wt = new (std::nothrow) float[k * d];  // weight as (C*p*p, D): a token's row is then k axpys over D
+  if (wt == nullptr) return 1;
+  for (int64_t o = 0; o < d; ++o)
+    for (int64_t j = 0; j < k; ++j) wt[j * d + o] = weight[o * k + j];
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n * t; ++r) {
+    const int64_t b = r / t, tok = r % t, i0 = (tok / w) * p, j0 = (tok % w) * p;
+    float *o = out + r * d;
+    for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t i = 0; i < p; ++i)
+        for (int64_t j = 0; j < p; ++j) {
+          const float v = x[((b * c + ch) * hh + i0 + i) * ww + j0 + j];
+          const float *wr = wt + ((ch * p + i) * p + j) * d;
+#pragma omp simd
+          for (int64_t e = 0; e < d; ++e) o[e] += v * wr[e];
+        }
+    const float *pr = pos + tok * d;
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) o[e] = (o[e] + bias[e]) + pr[e];
+  }
+  delete[] wt;
+  return 0;
+}
+
 // Gated residual: out = x + gate[n] * y; x, y (N, T, D), gate (N, D) (any shape of N*D elements).
 int GatedResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam != 4) return 1;
@@ -208,37 +239,6 @@ int ToHeadsAs(int nparam, void **params, int *, int64_t **shapes, const char **,
   if (nparam != 4) return 1;
   to_heads(static_cast<const float *>(params[0]), *static_cast<const float *>(params[2]),
            static_cast<float *>(params[3]), shapes[3]);
-  return 0;
-}
-
-// The caption's cross-attention keys/values stored in bf16 (convert.cc's NarrowBf16), widened by a shift as the
-// head layout reads them.
-static inline float widen_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
-// kv (B, S, 2C) bf16, keys then values along the last axis -> keys, values (B, H, S, d) fp32 each, C = H*d.
-int KVHeadsBf16(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 3) return 1;
-  const uint16_t *kv = static_cast<const uint16_t *>(params[0]);
-  float *keys = static_cast<float *>(params[1]), *values = static_cast<float *>(params[2]);
-  const int64_t b = shapes[1][0], h = shapes[1][1], s = shapes[1][2], d = shapes[1][3], c = h * d;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < b; ++i) {
-    for (int64_t t = 0; t < s; ++t) {
-      const uint16_t *row = kv + (i * s + t) * 2 * c;
-      for (int64_t k = 0; k < h; ++k) {
-        float *dk = keys + ((i * h + k) * s + t) * d, *dv = values + ((i * h + k) * s + t) * d;
-        for (int64_t j = 0; j < d; ++j) {
-          dk[j] = widen_bf16(row[k * d + j]);
-          dv[j] = widen_bf16(row[c + k * d + j]);
-        }
-      }
-    }
-  }
   return 0;
 }
 

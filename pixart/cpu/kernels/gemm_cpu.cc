@@ -24,6 +24,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "gelu.h"
 #include "softmax.h"
 
 #if defined(__AVX512F__)
@@ -651,6 +652,49 @@ bool attention_bias(const float *q, const float *k, const float *v, const float 
   return ok;
 }
 
+// Attention on token-major operands, inference: out (B, Nq, H*dv) = per head softmax(scale q k^T, masked by keep) v
+// for q rows (B, Nq) of H*d at stride sq, k and v rows (B, Nk) of H*d / H*dv at strides sk / sv (so q, k and v
+// can be read in place from a fused qkv or kv projection), keep (B, Nk) or null. No head-layout copies: on
+// MindSpore's CPU backend each of those is a tokens-sized temporary that a graph keeps to its end. Work items as
+// in attention(); the scale multiplies the scores.
+bool attention_tokens(const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv,
+                      const float *keep, float scale, float *out, int64_t b, int64_t h, int64_t nq, int64_t nk,
+                      int64_t d, int64_t dv) {
+  const int64_t tiles = (nq + kRows - 1) / kRows, blocks = (nq + 255) / 256;
+  const int64_t block_rows = (tiles + blocks - 1) / blocks * kRows;
+  bool ok = true;
+#pragma omp parallel
+  {
+    float *s = aligned_floats(block_rows * (nk + dv)), *o = s == nullptr ? nullptr : s + block_rows * nk;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < b * h; ++bh)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t bi = bh / h, hi = bh % h, q0 = blk * block_rows;
+        const int64_t rows = nq - q0 < block_rows ? nq - q0 : block_rows;
+        if (rows <= 0) continue;
+        const Operand qa{q + (bi * nq + q0) * sq + hi * d, sq, false}, kt{k + bi * nk * sk + hi * d, sk, true};
+        const Operand pa{s, nk, false}, va{v + bi * nk * sv + hi * dv, sv, false};
+        // nested inside this parallel region, each gemm runs on the calling thread alone
+        bool done = s != nullptr && gemm(qa, kt, nullptr, s, rows, nk, d);
+        if (done) {
+#pragma omp simd
+          for (int64_t i = 0; i < rows * nk; ++i) s[i] *= scale;
+          softmax_rows(s, s, rows, nk, keep == nullptr ? nullptr : keep + bi * nk);
+          done = gemm(pa, va, nullptr, o, rows, dv, nk);
+        }
+        if (!done) {
+#pragma omp atomic write
+          ok = false;
+          continue;
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          std::memcpy(out + (bi * nq + q0 + i) * h * dv + hi * dv, o + i * dv, dv * 4);
+      }
+    std::free(s);
+  }
+  return ok;
+}
+
 // attention()'s gradient, for training: q, k, v, out (its output), dout, keep as there -> dq, dk, dv. One (sample,
 // head) per thread at a time, all its queries at once (its scores p and their gradient, 2 x Nq x Nk, are live):
 // p = softmax(q k^T) recomputed, dp = dout v^T, ds = p (dp - rowsum(dout * out)), dq = ds k, dk = ds^T q,
@@ -775,6 +819,49 @@ int LinearXWtHalfBias(int nparam, void **params, int *ndims, int64_t **shapes, c
   return nparam == 4 ? LinearXWtHalf(nparam, params, ndims, shapes, dtypes, a, b) : 1;
 }
 
+#if defined(__AVX512BF16__)
+// The timm Mlp of a block with bf16 weights, inference: y = gelu_tanh(x W1^T + b1) W2^T + b2; x (M, C) fp32, W1
+// (H, C) and W2 (O, H) bf16, b1 (H), b2 (O) fp32, y (M, O) fp32. The rows go through in blocks of at most kMlpRows
+// (equal blocks), so the hidden layer exists a block at a time (H floats per row of the block, not per row of x):
+// on MindSpore's CPU backend fc1's and GELU's outputs, each 4x the tokens', were a graph's largest temporaries.
+// Each block computes exactly as LinearXWtHalf then BiasGeluTanh then LinearXWtHalfBias on its rows would.
+constexpr int64_t kMlpRows = 256;
+
+bool half_product(const float *x, const uint16_t *w, const float *bias, float *y, int64_t m, int64_t n, int64_t k) {
+  if (m <= kFewRowsMax && k > 0 && k % 2 == 0) return gemm_bf16_few_rows(x, k, w, k, bias, y, m, n, k);
+  return gemm_kind(Bf16Kind{x, k, w, k}, bias, y, m, n, k);
+}
+
+int MlpHalf(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 6 || ndims[0] != 2 || ndims[1] != 2 || ndims[3] != 2 || std::strcmp(dtypes[0], "float32") != 0 ||
+      std::strcmp(dtypes[1], "bfloat16") != 0 || std::strcmp(dtypes[3], "bfloat16") != 0 ||
+      std::strcmp(dtypes[2], "float32") != 0 || std::strcmp(dtypes[4], "float32") != 0)
+    return 1;
+  const int64_t m = shapes[0][0], c = shapes[0][1], h = shapes[1][0], o = shapes[3][0];
+  if (shapes[1][1] != c || shapes[2][0] != h || shapes[3][1] != h || shapes[4][0] != o) return 1;
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *w1 = static_cast<const uint16_t *>(params[1]), *w2 = static_cast<const uint16_t *>(params[3]);
+  const auto *b1 = static_cast<const float *>(params[2]), *b2 = static_cast<const float *>(params[4]);
+  auto *y = static_cast<float *>(params[5]);
+  const int64_t blocks = (m + kMlpRows - 1) / kMlpRows, rows = blocks == 0 ? 0 : (m + blocks - 1) / blocks;
+  float *hidden = aligned_floats(rows * h);
+  if (hidden == nullptr && m > 0) return 1;
+  bool ok = true;
+  for (int64_t r0 = 0; r0 < m && ok; r0 += rows) {
+    const int64_t mr = m - r0 < rows ? m - r0 : rows;
+    ok = half_product(x + r0 * c, w1, nullptr, hidden, mr, h, c);
+    if (!ok) break;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < mr; ++r) bias_gelu_tanh_row(hidden + r * h, b1, hidden + r * h, h);
+    ok = half_product(hidden, w2, b2, y + r0 * o, mr, o, h);
+  }
+  std::free(hidden);
+  return ok ? 0 : 1;
+}
+#else
+int MlpHalf(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+#endif
+
 // out (..., D) fp32 = rows `ids` (...) of a table (V, D) stored in bf16 or fp16 (an embedding in half precision);
 // an id outside [0, V) gives zeros.
 int GatherRowsHalf(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
@@ -849,6 +936,48 @@ int AttendBias(int nparam, void **params, int *ndims, int64_t **shapes, const ch
              : 1;
 }
 
+// Self-attention on a fused projection (see attention_tokens()): qkv (B, N, 3C) (queries, keys, values side by
+// side), scale_heads (2,) = [scale, H] -> (B, N, C).
+int AttendQKV(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || ndims[0] != 3 || std::strcmp(dtypes[0], "float32") != 0 ||
+      std::strcmp(dtypes[1], "float32") != 0)
+    return 1;
+  const float *sh = static_cast<const float *>(params[1]);
+  const int64_t b = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], h = static_cast<int64_t>(sh[1]);
+  if (c3 % 3 != 0 || h <= 0 || (c3 / 3) % h != 0) return 1;
+  const int64_t c = c3 / 3;
+  const auto *qkv = static_cast<const float *>(params[0]);
+  return attention_tokens(qkv, c3, qkv + c, c3, qkv + 2 * c, c3, nullptr, sh[0], static_cast<float *>(params[2]), b,
+                          h, n, n, c / h, c / h)
+             ? 0
+             : 1;
+}
+
+// Cross-attention on token-major queries and a fused keys/values projection: q (B, Nq, C), kv (B, Nk, 2C) (keys,
+// values side by side) [, keep (B, Nk)], scale_heads (2,) = [scale, H] -> (B, Nq, C).
+int AttendKV(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  const bool masked = nparam == 5;
+  if ((nparam != 4 && !masked) || ndims[0] != 3 || ndims[1] != 3) return 1;
+  for (int i = 0; i < nparam - 1; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return 1;
+  const float *sh = static_cast<const float *>(params[nparam - 2]);
+  const int64_t b = shapes[0][0], nq = shapes[0][1], c = shapes[0][2], nk = shapes[1][1];
+  const int64_t h = static_cast<int64_t>(sh[1]);
+  if (shapes[1][0] != b || shapes[1][2] != 2 * c || h <= 0 || c % h != 0) return 1;
+  if (masked && (ndims[2] != 2 || shapes[2][0] != b || shapes[2][1] != nk)) return 1;
+  const auto *kv = static_cast<const float *>(params[1]);
+  return attention_tokens(static_cast<const float *>(params[0]), c, kv, 2 * c, kv + c, 2 * c,
+                          masked ? static_cast<const float *>(params[2]) : nullptr, sh[0],
+                          static_cast<float *>(params[nparam - 1]), b, h, nq, nk, c / h, c / h)
+             ? 0
+             : 1;
+}
+
+// The same with keep required (a second name, as AttendMasked).
+int AttendKVMasked(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *a, void *b) {
+  return nparam == 5 ? AttendKV(nparam, params, ndims, shapes, dtypes, a, b) : 1;
+}
+
 // Attend's gradient (see attention_grad()): q, k, v [, keep], out, dout -> dq, dk, dv.
 int AttendGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   const bool masked = nparam == 9;
@@ -884,6 +1013,7 @@ int GemmAvailable() { return 0; }
 int GemmBf16Available() { return 0; }
 int LinearXWtHalf(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int LinearXWtHalfBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int MlpHalf(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int GatherRowsHalf(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int LinearXWt(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int LinearXWtBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
@@ -893,6 +1023,9 @@ int Attend(int, void **, int *, int64_t **, const char **, void *, void *) { ret
 int AttendMasked(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendBias(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendQKV(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendKV(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
+int AttendKVMasked(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 int AttendMaskedGrad(int, void **, int *, int64_t **, const char **, void *, void *) { return 1; }
 }
 
