@@ -136,7 +136,7 @@ def test_transformer_bf16_within_pytorch_bf16_error(graph_mode):
 @needs_bf16
 @needs_kernels
 def test_caption_keys_values_recomputed_each_step_in_bf16(graph_mode):
-    """With bf16 weights, sampling keeps only the caption tokens (one tensor for every block) and each block projects
+    """In CPU inference, sampling keeps only the caption tokens (one tensor for every block) and each block projects
     its cross-attention keys/values in the step, as a bf16 PyTorch model does: the same output as the denoiser given
     the projections precomputed; in training each block's keys/values are computed once (they carry gradients)."""
     heads, caption = 2, 16

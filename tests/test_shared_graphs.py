@@ -33,7 +33,20 @@ def test_grouped_denoiser_equals_the_one_graph_denoiser(sigma_kv, graph_mode):
     encoder = GroupedCaptionEncoder(model)
     for got, want in zip(encoder(y), caption_kv, strict=True):
         np.testing.assert_array_equal(got.asnumpy(), want.asnumpy())
-    assert len(encoder.compile_cache) == 2  # the caption MLP, one keys/values projection for all blocks
+    assert len(encoder.compile_cache) == 1  # the caption MLP (the blocks project its tokens in the step)
+    layers = [block.cross_attn for block in model.blocks]
+    for layer in layers:  # keys/values precomputed instead: one projection graph serves all blocks
+        layer.recompute_kv = False
+    try:
+        projected = Method(model, "encode_caption")(y)
+        encoder = GroupedCaptionEncoder(model)
+        for got, want in zip(encoder(y), projected, strict=True):
+            assert got.shape[-1] == 2 * model.config.hidden_size
+            np.testing.assert_array_equal(got.asnumpy(), want.asnumpy())
+        assert len(encoder.compile_cache) == 2  # the caption MLP, one keys/values projection for all blocks
+    finally:
+        for layer in layers:
+            layer.recompute_kv = True
     want = Method(model, "denoise")(x, t, caption_kv, mask, info).asnumpy()
     # runs of 1, 2 (0-1 | 2-3 | 4: three structures) and 3 blocks (0-2 | 3-4)
     for size, structures in ((1, 2), (2, 3), (3, 2)):

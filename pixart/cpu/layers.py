@@ -177,14 +177,15 @@ class CPUSelfAttention(AttentionKVCompress):
 
 class CPUCrossAttention(MultiHeadCrossAttention):
     """Cross-attention on the token-major projections (inference, fp32 activations; `kernels.token_attention`): the
-    heads read queries and keys/values in place, without the split and head-layout copies. With bf16 weights it also
-    projects the caption's keys/values in each step from the caption tokens, as a bf16 PyTorch model does, instead
-    of keeping them for every block through all of sampling's steps: that cache (depth x (N, L, 2D) fp32, 0.06 GiB
-    at 120 tokens) outweighs a step's working memory at 256 px (docs/benchmarks.md, 'Where a bf16 step's memory
-    goes'). `caption_kv` then returns the caption tokens, which `construct` tells apart by their width."""
+    heads read queries and keys/values in place, without the split and head-layout copies. In inference it also
+    projects the caption's keys/values in each step from the caption tokens, as diffusers does, instead of keeping
+    them for every block through all of sampling's steps: that cache (depth x (N, L, 2D) fp32, 0.06 GiB at 120
+    tokens, 0.15 at 300) outweighs a step's working memory at 256 px, and the projection costs ~6% of an fp32 step
+    there (docs/benchmarks.md, 'Where a bf16 step's memory goes'). `caption_kv` then returns the caption tokens,
+    which `construct` tells apart by their width."""
 
     def attach(self):
-        self.recompute_kv = self.kv_linear.weight.dtype == ms.bfloat16
+        self.recompute_kv = True
         self.token_attention, self.scale_heads = _token_attention(self.attention)
 
     def defers_kv(self) -> bool:

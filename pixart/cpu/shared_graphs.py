@@ -178,7 +178,8 @@ class GroupedCaptionEncoder(_Graphs):
     def __call__(self, y, force_drop_ids=None):
         compiled = len(self.compile_cache)
         caption = self.embed(y, force_drop_ids)  # (N, L, D)
-        trim_after_compile(compiled, self)
+        if os.environ.get("CAPTRIM", "1") == "1":
+            trim_after_compile(compiled, self)
         layers = [block.cross_attn for block in self.model.blocks]
         if all(getattr(layer, "defers_kv", lambda: False)() for layer in layers):  # the blocks project it each step
             return (caption,) * len(layers)

@@ -61,6 +61,31 @@ float *aligned_floats(int64_t count) {
   return static_cast<float *>(std::aligned_alloc(64, ((count * 4 + 63) / 64) * 64));
 }
 
+// A scratch buffer kept by its thread for the next call, grown as needed (up to kKeptMaxFloats; a larger request is
+// allocated for the call alone): a fresh block of megabytes each call would be page-faulted in every time, and
+// glibc serves such blocks from its heap once it has raised its mmap threshold, where per-call blocks between
+// longer-lived allocations fragment it (a sampling run's RSS then grew by tens of MB).
+constexpr int64_t kKeptMaxFloats = int64_t{8} << 20;  // 32 MB
+
+struct KeptFloats {
+  float *data = nullptr;
+  int64_t size = 0;
+  // `count` floats, valid until this thread's next get(); call release() with the pointer when done
+  float *get(int64_t count) {
+    if (count > kKeptMaxFloats) return aligned_floats(count);
+    if (count > size) {
+      std::free(data);
+      data = aligned_floats(count);
+      size = data == nullptr ? 0 : count;
+    }
+    return data;
+  }
+  void release(float *p) const {
+    if (p != data) std::free(p);
+  }
+  ~KeptFloats() { std::free(data); }
+};
+
 // In-register 16 x 16 transpose of r[0..15].
 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -211,7 +236,9 @@ bool gemm_kind(const Kind &kind, const float *bias, float *c, int64_t m, int64_t
   const int64_t kb = ((k + blocks - 1) / blocks + g - 1) / g * g;  // even K blocks (512 -> 256 + 256, not 384 + 128)
   const int64_t kw = kb / w;                                      // packed elements per row of a K block
   // op(A) packed once per call, shared by the threads: [K block][row tile][kk][kRows]
-  auto *ap = static_cast<Packed *>(static_cast<void *>(aligned_floats(blocks * tiles * kw * kRows)));
+  static thread_local KeptFloats kept;
+  float *ap_floats = kept.get(blocks * tiles * kw * kRows);
+  auto *ap = static_cast<Packed *>(static_cast<void *>(ap_floats));
   if (ap == nullptr) return false;
   bool ok = true;
 #pragma omp parallel for collapse(2) schedule(static)
@@ -272,7 +299,7 @@ bool gemm_kind(const Kind &kind, const float *bias, float *c, int64_t m, int64_t
     std::free(bp);
     std::free(scratch);
   }
-  std::free(ap);
+  kept.release(ap_floats);
   return ok;
 }
 
@@ -480,21 +507,7 @@ bool gemm_bf16_few_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t 
   const int64_t pairs_k = k / 2, blocks = (pairs_k + kPairsK - 1) / kPairsK;
   const int64_t kp = ((pairs_k + blocks - 1) / blocks + 15) / 16 * 16;  // pairs per K block (16: one transpose)
   const int64_t span = kRowsW * kGroup, items = (n + span - 1) / span;
-  // x's packing, kept by the calling thread for its next call (a fresh block of megabytes would be page-faulted in
-  // on every call)
-  static thread_local struct Keep {
-    float *data = nullptr;
-    int64_t size = 0;
-    float *get(int64_t count) {
-      if (count > size) {
-        std::free(data);
-        data = aligned_floats(count);
-        size = data == nullptr ? 0 : count;
-      }
-      return data;
-    }
-    ~Keep() { std::free(data); }
-  } keep;
+  static thread_local KeptFloats keep;  // x's packing
   auto *xp = reinterpret_cast<uint32_t *>(keep.get(blocks * tiles * kp * 32));
   if (xp == nullptr) return false;
   bool ok = true;
@@ -566,6 +579,7 @@ bool gemm_bf16_few_rows(const float *x, int64_t ldx, const uint16_t *w, int64_t 
     std::free(acc);
     std::free(wbuf);
   }
+  keep.release(reinterpret_cast<float *>(xp));
   return ok;
 }
 constexpr bool kHasBf16 = true;
@@ -844,7 +858,8 @@ int MlpHalf(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const auto *b1 = static_cast<const float *>(params[2]), *b2 = static_cast<const float *>(params[4]);
   auto *y = static_cast<float *>(params[5]);
   const int64_t blocks = (m + kMlpRows - 1) / kMlpRows, rows = blocks == 0 ? 0 : (m + blocks - 1) / blocks;
-  float *hidden = aligned_floats(rows * h);
+  static thread_local KeptFloats kept;
+  float *hidden = kept.get(rows * h);
   if (hidden == nullptr && m > 0) return 1;
   bool ok = true;
   for (int64_t r0 = 0; r0 < m && ok; r0 += rows) {
@@ -855,7 +870,7 @@ int MlpHalf(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     for (int64_t r = 0; r < mr; ++r) bias_gelu_tanh_row(hidden + r * h, b1, hidden + r * h, h);
     ok = half_product(hidden, w2, b2, y + r0 * o, mr, o, h);
   }
-  std::free(hidden);
+  kept.release(hidden);
   return ok ? 0 : 1;
 }
 #else
