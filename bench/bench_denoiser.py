@@ -10,9 +10,9 @@ GEMM, the rest fp32), PyTorch the whole model and its inputs (`model.to(torch.bf
 picks with `torch_dtype=torch.bfloat16`). Both build fp32 random weights and cast them: the peak RSS reported is
 the steps' (reset after loading), the loading's apart.
 
-Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's cross-attention keys/values once per
-prompt, timed apart, then the compiled denoiser: on CPU graph mode embedders, one graph shared by the blocks,
-final layer); `--entry call` times the whole forward pass (caption work included in every call) instead, `--mode
+Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's work once per prompt, timed apart
+(on CPU the caption MLP; the blocks project its tokens to keys/values in the step), then the compiled denoiser: on
+CPU graph mode embedders, one graph shared by the blocks, final layer); `--entry call` times the whole forward pass (caption work included in every call) instead, `--mode
 pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
 `ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0), `ours_matmul` (MindSpore's MatMul for
 Linear layers instead of the AVX-512 GEMM kernel, PIXART_CPU_GEMM=matmul) and `ours_amx` (the opt-in AMX bf16x3
@@ -130,7 +130,7 @@ def main():
         print(f"graphs compiled ({side}) after the first step / after all steps: {c}")
         if a.entry == "sample":
             cap = [(round(r["caption_first_s"], 2), round(r["caption_s"], 3)) for r in results[side]]
-            print(f"{side}, caption keys/values once per prompt (first call incl. compile, second) s: {cap}")
+            print(f"{side}, caption work once per prompt (first call incl. compile, second) s: {cap}")
     for side in sides:
         print(f"{side}: peak RSS while loading GiB: {[round(r['load_peak_rss_gb'], 2) for r in results[side]]}")
     print(f"machine: {machine()}")
