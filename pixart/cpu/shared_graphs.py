@@ -7,8 +7,10 @@ Parameters alias the storage of any structurally equal blocks (`Parameter.set_da
 compiles once and serves them all; pointing it at other blocks before a launch costs microseconds per Parameter.
 
 - `GroupedDenoiser`: sampling's denoiser as embedders -> runs of `size` blocks -> final layer, one graph each
-  (`blocks_per_graph()` picks the size); `GroupedCaptionEncoder`: the caption's keys/values, one graph for all
-  blocks; `grouped_sampler_parts`: both, as `PixArt.sampler_parts` takes them (`pixart.cpu.accelerate` sets it).
+  (`blocks_per_graph()` picks the size); `GroupedCaptionEncoder`: the caption MLP, then the caption's keys/values,
+  one graph for all blocks (or the caption tokens alone where the blocks project them in the step);
+  `grouped_sampler_parts`: both, as `PixArt.sampler_parts` takes them (`pixart.cpu.accelerate` sets it).
+- `trim_after_compile`: compilation's freed heap memory handed back to the OS.
 - `pixart.cpu.blockwise`: training's backward pass one block at a time.
 """
 from __future__ import annotations
@@ -62,7 +64,7 @@ def trim_after_compile(before: int, graphs) -> None:
 def _malloc_trim() -> None:
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
         pass
 
 
@@ -162,10 +164,18 @@ class _Graphs:
         """Every graph compiled so far (one entry each), as a Cell's `compile_cache` counts them."""
         return [key for graph in self.graphs for key in graph.compile_cache]
 
+    def launch(self, graph, *args):
+        """graph(*args), returning to the OS what a compilation on that call freed (`trim_after_compile`)."""
+        before = len(self.compile_cache)
+        out = graph(*args)
+        trim_after_compile(before, self)
+        return out
+
 
 class GroupedCaptionEncoder(_Graphs):
     """`PixArt.encode_caption` as the caption MLP's graph and one graph for every block's keys/values projection
-    (28 launches of one compiled (N, L, D) x (D, 2D) product instead of a graph of 28)."""
+    (28 launches of one compiled (N, L, D) x (D, 2D) product instead of a graph of 28); where every block projects
+    them in the step (`CPUCrossAttention.defers_kv`), the caption tokens once, for all blocks."""
 
     def __init__(self, model):
         self.model = model
@@ -176,10 +186,7 @@ class GroupedCaptionEncoder(_Graphs):
         self.graphs = [self.embed, *self.kv.graphs]
 
     def __call__(self, y, force_drop_ids=None):
-        compiled = len(self.compile_cache)
-        caption = self.embed(y, force_drop_ids)  # (N, L, D)
-        if os.environ.get("CAPTRIM", "1") == "1":
-            trim_after_compile(compiled, self)
+        caption = self.launch(self.embed, y, force_drop_ids)  # (N, L, D)
         layers = [block.cross_attn for block in self.model.blocks]
         if all(getattr(layer, "defers_kv", lambda: False)() for layer in layers):  # the blocks project it each step
             return (caption,) * len(layers)
@@ -204,15 +211,8 @@ class GroupedDenoiser(_Graphs):
     def __call__(self, x, timestep, caption_kv, mask=None, data_info=None):
         hw = self.model.token_grid(x)
         mask = caption_mask(mask, x.shape[0], caption_kv[0].shape[1])
-        compiled = len(self.compile_cache)
-        x, t, t0 = self.embed(x, timestep, data_info)
-        trim_after_compile(compiled, self)
+        x, t, t0 = self.launch(self.embed, x, timestep, data_info)
         for k, run in enumerate(self.runs):
-            compiled = len(self.compile_cache)
-            x = self.blocks.pointed(k, self.model.training)(x, ms.mutable(tuple(caption_kv[i] for i in run)), t0,
-                                                            mask, hw)
-            trim_after_compile(compiled, self)
-        compiled = len(self.compile_cache)
-        out = self.final(x, t, hw)
-        trim_after_compile(compiled, self)
-        return out
+            x = self.launch(self.blocks.pointed(k, self.model.training), x,
+                            ms.mutable(tuple(caption_kv[i] for i in run)), t0, mask, hw)
+        return self.launch(self.final, x, t, hw)

@@ -282,8 +282,9 @@ class PixArt(nn.Cell):
         return self.denoise(x, timestep, self.encode_caption(y, force_drop_ids), mask, data_info)
 
     def encode_caption(self, y, force_drop_ids=None):
-        """T5 features (N, 1, L, C_text) -> every block's cross-attention keys and values, a tuple of (N, L, 2D).
-        Independent of the latents and the timestep: sampling runs it once per prompt."""
+        """T5 features (N, 1, L, C_text) -> every block's cross-attention keys and values, a tuple of (N, L, 2D)
+        (what each block's `cross_attn.caption_kv` keeps: a backend's layer may keep the caption tokens and project
+        them in the step). Independent of the latents and the timestep: sampling runs it once per prompt."""
         y = self.embed_caption(y, force_drop_ids)
         return tuple(block.cross_attn.caption_kv(y) for block in self.blocks)
 
