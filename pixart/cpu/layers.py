@@ -153,8 +153,8 @@ class CPUAttention(nn.Attention):
 
 
 def _token_attention(attention: nn.Attention):
-    """`kernels.token_attention()`'s primitives and [scale, heads] for `attention`, or (None, None) where they do not
-    apply (no AVX-512 library, flash attention)."""
+    """(`kernels.token_attention()`'s primitives, or None where they do not apply: no AVX-512 library, flash
+    attention; [scale, heads] for `attention`)."""
     prims = None if attention.flash else kernels.token_attention()
     return prims, Tensor([attention.scale, attention.num_heads], ms.float32)
 
