@@ -12,8 +12,8 @@ the steps' (reset after loading), the loading's apart.
 
 Ours runs as the sampling pipeline does (`PixArt.sampler_parts`: the caption's work once per prompt, timed apart
 (on CPU the caption MLP; the blocks project its tokens to keys/values in the step), then the compiled denoiser: on
-CPU graph mode embedders, one graph shared by the blocks, final layer); `--entry call` times the whole forward pass (caption work included in every call) instead, `--mode
-pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
+CPU graph mode embedders, one graph shared by the blocks, final layer); `--entry call` times the whole forward pass
+(caption work included in every call) instead, `--mode pynative` PyNative. Each run is a fresh child process (its own peak RSS), sides alternate. More sides of ours:
 `ours_whole` (the whole denoiser as one graph, PIXART_BLOCKS_PER_GRAPH=0), `ours_matmul` (MindSpore's MatMul for
 Linear layers instead of the AVX-512 GEMM kernel, PIXART_CPU_GEMM=matmul) and `ours_amx` (the opt-in AMX bf16x3
 matmul, `PIXART_CPU_GEMM=bf16x3`, where the CPU has AMX) and `ours_bmm` (attention as BatchMatMul + softmax

@@ -132,11 +132,8 @@ class CPUAttention(nn.Attention):
     def construct(self, q, k, v, mask=None):
         if self.flash or q.dtype != ms.float32:
             return nn.Attention.construct(self, q, k, v, mask)
-        return self.with_heads(q, self.heads_kernel(k, self.scales[1]), self.heads_kernel(v, self.scales[1]), mask)
-
-    def with_heads(self, q, k, v, mask=None):
-        """Attention of token-major q (B, Nq, H*d) over keys and values already heads-first, (B, H, Nk, d) fp32."""
         q = self.heads_kernel(q, self.scales[0])  # (B, H, Nq, d), times 1/sqrt(d)
+        k, v = self.heads_kernel(k, self.scales[1]), self.heads_kernel(v, self.scales[1])
         keep = None if mask is None else mask.astype(ms.float32)  # (B, Nk)
         if self.attend_kernel is not None:
             out = self.attend_kernel(q, k, v) if keep is None else self.attend_masked_kernel(q, k, v, keep)
@@ -193,7 +190,7 @@ class CPUCrossAttention(MultiHeadCrossAttention):
         return self.recompute_kv and not self.training
 
     def caption_kv(self, cond):
-        if self.recompute_kv and not self.training:
+        if self.defers_kv():
             return cond  # (N, L, C): projected in `construct`
         return MultiHeadCrossAttention.caption_kv(self, cond)
 

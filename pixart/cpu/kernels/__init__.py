@@ -60,7 +60,7 @@ def build(compiler: str | None = None, source: Path = SOURCE) -> Path:
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (g++ / c++ / $CXX)")
-    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h, gelu.h)
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include (softmax.h, ...)
     flags = [f for f in FLAGS if not (source == CONVERT_SOURCE and f == "-ffast-math")]
     parts = [source.read_text(), *headers, compiler, *flags, _cpu_id()]
     key = hashlib.sha1("\0".join(parts).encode()).hexdigest()[:16]
@@ -137,14 +137,6 @@ def half_weights(dtype_name: str) -> bool:
     return dtype_name == "bf16" and _STATE["bf16_ok"]
 
 
-def _convert_path() -> Path | None:
-    """convert.cc's library where the CPU has AVX-512 and it builds (built once, remembered), else None."""
-    if "convert_path" not in _STATE:
-        _STATE["convert_path"] = (_library(CONVERT_SOURCE, "ConvertAvailable", "MindSpore's cast")
-                                  if "avx512f" in _cpu_id() else None)
-    return _STATE["convert_path"]
-
-
 def to_bf16(arr):
     """`arr` (fp16 / fp32 numpy) as a new array of MindSpore's numpy bfloat16, rounded to nearest even, by
     convert.cc (all threads, at memory speed; MindSpore's own cast of T5-XXL's weights takes ~16 s on one thread);
@@ -154,7 +146,7 @@ def to_bf16(arr):
     if arr.dtype not in (np.float16, np.float32) or os.environ.get("PIXART_FUSED_KERNELS", "1") == "0":
         return None
     if "convert" not in _STATE:
-        path = _convert_path()
+        path = _library(CONVERT_SOURCE, "ConvertAvailable", "MindSpore's cast") if "avx512f" in _cpu_id() else None
         _STATE["convert"] = ctypes.CDLL(str(path)).ToBf16 if path else None
         if _STATE["convert"] is not None:
             _STATE["convert"].argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]

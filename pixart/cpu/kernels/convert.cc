@@ -1,5 +1,4 @@
-// fp16 / fp32 -> bf16 conversion for loading weights into bf16 parameters on CPU (called through ctypes), and
-// fp32 -> bf16 as a graph operator (the caption's cached keys/values in bf16 sampling).
+// fp16 / fp32 -> bf16 conversion for loading weights into bf16 parameters on CPU (called through ctypes).
 //
 // Built without -ffast-math, unlike the other kernel libraries: linking with it adds crtfastmath.o, whose
 // constructor turns on flush-to-zero in the thread that loads the library, and this one is loaded by the Python

@@ -624,56 +624,17 @@ bool attention(const float *q, const float *k, const float *v, const float *keep
   return ok;
 }
 
-// T5's attention, inference: out (B, N, H*dv) = per head softmax(q k^T + bias) v (no 1/sqrt(d) scale) for q, k
-// (B, N, H*d) and v (B, N, H*dv) in the token-major layout of the Linear layers that made them (no head transposes)
-// and bias (1 or B, H, N, N): the relative position bias, padded keys already at -finfo.max as HF adds them (their
-// probability then underflows to ~0; a row with every key padded comes out uniform, as HF's). Work items as in
-// attention(): blocks of query rows of one (batch, head), two single-threaded GEMMs around the softmax.
-bool attention_bias(const float *q, const float *k, const float *v, const float *bias, int64_t bias_batch, float *out,
-                    int64_t b, int64_t h, int64_t n, int64_t d, int64_t dv) {
-  const int64_t tiles = (n + kRows - 1) / kRows, blocks = (n + 255) / 256;
-  const int64_t block_rows = (tiles + blocks - 1) / blocks * kRows;
-  bool ok = true;
-#pragma omp parallel
-  {
-    float *s = aligned_floats(block_rows * (n + dv)), *o = s == nullptr ? nullptr : s + block_rows * n;
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < b * h; ++bh)
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t bi = bh / h, hi = bh % h, q0 = blk * block_rows;
-        const int64_t rows = n - q0 < block_rows ? n - q0 : block_rows;
-        if (rows <= 0) continue;
-        const Operand qa{q + (bi * n + q0) * h * d + hi * d, h * d, false}, kt{k + bi * n * h * d + hi * d, h * d, true};
-        const Operand pa{s, n, false}, va{v + bi * n * h * dv + hi * dv, h * dv, false};
-        // nested inside this parallel region, each gemm runs on the calling thread alone
-        bool done = s != nullptr && gemm(qa, kt, nullptr, s, rows, n, d);
-        if (done) {
-          const float *br = bias + ((bias_batch > 1 ? bi : 0) * h + hi) * n * n + q0 * n;
-          for (int64_t i = 0; i < rows * n; ++i) s[i] += br[i];
-          softmax_rows(s, s, rows, n, nullptr);
-          done = gemm(pa, va, nullptr, o, rows, dv, n);
-        }
-        if (!done) {
-#pragma omp atomic write
-          ok = false;
-          continue;
-        }
-        for (int64_t i = 0; i < rows; ++i)
-          std::memcpy(out + (bi * n + q0 + i) * h * dv + hi * dv, o + i * dv, dv * 4);
-      }
-    std::free(s);
-  }
-  return ok;
-}
-
-// Attention on token-major operands, inference: out (B, Nq, H*dv) = per head softmax(scale q k^T, masked by keep) v
-// for q rows (B, Nq) of H*d at stride sq, k and v rows (B, Nk) of H*d / H*dv at strides sk / sv (so q, k and v
-// can be read in place from a fused qkv or kv projection), keep (B, Nk) or null. No head-layout copies: on
-// MindSpore's CPU backend each of those is a tokens-sized temporary that a graph keeps to its end. Work items as
-// in attention(); the scale multiplies the scores.
+// Attention on token-major operands, inference: out (B, Nq, H*dv) = per head softmax(scale q k^T + bias, masked by
+// keep) v for q rows (B, Nq) of H*d at stride sq, k and v rows (B, Nk) of H*d / H*dv at strides sk / sv, keep (B, Nk)
+// or null, bias (1 or B, H, Nq, Nk) or null. No head-layout copies: q, k and v are read in place from the Linear
+// layers that made them, fused qkv / kv projections included (on MindSpore's CPU backend each layout copy is a
+// tokens-sized temporary that a graph keeps to its end). T5 passes its relative position bias (padded keys already
+// at -finfo.max as HF adds them: their probability then underflows to ~0, and a row with every key padded comes out
+// uniform, as HF's) and scale 1; PixArt passes 1/sqrt(d) and the caption's keep. Work items as in attention():
+// blocks of query rows of one (batch, head), two single-threaded GEMMs around the softmax.
 bool attention_tokens(const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv,
-                      const float *keep, float scale, float *out, int64_t b, int64_t h, int64_t nq, int64_t nk,
-                      int64_t d, int64_t dv) {
+                      const float *keep, const float *bias, int64_t bias_batch, float scale, float *out, int64_t b,
+                      int64_t h, int64_t nq, int64_t nk, int64_t d, int64_t dv) {
   const int64_t tiles = (nq + kRows - 1) / kRows, blocks = (nq + 255) / 256;
   const int64_t block_rows = (tiles + blocks - 1) / blocks * kRows;
   bool ok = true;
@@ -691,8 +652,14 @@ bool attention_tokens(const float *q, int64_t sq, const float *k, int64_t sk, co
         // nested inside this parallel region, each gemm runs on the calling thread alone
         bool done = s != nullptr && gemm(qa, kt, nullptr, s, rows, nk, d);
         if (done) {
+          if (bias != nullptr) {
+            const float *br = bias + ((bias_batch > 1 ? bi : 0) * h + hi) * nq * nk + q0 * nk;
 #pragma omp simd
-          for (int64_t i = 0; i < rows * nk; ++i) s[i] *= scale;
+            for (int64_t i = 0; i < rows * nk; ++i) s[i] = s[i] * scale + br[i];
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < rows * nk; ++i) s[i] *= scale;
+          }
           softmax_rows(s, s, rows, nk, keep == nullptr ? nullptr : keep + bi * nk);
           done = gemm(pa, va, nullptr, o, rows, dv, nk);
         }
@@ -933,7 +900,7 @@ int AttendMasked(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return nparam == 5 ? Attend(nparam, params, ndims, shapes, dtypes, a, b) : 1;
 }
 
-// T5's attention (see attention_bias()): q, k (B, N, H*d), v (B, N, H*dv), bias (1 or B, H, N, N) -> (B, N, H*dv).
+// T5's attention (see attention_tokens()): q, k (B, N, H*d), v (B, N, H*dv), bias (1 or B, H, N, N) -> (B, N, H*dv).
 int AttendBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || ndims[3] != 4) return 1;
   for (int i = 0; i < nparam; ++i)
@@ -944,9 +911,11 @@ int AttendBias(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   for (int i = 0; i < 3; ++i)
     if (ks[i] != qs[i] || (i < 2 && vs[i] != qs[i])) return 1;
   if ((bs[0] != 1 && bs[0] != b) || bs[2] != n || bs[3] != n) return 1;
-  return attention_bias(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                        static_cast<const float *>(params[2]), static_cast<const float *>(params[3]), bs[0],
-                        static_cast<float *>(params[4]), b, h, n, qs[2] / h, vs[2] / h)
+  const int64_t d = qs[2] / h, dv = vs[2] / h;
+  return attention_tokens(static_cast<const float *>(params[0]), h * d, static_cast<const float *>(params[1]), h * d,
+                          static_cast<const float *>(params[2]), h * dv, nullptr,
+                          static_cast<const float *>(params[3]), bs[0], 1.0f, static_cast<float *>(params[4]), b, h,
+                          n, n, d, dv)
              ? 0
              : 1;
 }
@@ -962,8 +931,8 @@ int AttendQKV(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   if (c3 % 3 != 0 || h <= 0 || (c3 / 3) % h != 0) return 1;
   const int64_t c = c3 / 3;
   const auto *qkv = static_cast<const float *>(params[0]);
-  return attention_tokens(qkv, c3, qkv + c, c3, qkv + 2 * c, c3, nullptr, sh[0], static_cast<float *>(params[2]), b,
-                          h, n, n, c / h, c / h)
+  return attention_tokens(qkv, c3, qkv + c, c3, qkv + 2 * c, c3, nullptr, nullptr, 0, sh[0],
+                          static_cast<float *>(params[2]), b, h, n, n, c / h, c / h)
              ? 0
              : 1;
 }
@@ -982,7 +951,7 @@ int AttendKV(int nparam, void **params, int *ndims, int64_t **shapes, const char
   if (masked && (ndims[2] != 2 || shapes[2][0] != b || shapes[2][1] != nk)) return 1;
   const auto *kv = static_cast<const float *>(params[1]);
   return attention_tokens(static_cast<const float *>(params[0]), c, kv, 2 * c, kv + c, 2 * c,
-                          masked ? static_cast<const float *>(params[2]) : nullptr, sh[0],
+                          masked ? static_cast<const float *>(params[2]) : nullptr, nullptr, 0, sh[0],
                           static_cast<float *>(params[nparam - 1]), b, h, nq, nk, c / h, c / h)
              ? 0
              : 1;
